@@ -1,0 +1,56 @@
+"""Log-mel features with the padding convention of openai-whisper and faster-whisper.
+
+transformers' feature extractor pads the *waveform* to 30 s, so the padded frames hold the
+log-mel of silence. openai-whisper and faster-whisper compute the log-mel of the clip (followed
+by 30 s of zeros, which only matters for the last few frames' windows) and pad the *frames*
+with 0.0. The two differ enough to change greedy transcripts of real checkpoints, so the
+library uses the original convention everywhere: in training, evaluation and inference.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+SAMPLING_RATE = 16_000
+HOP_LENGTH = 160
+N_SAMPLES = 30 * SAMPLING_RATE
+N_FRAMES = N_SAMPLES // HOP_LENGTH
+
+__all__ = ["SAMPLING_RATE", "N_SAMPLES", "N_FRAMES", "log_mel_features"]
+
+
+def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """Return log-mel features of shape (batch, n_mels, 3000), zero-padded frame-wise.
+
+    `audio` is one 16 kHz mono float waveform or a list of them, each at most 30 s long.
+    """
+    clips = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 else list(audio)
+    rows = []
+    for clip in clips:
+        clip = np.asarray(clip, dtype=np.float32)
+        if clip.ndim != 1:
+            raise ValueError(
+                f"expected a mono waveform (1-D array), got shape {clip.shape}; down-mix to mono first "
+                "(pyro_blora.data.load_audio does this)"
+            )
+        if clip.shape[0] > N_SAMPLES:
+            raise ValueError(
+                f"clip is {clip.shape[0] / SAMPLING_RATE:.1f} s long; Whisper takes at most 30 s. "
+                "Split it into segments of 30 s or less, or filter it out (pyro_blora.data does)."
+            )
+        padded = np.concatenate([clip, np.zeros(N_SAMPLES, dtype=np.float32)])
+        mel = feature_extractor(
+            padded,
+            sampling_rate=SAMPLING_RATE,
+            padding="longest",
+            truncation=False,
+            return_tensors="np",
+        ).input_features[0]
+        n_content = clip.shape[0] // HOP_LENGTH
+        out = np.zeros((mel.shape[0], N_FRAMES), dtype=np.float32)
+        out[:, :n_content] = mel[:, :n_content]
+        rows.append(out)
+    return torch.from_numpy(np.stack(rows))
