@@ -1,0 +1,155 @@
+"""Options for the Bayesian adapters, the objective and the training loop.
+
+Each option is a field with a comment; combinations are checked when the object is built,
+and every error says which field to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "KL_NORMALIZATIONS",
+    "BLoRAConfig",
+    "TrainConfig",
+]
+
+# q and k projections of every attention block: encoder self-attention, decoder
+# self-attention and decoder cross-attention (the paper's choice).
+DEFAULT_TARGETS: tuple[str, ...] = (r".*\.q_proj$", r".*\.k_proj$")
+
+KL_NORMALIZATIONS = ("dataset", "token", "parameter")
+KLNormalization = Literal["dataset", "token", "parameter"]
+
+
+@dataclass(frozen=True)
+class BLoRAConfig:
+    """What the Bayesian adapters are, what they believe a priori, and how the ELBO is weighted."""
+
+    # Rank r of every adapter (the paper: 32).
+    rank: int = 32
+    # LoRA scaling numerator: dW = (alpha / rank) * B @ A. None means alpha = 2 * rank.
+    alpha: float | None = None
+    # Regular expressions matched (re.fullmatch) against module paths such as
+    # "model.encoder.layers.0.self_attn.q_proj". Each pattern must match at least one nn.Linear.
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    # Standard deviation sigma_p of the zero-mean Gaussian prior on every entry of A and B.
+    prior_scale: float = 0.01
+    # Weight beta on the KL term of the ELBO (the paper: 0.5). Must be > 0.
+    beta: float = 0.5
+    # How the likelihood and the KL are normalised (see pyro_blora.objective):
+    #   "dataset"   textbook ELBO: sum of token NLL over the data set + beta * KL;
+    #   "token"     the same divided by the number of training tokens (identical optimum);
+    #   "parameter" mean token NLL + beta * KL / (number of adapter parameters).
+    kl_normalization: KLNormalization = "parameter"
+    # Initial posterior standard deviation of the entries of A and of B. B starts nearly
+    # deterministic (its mean is zero, so the adapted model starts at the base model).
+    init_scale_A: float = 1e-3
+    init_scale_B: float = 1e-4
+    # How the guide keeps its scales positive: "softplus" (AutoNormal's default) or "exp"
+    # (a log-sigma parameterisation: every Adam step moves log sigma by about the learning rate).
+    scale_parameterization: Literal["softplus", "exp"] = "exp"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}; set BLoRAConfig(rank=32) or similar")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ValueError(f"alpha must be > 0 (or None for 2 * rank), got {self.alpha!r}")
+        if not self.prior_scale > 0:
+            raise ValueError(f"prior_scale (sigma_p) must be > 0, got {self.prior_scale!r}; the paper uses 0.01")
+        if not self.beta > 0:
+            raise ValueError(
+                f"beta must be > 0, got {self.beta!r}: beta = 0 removes the prior (use the 'lora' or 'map' method "
+                "for an unregularised adapter), and a negative beta rewards divergence from the prior"
+            )
+        if self.kl_normalization not in KL_NORMALIZATIONS:
+            raise ValueError(f"kl_normalization must be one of {KL_NORMALIZATIONS}, got {self.kl_normalization!r}")
+        for name in ("init_scale_A", "init_scale_B"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.scale_parameterization not in ("softplus", "exp"):
+            raise ValueError(f"scale_parameterization must be 'softplus' or 'exp', got {self.scale_parameterization!r}")
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules", (self.target_modules,))
+        if not self.target_modules:
+            raise ValueError("target_modules is empty; give at least one module-path pattern, e.g. r'.*\\.q_proj$'")
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, the factor in front of B @ A."""
+        alpha = 2.0 * self.rank if self.alpha is None else float(self.alpha)
+        return alpha / self.rank
+
+    def replace(self, **changes: Any) -> "BLoRAConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BLoRAConfig":
+        data = dict(data)
+        data["target_modules"] = tuple(data.get("target_modules", DEFAULT_TARGETS))
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How stochastic variational inference is run."""
+
+    # Number of optimiser steps.
+    steps: int = 200
+    # Utterances per mini-batch.
+    batch_size: int = 4
+    # Adam learning rate of the posterior means.
+    lr: float = 1e-3
+    # Learning rate of the posterior scales, as a multiple of lr. Scales start tiny and must
+    # move by orders of magnitude, so they get a larger step than the means.
+    scale_lr_multiplier: float = 10.0
+    # Linear warm-up steps, then cosine decay to final_lr_fraction * lr.
+    warmup_steps: int = 10
+    final_lr_fraction: float = 0.1
+    # Gradient-norm clipping over all guide parameters (None: off).
+    max_grad_norm: float | None = 1.0
+    # Monte Carlo particles per ELBO estimate.
+    num_particles: int = 1
+    # "trace": Trace_ELBO (Monte Carlo KL); "analytic": closed-form Gaussian KL (mean-field).
+    estimator: Literal["trace", "analytic"] = "trace"
+    # Evaluate every this many steps (0: never) and checkpoint every this many steps (0: only at the end).
+    eval_every: int = 0
+    checkpoint_every: int = 50
+    # How many checkpoints to keep in the run folder.
+    keep_checkpoints: int = 2
+    # Seed for the data order, the initial adapters and every Monte Carlo draw.
+    seed: int = 0
+    # Show a progress bar.
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps > 0, f"steps must be > 0, got {self.steps}"),
+            (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.scale_lr_multiplier > 0, f"scale_lr_multiplier must be > 0, got {self.scale_lr_multiplier}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
+            (self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles}"),
+            (self.estimator in ("trace", "analytic"), f"estimator must be 'trace' or 'analytic', got {self.estimator!r}"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,93 @@
+"""The mean-field Gaussian posterior over every adapter entry: an AutoNormal with LoRA's start."""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoNormal
+from pyro.nn.module import PyroParam
+from pyro.infer.autoguide.utils import deep_setattr
+
+from pyro_blora.model import BLoRAWhisper
+
+__all__ = ["BLoRAGuide", "build_guide"]
+
+
+class BLoRAGuide(AutoNormal):
+    """AutoNormal over the adapter sites of a :class:`BLoRAWhisper`.
+
+    * Locations start as LoRA does: A Kaiming-uniform, B zero, so training starts at the base model.
+    * Scales start at ``init_scale_A`` / ``init_scale_B`` and are kept positive by softplus or exp.
+    * Every site is weighted by the model's ``elbo_scaling.kl`` (beta / Z), the same weight the
+      model puts on the prior sites, so the KL part of the ELBO is scaled by exactly that factor.
+    * It is built over ``model.adapter_prior``, which needs no data: the guide is ready (and can
+      load saved parameters) before any batch is seen.
+    """
+
+    def __init__(self, model: BLoRAWhisper) -> None:
+        self._model_ref = (model,)  # a tuple keeps nn.Module from registering the model as a child
+        config = model.config
+        if config.scale_parameterization == "exp":
+            self.scale_constraint = constraints.positive
+        super().__init__(model.adapter_prior, init_loc_fn=self._init_loc, init_scale=float(config.init_scale_A))
+
+    @property
+    def blora(self) -> BLoRAWhisper:
+        return self._model_ref[0]
+
+    @staticmethod
+    def _init_loc(site: dict) -> torch.Tensor:
+        shape = site["fn"].event_shape
+        template = site["fn"].mean
+        if site["name"].endswith("lora_A"):
+            # nn.Linear's (and peft's) default: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
+            bound = 1.0 / math.sqrt(shape[-1])
+            return torch.empty(shape, dtype=template.dtype, device=template.device).uniform_(-bound, bound)
+        return torch.zeros(shape, dtype=template.dtype, device=template.device)
+
+    def _setup_prototype(self, *args, **kwargs) -> None:
+        super()._setup_prototype(*args, **kwargs)
+        scale_B = float(self.blora.config.init_scale_B)
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            if name.endswith("lora_B"):
+                loc, _ = self._get_loc_and_scale(name)
+                deep_setattr(
+                    self.scales,
+                    name,
+                    PyroParam(torch.full_like(loc, scale_B), self.scale_constraint, self._event_dims[name]),
+                )
+
+    def setup(self) -> "BLoRAGuide":
+        """Create the parameters now (they are otherwise made lazily at the first call)."""
+        if self.prototype_trace is None:
+            self._setup_prototype()
+        return self
+
+    def forward(self, *args, **kwargs):
+        with poutine.scale(scale=self.blora.elbo_scaling.kl):
+            return super().forward(*args, **kwargs)
+
+    def posterior(self, site: str) -> dist.Distribution:
+        """The Gaussian q of one adapter site: independent entries, the matrix as one event."""
+        self.setup()
+        loc, scale = self._get_loc_and_scale(site)
+        return dist.Normal(loc, scale).to_event(loc.dim())
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Posterior means of every site (detached)."""
+        self.setup()
+        return {name: self._get_loc_and_scale(name)[0].detach().clone() for name in self.blora.site_names()}
+
+    def stddevs(self) -> dict[str, torch.Tensor]:
+        self.setup()
+        return {name: self._get_loc_and_scale(name)[1].detach().clone() for name in self.blora.site_names()}
+
+
+def build_guide(model: BLoRAWhisper) -> BLoRAGuide:
+    """An initialised guide for ``model`` (seed the RNG first for a reproducible start)."""
+    return BLoRAGuide(model).setup()
+

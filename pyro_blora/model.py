@@ -1,0 +1,163 @@
+"""BLoRA as a Pyro model: Whisper with Bayesian adapters and a token-level likelihood."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Mapping
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from pyro.nn import PyroModule, pyro_method
+from pyro.nn.module import to_pyro_module_
+from transformers import WhisperForConditionalGeneration
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
+from pyro_blora.config import BLoRAConfig
+from pyro_blora.injection import inject_adapters
+from pyro_blora.objective import ElboScaling
+
+__all__ = ["BLoRAWhisper", "wrap_whisper"]
+
+# Library Pyro modules keep their parameters to themselves: a global parameter store would leak
+# one guide's values into the next one built in the same process.
+pyro.settings.set(module_local_params=True)
+
+
+class BLoRAWhisper(PyroModule):
+    """A Whisper model whose target layers carry Bayesian LoRA adapters.
+
+    ``forward(batch)`` is the Pyro model: it draws every adapter (``<path>.lora_A``/``.lora_B``,
+    weighted by ``elbo_scaling.kl``) and observes the label tokens under a plate over the
+    ``elbo_scaling.num_utterances`` training utterances, subsampled by ``batch["index"]``.
+    """
+
+    def __init__(self, whisper: WhisperForConditionalGeneration, config: BLoRAConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or BLoRAConfig()
+        adapters = inject_adapters(whisper, self.config)
+        to_pyro_module_(whisper)
+        self.whisper = whisper
+        self._adapter_paths = {f"whisper.{path}": adapter for path, adapter in adapters.items()}
+        self.elbo_scaling = ElboScaling(num_utterances=1, likelihood=1.0, kl=self.config.beta)
+
+    # ----------------------------------------------------------------- sites
+    def adapters(self) -> dict[str, BayesianLoRALinear]:
+        """Adapters by their Pyro path (``whisper.model.encoder.layers.0.self_attn.q_proj``)."""
+        return dict(self._adapter_paths)
+
+    def site_names(self) -> list[str]:
+        return [f"{path}.lora_{m}" for path in self._adapter_paths for m in ("A", "B")]
+
+    def _site(self, site: str) -> tuple[BayesianLoRALinear, str]:
+        path, _, leaf = site.rpartition(".")
+        if path not in self._adapter_paths or leaf not in ("lora_A", "lora_B"):
+            raise KeyError(f"{site!r} is not an adapter site of this model; see BLoRAWhisper.site_names()")
+        return self._adapter_paths[path], leaf[-1]
+
+    def site_prior(self, site: str) -> dist.Distribution:
+        adapter, which = self._site(site)
+        return adapter.prior(which)
+
+    def num_adapter_parameters(self) -> int:
+        return sum(a.rank * (a.base.in_features + a.base.out_features) for a in self._adapter_paths.values())
+
+    def configure_objective(self, scaling: ElboScaling) -> None:
+        """Set the factors of the ELBO; the guide reads the KL weight from here too."""
+        self.elbo_scaling = scaling
+
+    # ----------------------------------------------------------------- model
+    @pyro_method
+    def adapter_prior(self, *args, **kwargs) -> dict[str, torch.Tensor]:
+        """Draw every adapter site (once per root call). Extra arguments are ignored, so the
+        guide can be built over this function without data."""
+        values = {}
+        with poutine.scale(scale=self.elbo_scaling.kl):
+            for path, adapter in self._adapter_paths.items():
+                if adapter.mode == "sample":
+                    lora_A, lora_B = adapter.draw()
+                    values[f"{path}.lora_A"], values[f"{path}.lora_B"] = lora_A, lora_B
+        return values
+
+    def utterance_plate(self, batch: Mapping) -> pyro.plate:
+        index = batch.get("index")
+        if index is None:
+            index = torch.arange(batch["labels"].shape[0])
+        return pyro.plate("utterances", self.elbo_scaling.num_utterances, subsample=index, dim=-1)
+
+    def logits(self, batch: Mapping) -> torch.Tensor:
+        """Decoder logits under teacher forcing, for labels padded with -100."""
+        cfg = self.whisper.config
+        decoder_input_ids = shift_tokens_right(batch["labels"], cfg.pad_token_id, cfg.decoder_start_token_id)
+        return self.whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
+
+    def forward(self, batch: Mapping) -> torch.Tensor:
+        self.adapter_prior()
+        labels = batch["labels"]
+        mask = labels != -100
+        with self.utterance_plate(batch), poutine.scale(scale=self.elbo_scaling.likelihood):
+            logits = self.logits(batch)
+            pyro.sample(
+                "tokens",
+                dist.Categorical(logits=logits.float()).mask(mask).to_event(1),
+                obs=labels.masked_fill(~mask, 0),
+            )
+        return logits
+
+    @pyro_method
+    def generate(self, input_features: torch.Tensor, **generate_kwargs):
+        """``WhisperForConditionalGeneration.generate`` with one adapter draw for the whole call."""
+        self.adapter_prior()
+        return self.whisper.generate(input_features, **generate_kwargs)
+
+    # ----------------------------------------------------------------- modes
+    @contextlib.contextmanager
+    def hold_adapters(self, values: Mapping[str, torch.Tensor]) -> Iterator["BLoRAWhisper"]:
+        """Use given adapter values instead of sampling: 2-D tensors (e.g. the posterior mean) or
+        stacks of S samples (leading dimension S; inputs must then be repeated sample-major)."""
+        missing = [s for s in self.site_names() if s not in values]
+        if missing:
+            raise KeyError(f"adapter values missing for {len(missing)} sites, e.g. {missing[0]!r}")
+        with contextlib.ExitStack() as stack:
+            for path, adapter in self._adapter_paths.items():
+                stack.enter_context(adapter.hold(values[f"{path}.lora_A"], values[f"{path}.lora_B"]))
+            yield self
+
+    def delta_weights(self, values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """dW of every adapted layer, keyed by its path inside the Whisper model."""
+        return {
+            path.removeprefix("whisper."): lora_delta_weight(
+                values[f"{path}.lora_A"], values[f"{path}.lora_B"], adapter.scaling
+            )
+            for path, adapter in self._adapter_paths.items()
+        }
+
+    def merged_whisper(self, values: Mapping[str, torch.Tensor]) -> WhisperForConditionalGeneration:
+        """A plain transformers Whisper with W0 + dW(values) folded in: no Pyro in its forward path."""
+        deltas = self.delta_weights(values)
+        state = {}
+        for key, tensor in self.whisper.state_dict().items():
+            module_path, _, leaf = key.rpartition(".")
+            if module_path.endswith(".base"):
+                module_path = module_path[: -len(".base")]
+            elif leaf.startswith("prior_"):
+                continue
+            state[f"{module_path}.{leaf}"] = tensor.detach().clone()
+        for path, delta in deltas.items():
+            weight = state[f"{path}.weight"]
+            merged = weight + delta.to(weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(f"merging the adapter of {path} gives non-finite weights; the posterior is broken")
+            state[f"{path}.weight"] = merged
+        plain = WhisperForConditionalGeneration(self.whisper.config)
+        plain.load_state_dict(state, strict=True)
+        plain.generation_config = self.whisper.generation_config
+        dtype = next(self.whisper.parameters()).dtype
+        return plain.to(dtype=dtype).eval()
+
+
+def wrap_whisper(whisper: WhisperForConditionalGeneration, config: BLoRAConfig | None = None) -> BLoRAWhisper:
+    """Put Bayesian adapters into ``whisper`` (in place) and return the Pyro model around it."""
+    return BLoRAWhisper(whisper, config)
