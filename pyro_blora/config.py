@@ -7,7 +7,7 @@ and every error says which field to change.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
@@ -119,6 +119,9 @@ class TrainConfig:
     num_particles: int = 1
     # "trace": Trace_ELBO (Monte Carlo KL); "analytic": closed-form Gaussian KL (mean-field).
     estimator: Literal["trace", "analytic"] = "trace"
+    # "bf16" runs the forward pass under bfloat16 autocast (about 2x faster on CPUs with AMX and on
+    # GPUs); the guide's parameters and the ELBO stay in float32.
+    precision: Literal["fp32", "bf16"] = "fp32"
     # Evaluate every this many steps (0: never) and checkpoint every this many steps (0: only at the end).
     eval_every: int = 0
     checkpoint_every: int = 50
@@ -128,7 +131,6 @@ class TrainConfig:
     seed: int = 0
     # Show a progress bar.
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [
@@ -141,6 +143,7 @@ class TrainConfig:
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles}"),
             (self.estimator in ("trace", "analytic"), f"estimator must be 'trace' or 'analytic', got {self.estimator!r}"),
+            (self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
         ]

@@ -1,0 +1,92 @@
+"""Crash-safe checkpoints: atomic writes, the last K kept, every RNG captured."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_write_bytes", "atomic_write_json", "capture_rng", "restore_rng", "CheckpointDir"]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every random state a training step touches (Python, NumPy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointDir:
+    """A folder of ``step-XXXXXXXX.pt`` files of which the newest ``keep`` are kept."""
+
+    pattern = re.compile(r"step-(\d{8})\.pt$")
+
+    def __init__(self, folder: str | os.PathLike, keep: int = 2) -> None:
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def steps(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        found = (self.pattern.match(p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def path(self, step: int) -> Path:
+        return self.folder / f"step-{step:08d}.pt"
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        target = self.path(step)
+        atomic_write_bytes(target, buffer.getvalue())
+        for old in self.steps()[: -self.keep]:
+            self.path(old).unlink(missing_ok=True)
+        return target
+
+    def latest(self) -> Path | None:
+        steps = self.steps()
+        return self.path(steps[-1]) if steps else None
+
+    def load_latest(self) -> dict[str, Any] | None:
+        latest = self.latest()
+        if latest is None:
+            return None
+        return torch.load(latest, map_location="cpu", weights_only=False)

@@ -1,0 +1,183 @@
+"""Prediction from the posterior: the merged posterior mean, and Monte Carlo transcription.
+
+Under the mean-field posterior A and B are independent, so E[B A] = E[B] E[A]: folding the
+posterior means into W0 gives the exact posterior mean of dW. Monte Carlo draws whole adapter
+samples from the guide with ``pyro.infer.Predictive``; each hypothesis is decoded with one sample
+held fixed for all of its decoding steps (never one draw per forward call).
+"""
+
+from __future__ import annotations
+
+import jiwer
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal, Mapping
+
+import torch
+from pyro.infer import Predictive
+from transformers import WhisperForConditionalGeneration
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from pyro_blora.guide import BLoRAGuide
+from pyro_blora.model import BLoRAWhisper
+
+__all__ = [
+    "MonteCarloTranscript",
+    "posterior_mean_model",
+    "sample_posterior",
+    "monte_carlo_transcribe",
+    "token_nll",
+]
+
+
+def posterior_mean_model(model: BLoRAWhisper, guide: BLoRAGuide) -> WhisperForConditionalGeneration:
+    """A plain transformers Whisper with E[dW] merged in; ``save_pretrained`` works on it."""
+    return model.merged_whisper(guide.means())
+
+
+def sample_posterior(guide: BLoRAGuide, num_samples: int, parallel: bool = True) -> dict[str, torch.Tensor]:
+    """``num_samples`` joint draws of every adapter site, each of shape (S, *site_shape).
+
+    ``parallel=True`` draws them in one vectorised pass (a plate over samples)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    guide.setup()
+    sites = guide.blora.site_names()
+    predictive = Predictive(guide, num_samples=num_samples, return_sites=sites, parallel=parallel)
+    with torch.no_grad():
+        samples = predictive()
+    return {site: samples[site].detach().reshape(num_samples, *samples[site].shape[-2:]) for site in sites}
+
+
+def pairwise_error_rate(hypotheses: list[str], language: str | None = None) -> torch.Tensor:
+    """S x S matrix of word error rates between hypotheses (row: reference), 0 on the diagonal."""
+    n = len(hypotheses)
+    rates = torch.zeros(n, n)
+    for i in range(n):
+        for j in range(n):
+            if i == j:
+                continue
+            ref, hyp = hypotheses[i].strip(), hypotheses[j].strip()
+            rates[i, j] = float(jiwer.wer(ref, hyp)) if ref else float(bool(hyp))
+    return rates
+
+
+@dataclass
+class MonteCarloTranscript:
+    """One utterance decoded under S posterior samples."""
+
+    chosen: str
+    hypotheses: list[str]
+    # Mean pairwise error rate between the sample hypotheses (0: all samples agree).
+    disagreement: float
+    # Mean entropy (nats) of the next-token distributions along the sampled hypotheses.
+    mean_token_entropy: float
+    mean_hypothesis: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy/beam decode with the adapters as currently held; returns token ids and per-row mean entropy."""
+    out = model.whisper.generate(
+        input_features, output_logits=True, return_dict_in_generate=True, **generate_kwargs
+    )
+    sequences = out.sequences
+    logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab)
+    log_p = torch.log_softmax(logits, dim=-1)
+    entropy = -(log_p.exp() * log_p).nan_to_num().sum(-1)  # (rows, steps)
+    generated = sequences[:, -logits.shape[1]:]
+    eos = model.whisper.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    # A step counts until (and including) the first end-of-text token.
+    finished_before = torch.cumsum((generated == eos).long(), dim=1) - (generated == eos).long()
+    valid = (finished_before == 0).float()
+    mean_entropy = (entropy * valid).sum(1) / valid.sum(1).clamp(min=1)
+    return sequences, mean_entropy
+
+
+@torch.no_grad()
+def monte_carlo_transcribe(
+    model: BLoRAWhisper,
+    guide: BLoRAGuide,
+    input_features: torch.Tensor,
+    tokenizer,
+    num_samples: int = 8,
+    choose: Literal["mean", "mbr"] = "mean",
+    vectorized: bool = True,
+    language: str | None = None,
+    generate_kwargs: Mapping | None = None,
+) -> list[MonteCarloTranscript]:
+    """Transcribe a batch of log-mel features under ``num_samples`` posterior draws.
+
+    ``choose="mean"`` returns the posterior-mean hypothesis; ``"mbr"`` the sample hypothesis with the
+    lowest mean error rate against the others (minimum Bayes risk). ``vectorized`` decodes all S
+    samples in one batched pass (batch S * B, each slice with its own adapter sample).
+    """
+    if choose not in ("mean", "mbr"):
+        raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
+    generate_kwargs = dict(generate_kwargs or {})
+    if language is not None:
+        generate_kwargs.setdefault("language", language)
+    model.eval()
+    samples = sample_posterior(guide, num_samples)
+    batch = input_features.shape[0]
+    if vectorized:
+        with model.hold_adapters(samples):
+            ids, entropy = _decode(model, input_features.repeat(num_samples, 1, 1), generate_kwargs)
+        rows = [ids[s * batch:(s + 1) * batch] for s in range(num_samples)]
+        entropies = entropy.reshape(num_samples, batch)
+    else:
+        rows, ent = [], []
+        for s in range(num_samples):
+            with model.hold_adapters({site: value[s] for site, value in samples.items()}):
+                ids, entropy = _decode(model, input_features, generate_kwargs)
+            rows.append(ids)
+            ent.append(entropy)
+        entropies = torch.stack(ent)
+    texts = [tokenizer.batch_decode(r, skip_special_tokens=True) for r in rows]  # [S][B]
+    mean_texts: list[str | None] = [None] * batch
+    if choose == "mean":
+        with model.hold_adapters(guide.means()):
+            ids, _ = _decode(model, input_features, generate_kwargs)
+        mean_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    results = []
+    for b in range(batch):
+        hyps = [texts[s][b].strip() for s in range(num_samples)]
+        pairwise = pairwise_error_rate(hyps, language=language)
+        disagreement = float(pairwise.mean()) if num_samples > 1 else 0.0
+        if choose == "mbr":
+            chosen = hyps[int(pairwise.mean(dim=1).argmin())] if num_samples > 1 else hyps[0]
+        else:
+            chosen = mean_texts[b].strip()
+        results.append(
+            MonteCarloTranscript(
+                chosen=chosen,
+                hypotheses=hyps,
+                disagreement=disagreement,
+                mean_token_entropy=float(entropies[:, b].mean()),
+                mean_hypothesis=None if mean_texts[b] is None else mean_texts[b].strip(),
+            )
+        )
+    return results
+
+
+@torch.no_grad()
+def token_nll(whisper: WhisperForConditionalGeneration, batches: Iterable[Mapping]) -> float:
+    """Teacher-forced cross-entropy per label token (nats), a finer measure than error rates."""
+    total, count = 0.0, 0
+    cfg = whisper.config
+    device = next(whisper.parameters()).device
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
+        logits = whisper(input_features=batch["input_features"].to(device), decoder_input_ids=decoder_input_ids).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+        )
+        total += float(loss)
+        count += int((labels != -100).sum())
+    if count == 0:
+        raise ValueError("no label tokens to score: every label is padding (-100)")
+    return total / count
+

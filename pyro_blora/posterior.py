@@ -1,0 +1,73 @@
+"""Saving and loading a trained posterior, independent of the process that trained it.
+
+A posterior folder holds ``posterior.safetensors`` (the guide's parameters: for every adapter
+site, the unconstrained location and scale) and ``posterior.json`` (the adapter config, the scale
+parameterisation, the site names and shapes, and free-form metadata such as the base model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import WhisperForConditionalGeneration
+
+from pyro_blora.checkpoint import atomic_write_json
+from pyro_blora.config import BLoRAConfig
+from pyro_blora.guide import BLoRAGuide, build_guide
+from pyro_blora.model import BLoRAWhisper, wrap_whisper
+from pyro_blora.objective import ElboScaling
+
+__all__ = ["save_posterior", "load_posterior", "read_posterior_config"]
+
+FORMAT_VERSION = 1
+
+
+def save_posterior(folder: str | Path, model: BLoRAWhisper, guide: BLoRAGuide, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write the guide's parameters and everything needed to rebuild it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {key: value.detach().cpu().contiguous() for key, value in guide.state_dict().items()}
+    tmp = folder / ".posterior.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pyro-blora-posterior", "version": str(FORMAT_VERSION)})
+    tmp.replace(folder / "posterior.safetensors")
+    means = guide.means()
+    atomic_write_json(
+        folder / "posterior.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "blora_config": model.config.to_dict(),
+            "sites": {site: list(means[site].shape) for site in model.site_names()},
+            "elbo_scaling": vars(model.elbo_scaling),
+            "metadata": dict(metadata or {}),
+        },
+    )
+    return folder
+
+
+def read_posterior_config(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / "posterior.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a posterior folder: it has no posterior.json (save one with save_posterior)")
+    return json.loads(path.read_text())
+
+
+def load_posterior(folder: str | Path, whisper: WhisperForConditionalGeneration) -> tuple[BLoRAWhisper, BLoRAGuide]:
+    """Rebuild the model around ``whisper`` (the same base model) and the trained guide."""
+    info = read_posterior_config(folder)
+    model = wrap_whisper(whisper, BLoRAConfig.from_dict(info["blora_config"]))
+    expected = {site: list(shape) for site, shape in info["sites"].items()}
+    actual = {site: list(model.site_prior(site).event_shape) for site in model.site_names()}
+    if expected != actual:
+        raise ValueError(
+            f"the posterior in {folder} was trained on a different base model: its adapter sites or shapes do not match "
+            "this Whisper model's. Load the base model it was trained on (see posterior.json metadata)."
+        )
+    guide = build_guide(model)
+    state = load_file(str(Path(folder) / "posterior.safetensors"))
+    guide.load_state_dict(state, strict=True)
+    model.configure_objective(ElboScaling(**info["elbo_scaling"]))
+    return model, guide

@@ -1,0 +1,280 @@
+"""Stochastic variational inference for BLoRA: mini-batches, schedules, checkpoints, resume.
+
+The loop is SVI written out: each step estimates the beta-scaled negative ELBO with
+:func:`pyro_blora.objective.elbo_terms` (Trace_ELBO by default) and takes an Adam step on the
+guide's parameters, with its own learning rate for the scales, gradient clipping and a warm-up +
+cosine schedule. A run folder holds the config, checkpoints and a JSONL log; a run resumed from
+its last checkpoint continues exactly where it stopped (same data order, same RNG states).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyro_blora.checkpoint import CheckpointDir, atomic_write_json, capture_rng, restore_rng
+from pyro_blora.config import TrainConfig
+from pyro_blora.guide import BLoRAGuide
+from pyro_blora.inference import token_nll
+from pyro_blora.model import BLoRAWhisper
+from pyro_blora.objective import elbo_scaling, elbo_terms
+
+__all__ = [
+    "NonFiniteLossError",
+    "PosteriorCollapseWarning",
+    "TrainResult",
+    "batch_order",
+    "count_label_tokens",
+    "train",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The ELBO became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class PosteriorCollapseWarning(UserWarning):
+    """The adapter means stayed at zero and the model is no better than the base model."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    base_nll: float | None = None
+    final_nll: float | None = None
+    collapsed: bool = False
+    run_dir: Path | None = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def batch_order(num_items: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Dataset indices of mini-batch ``step``: a fresh seeded permutation per epoch, so the data
+    position of a run is its step count and nothing else."""
+    per_epoch = max(1, num_items // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    permutation = torch.randperm(num_items, generator=generator)
+    if num_items < batch_size:
+        return permutation
+    return permutation[position * batch_size:(position + 1) * batch_size]
+
+
+def _make_batch(dataset, collate_fn: Callable, indices: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    batch = collate_fn([dataset[int(i)] for i in indices])
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    batch["index"] = indices.to(device)
+    return batch
+
+
+def count_label_tokens(dataset, collate_fn: Callable, chunk: int = 16) -> int:
+    """Label positions the likelihood scores over the whole data set (padding excluded)."""
+    total = 0
+    for start in range(0, len(dataset), chunk):
+        batch = collate_fn([dataset[i] for i in range(start, min(start + chunk, len(dataset)))])
+        total += int((batch["labels"] != -100).sum())
+    return total
+
+
+def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _optimizer(guide: BLoRAGuide, config: TrainConfig) -> torch.optim.Optimizer:
+    locs = [p for n, p in guide.named_parameters() if n.startswith("locs.")]
+    scales = [p for n, p in guide.named_parameters() if n.startswith("scales.")]
+    return torch.optim.Adam(
+        [{"params": locs, "lr": config.lr}, {"params": scales, "lr": config.lr * config.scale_lr_multiplier}]
+    )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int | None]]:
+    """Turn SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting."""
+    flag: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, frame):  # noqa: ARG001
+        flag["signal"] = signum
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _posterior_nll(model: BLoRAWhisper, guide: BLoRAGuide, batches: Sequence[Mapping]) -> float:
+    with model.hold_adapters(guide.means()):
+        return token_nll(model.whisper, batches)
+
+
+def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> CheckpointDir:
+    config_path = run_dir / "config.json"
+    checkpoints = CheckpointDir(run_dir / "checkpoints")
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved != json.loads(json.dumps(fingerprint, sort_keys=True, default=str)):
+            raise ValueError(
+                f"{run_dir} holds a different run (its config.json differs from this one). "
+                "Choose another output folder, or delete that one to start over."
+            )
+        if checkpoints.steps() and not resume:
+            raise ValueError(
+                f"{run_dir} already holds checkpoints of this run; pass resume=True (--resume) to continue it, "
+                "or choose another output folder"
+            )
+    else:
+        atomic_write_json(config_path, fingerprint)
+    return checkpoints
+
+
+def train(
+    model: BLoRAWhisper,
+    guide: BLoRAGuide,
+    dataset,
+    collate_fn: Callable[[list], dict],
+    config: TrainConfig = TrainConfig(),
+    eval_batches: Sequence[Mapping] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    num_tokens: int | None = None,
+    run_info: Mapping[str, Any] | None = None,
+) -> TrainResult:
+    """Fit ``guide`` to the posterior of ``model`` on ``dataset`` by SVI.
+
+    ``dataset[i]`` returns one example, ``collate_fn`` turns a list of them into a batch with
+    ``input_features`` and ``labels`` (padded with -100). ``eval_batches`` (default: the first
+    training batch) are scored at the posterior mean before training, every ``eval_every`` steps
+    and at the end; the first score is the base model's, since B starts at zero.
+    """
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty; check the data report for rows that were filtered out")
+    device = next(model.whisper.parameters()).device
+    num_tokens = num_tokens or count_label_tokens(dataset, collate_fn)
+    model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
+    guide.setup()
+    guide.to(device)
+    optimizer = _optimizer(guide, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
+    result = TrainResult(run_dir=Path(run_dir) if run_dir else None)
+    start = 0
+    checkpoints = None
+    if run_dir is not None:
+        fingerprint = {"blora": model.config.to_dict(), "train": config.to_dict(), "run": dict(run_info or {})}
+        checkpoints = _check_run_dir(Path(run_dir), fingerprint, resume)
+        checkpoints.keep = config.keep_checkpoints
+    state = checkpoints.load_latest() if (checkpoints and resume) else None
+    if eval_batches is None:
+        eval_batches = [_make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
+    if state is not None:
+        guide.load_state_dict(state["guide"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        start = state["step"]
+        result.history = state["history"]
+        result.base_nll = state["base_nll"]
+    else:
+        pyro.set_rng_seed(config.seed)
+        model.eval()
+        result.base_nll = _posterior_nll(model, guide, eval_batches)
+
+    def save(step: int) -> None:
+        if checkpoints is not None:
+            checkpoints.save(
+                step,
+                {
+                    "step": step,
+                    "guide": guide.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": capture_rng(),
+                    "history": result.history,
+                    "base_nll": result.base_nll,
+                },
+            )
+
+    log_path = Path(run_dir) / "log.jsonl" if run_dir else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    params = [p for p in guide.parameters()]
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress, desc="SVI")
+    model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
+    with _stop_on_signals() as stop:
+        for step in bar:
+            batch = _make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, step), device)
+            with autocast:
+                terms = elbo_terms(model, guide, batch, config.estimator, config.num_particles)
+            if not torch.isfinite(terms.loss):
+                raise NonFiniteLossError(
+                    f"the ELBO is not finite at step {step}: loss={float(terms.loss)}, nll={float(terms.nll)}, "
+                    f"kl={float(terms.kl)}. Likely causes: a learning rate too high ({config.lr}), initial scales too "
+                    f"large, or beta / the KL normalisation ({model.config.beta}, {model.config.kl_normalization}) "
+                    "out of range. The last good checkpoint is kept; resume from it with a smaller learning rate."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            record = {"step": step + 1, **terms.detached(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
+            if config.eval_every and (step + 1) % config.eval_every == 0:
+                record["eval_nll"] = _posterior_nll(model, guide, eval_batches)
+            result.history.append(record)
+            if log_path is not None:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.3g}", nll=f"{record['nll']:.3g}", kl=f"{record['kl']:.3g}")
+            done = step + 1 == config.steps
+            if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop["signal"]:
+                save(step + 1)
+            if stop["signal"] and not done:
+                raise KeyboardInterrupt(f"stopped by signal {stop['signal']} after step {step + 1}; checkpoint saved")
+    result.final_nll = _posterior_nll(model, guide, eval_batches)
+    result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
+    if result.collapsed:
+        warnings.warn(
+            f"posterior collapse: every adapter mean is ~0 and the NLL ({result.final_nll:.4f}) is no better than the "
+            f"base model's ({result.base_nll:.4f}). The KL dominates: lower beta ({model.config.beta}), use "
+            "kl_normalization='parameter', or raise the prior scale.",
+            PosteriorCollapseWarning,
+            stacklevel=2,
+        )
+    if run_dir is not None:
+        atomic_write_json(Path(run_dir) / "result.json", {k: v for k, v in vars(result).items() if k != "history"})
+    return result
+
+
+def _collapsed(model: BLoRAWhisper, guide: BLoRAGuide, base_nll: float, final_nll: float, tol: float = 1e-3) -> bool:
+    """All |E[dW]| negligible against W0 and the NLL no better than the base model's."""
+    deltas = model.delta_weights(guide.means())
+    adapters = model.adapters()
+    ratios = [
+        float(delta.norm() / adapters[f"whisper.{path}"].base.weight.norm().clamp(min=1e-12))
+        for path, delta in deltas.items()
+    ]
+    return max(ratios) < tol and final_nll >= base_nll * (1 - tol)
