@@ -15,7 +15,8 @@ Degenerate inputs: an empty input or a non-finite entry raises ValueError. The s
 statistics (adaptive fraction, top energy share, Hoyer index, energy curve) are undefined for an
 all-zero input, such as ΔW of a LoRA layer whose B starts at zero, and return nan; the absolute
 threshold fraction is then 1.0. The Hoyer index of a single entry is also nan (√n − 1 = 0).
-Sums are accumulated in float64.
+Sums are accumulated in float64, and squared entries are taken after dividing by the largest
+magnitude, so tiny or huge weights neither underflow nor overflow.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def flatten_weights(weights: WeightsLike) -> torch.Tensor:
         raise TypeError(
             f"expected a tensor, an array, or an iterable or mapping of them, got {type(weights).__name__}"
         )
-    flat = [torch.as_tensor(part).detach().cpu().reshape(-1) for part in parts]
+    # Non-tensors go through numpy so that Python floats stay float64 (torch would pick float32).
+    flat = [
+        (part if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part))).detach().cpu().reshape(-1)
+        for part in parts
+    ]
     if not flat or sum(part.numel() for part in flat) == 0:
         raise ValueError("no weights to measure: the input holds no entries")
     values = torch.cat(flat)
@@ -95,25 +100,36 @@ def _top_count(n: int, fraction: float) -> int:
     return min(n, max(1, math.ceil(round(fraction * n, 9))))
 
 
+def _scaled_to_unit_max(values: torch.Tensor) -> torch.Tensor | None:
+    """Flattened entries in float64 divided by the largest magnitude, or None when all are zero.
+
+    The statistics that square entries are scale invariant, so this changes none of them, and it
+    keeps squares of very small or very large weights from underflowing to 0 or overflowing to inf.
+    """
+    values = values.to(torch.float64)
+    largest = values.abs().max()
+    return None if largest == 0 else values / largest
+
+
 def top_energy_share(weights: WeightsLike, fraction: float = 0.01) -> float:
     """Share of Σw² held by the largest ⌈fraction · n⌉ entries; nan when every entry is zero."""
     _check_positive("fraction", fraction, upper=1.0)
-    energy = flatten_weights(weights).to(torch.float64).square()
-    total = energy.sum()
-    if total == 0:
+    values = _scaled_to_unit_max(flatten_weights(weights))
+    if values is None:
         return math.nan
+    energy = values.square()
+    total = energy.sum()
     top = torch.topk(energy, _top_count(energy.numel(), fraction), sorted=False).values
     return min(1.0, (top.sum() / total).item())
 
 
 def hoyer_index(weights: WeightsLike) -> float:
     """Hoyer sparsity in [0, 1]; nan for an all-zero input or a single entry."""
-    values = flatten_weights(weights).to(torch.float64)
-    n = values.numel()
-    l2 = torch.linalg.vector_norm(values)
-    if n == 1 or l2 == 0:
+    values = _scaled_to_unit_max(flatten_weights(weights))
+    if values is None or values.numel() == 1:
         return math.nan
-    l1 = values.abs().sum()
+    n = values.numel()
+    l1, l2 = values.abs().sum(), torch.linalg.vector_norm(values)
     root_n = math.sqrt(n)
     index = (root_n - (l1 / l2).item()) / (root_n - 1)
     return min(1.0, max(0.0, index))
@@ -128,11 +144,15 @@ def energy_curve(weights: WeightsLike, max_points: int | None = 1000) -> tuple[n
     """
     if max_points is not None and (not isinstance(max_points, int) or max_points < 2):
         raise ValueError(f"max_points must be an integer >= 2 or None, got {max_points!r}")
-    energy = flatten_weights(weights).to(torch.float64).square()
-    n = energy.numel()
-    cumulative = torch.cat([energy.new_zeros(1), torch.sort(energy, descending=True).values.cumsum(0)])
-    total = cumulative[-1].item()
-    shares = (cumulative / total).numpy() if total > 0 else np.full(n + 1, np.nan)
+    flat = flatten_weights(weights)
+    n = flat.numel()
+    values = _scaled_to_unit_max(flat)
+    if values is None:
+        shares = np.full(n + 1, np.nan)
+    else:
+        energy = torch.sort(values.square(), descending=True).values
+        cumulative = torch.cat([energy.new_zeros(1), energy.cumsum(0)])
+        shares = (cumulative / cumulative[-1]).numpy()
     fractions = np.arange(n + 1, dtype=np.float64) / n
     if max_points is not None and n + 1 > max_points:
         keep = np.unique(np.linspace(0, n, max_points).round().astype(np.int64))
