@@ -12,6 +12,12 @@ way. `ScriptPreservingNormalizer` instead deletes the Arabic diacritics and the 
 attached to their letter. CJK characters are letters (category Lo) and are kept either way;
 CJK punctuation such as "，" and "。" is punctuation and becomes a space.
 
+Idempotence: text is NFKC-normalised first (full-width and mathematical letters become plain
+ones before lower-casing), and the English normaliser is repeated until its output stops
+changing, because one pass can rewrite its own output ("0:1" -> "0 one" -> "one"). Normalising
+an already normalised transcript therefore changes nothing. This departs from a single Whisper
+pass only on such inputs.
+
 Spelling mapping: Whisper's English normaliser also maps British to American spellings with
 a table that ships with hub checkpoints (`normalizer.json`), not with transformers. The
 default here is an empty table, so "colour" and "color" stay different words; pass the table
