@@ -325,7 +325,8 @@ def test_sparsity_report_pools_tensors_and_mappings():
     assert report.as_dict()["top_fraction"] == 0.01
     zeros = sparsity_report(torch.zeros(3, 3))
     assert zeros.thresh_fraction == 1.0
-    assert all(math.isnan(value) for value in (zeros.adaptive_thresh_fraction, zeros.top_energy_share, zeros.hoyer_index))
+    undefined = (zeros.adaptive_thresh_fraction, zeros.top_energy_share, zeros.hoyer_index)
+    assert all(math.isnan(value) for value in undefined)
 
 
 def test_flatten_weights_handles_dtypes_and_rejects_bad_input():

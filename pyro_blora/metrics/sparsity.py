@@ -56,10 +56,8 @@ def flatten_weights(weights: WeightsLike) -> torch.Tensor:
             f"expected a tensor, an array, or an iterable or mapping of them, got {type(weights).__name__}"
         )
     # Non-tensors go through numpy so that Python floats stay float64 (torch would pick float32).
-    flat = [
-        (part if isinstance(part, torch.Tensor) else torch.from_numpy(np.asarray(part))).detach().cpu().reshape(-1)
-        for part in parts
-    ]
+    tensors = [part if isinstance(part, torch.Tensor) else torch.as_tensor(np.asarray(part)) for part in parts]
+    flat = [tensor.detach().cpu().reshape(-1) for tensor in tensors]
     if not flat or sum(part.numel() for part in flat) == 0:
         raise ValueError("no weights to measure: the input holds no entries")
     values = torch.cat(flat)
