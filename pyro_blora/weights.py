@@ -208,7 +208,9 @@ def _offline_mode() -> bool:
 
 
 def _hub_reachable() -> bool:
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    from huggingface_hub import constants
+
+    endpoint = urlparse(constants.ENDPOINT)
     port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
     try:
         with socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
