@@ -212,6 +212,8 @@ def read_variables(parts: tuple[Path, ...]) -> dict[str, torch.Tensor]:
             raw[name] = _to_tensor(payload, shape, dtype)
     for alias, target in aliases.items():
         raw[alias] = raw[target]
+        if target + "_scale" in raw:
+            raw[alias + "_scale"] = raw[target + "_scale"]
     variables = {}
     for name, value in raw.items():
         if name.endswith("_scale") and name[: -len("_scale")] in raw:
@@ -366,8 +368,8 @@ def whisper_generation_config(settings: dict, tokenizer: WhisperTokenizer) -> Ge
     is_multilingual = len(tokenizer) >= MULTILINGUAL_VOCAB_SIZE
     fields = dict(
         alignment_heads=[list(pair) for pair in settings.get("alignment_heads", [])],
-        begin_suppress_tokens=list(settings.get("suppress_ids_begin", [220, eot])),
-        suppress_tokens=list(settings.get("suppress_ids", [])),
+        begin_suppress_tokens=list(settings.get("suppress_ids_begin") or [220, eot]),
+        suppress_tokens=list(settings.get("suppress_ids") or []),
         bos_token_id=eot,
         eos_token_id=eot,
         pad_token_id=eot,
@@ -380,11 +382,14 @@ def whisper_generation_config(settings: dict, tokenizer: WhisperTokenizer) -> Ge
         is_multilingual=is_multilingual,
     )
     if is_multilingual:
-        lang_ids = settings.get("lang_ids") or []
-        if not lang_ids:
-            raise ValueError("config.json of a multilingual model lists no lang_ids; re-export it with CTranslate2")
+        # Language tokens sit between <|startoftranscript|> and <|translate|>; some exports list none.
+        lang_ids = settings.get("lang_ids") or list(range(sot + 1, ids("<|translate|>")))
         fields["lang_to_id"] = {tokenizer.convert_ids_to_tokens(i): i for i in lang_ids}
         fields["task_to_id"] = {"translate": ids("<|translate|>"), "transcribe": ids("<|transcribe|>")}
+        # As on the hub: without language/task arguments, detect the language and transcribe.
+        fields["forced_decoder_ids"] = [[1, None], [2, ids("<|transcribe|>")]]
+    else:
+        fields["forced_decoder_ids"] = [[1, ids("<|notimestamps|>")]]
     return GenerationConfig(**fields)
 
 

@@ -44,7 +44,7 @@ __all__ = [
 
 CACHE_ENV = "PYRO_BLORA_CACHE"
 # Bump when the conversion changes what it writes, so stale cache entries are not reused.
-CONVERSION_VERSION = 1
+CONVERSION_VERSION = 2
 CT2_QUANTIZATIONS = (
     "float32",
     "float16",
@@ -298,6 +298,8 @@ def export_ctranslate2(
     with tempfile.TemporaryDirectory(prefix="pyro_blora_export_") as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        # faster-whisper reads the feature extractor's settings from preprocessor_config.json.
+        processor.feature_extractor.save_pretrained(staging)
         converter = ctranslate2.converters.TransformersConverter(
             staging, copy_files=["tokenizer.json", "preprocessor_config.json"]
         )

@@ -18,7 +18,7 @@ import torch
 from scipy.signal import resample_poly
 from transformers import WhisperConfig, WhisperForConditionalGeneration, pipeline
 
-from pyro_blora.ctranslate2_io import restore_missing_merges
+from pyro_blora.ctranslate2_io import restore_missing_merges, whisper_generation_config
 from pyro_blora.features import SAMPLING_RATE, log_mel_features
 from pyro_blora.weights import (
     CACHE_ENV,
@@ -240,6 +240,7 @@ def tiny_random_model(base_processor):
         eos_token_id=50257,
     )
     model = WhisperForConditionalGeneration(config).eval()
+    model.generation_config = whisper_generation_config(bundled_files("base").generation_settings(), base_processor.tokenizer)
     with torch.no_grad():
         for parameter in model.parameters():  # layer norms and biases too, so a swapped name shows
             parameter.copy_(0.05 * torch.randn_like(parameter))
@@ -251,8 +252,8 @@ def _quantisation_bound(name: str, original: torch.Tensor, quantization: str) ->
         return torch.zeros_like(original)
     if quantization == "float16":
         return (original - original.half().float()).abs()
-    # int8: weights of linear layers and embeddings are scaled per row to [-127, 127].
-    if original.dim() >= 2 and "embed_positions" not in name and "conv" not in name:
+    # int8: weights of linear layers, convolutions and embeddings are scaled per row to [-127, 127].
+    if original.dim() >= 2 and "embed_positions" not in name:
         row_max = original.abs().flatten(1).amax(dim=1).reshape(-1, *([1] * (original.dim() - 1)))
         return (row_max / 127 * 0.5001).expand_as(original)
     return torch.zeros_like(original)
@@ -354,17 +355,18 @@ def test_greedy_transcripts_equal_faster_whisper(name, loaded, english_clips, re
 @pytest.mark.slow
 def test_base_language_detection_and_spanish_prompt(loaded, english_clips):
     model, processor = loaded("base")
-    features = log_mel_features(processor.feature_extractor, english_clips[:2])
+    features = log_mel_features(processor.feature_extractor, english_clips[:1])
     with torch.no_grad():
         detected = model.detect_language(features)
         auto = model.generate(features, return_dict_in_generate=False)
         spanish = model.generate(features, language="es", task="transcribe", max_new_tokens=3)
-    assert detected.flatten().tolist() == [model.generation_config.lang_to_id["<|en|>"]] * 2
+    assert detected.flatten().tolist() == [model.generation_config.lang_to_id["<|en|>"]]
     assert [_normalise(t) for t in processor.batch_decode(auto, skip_special_tokens=True)] == [
-        _normalise(t) for t in _greedy_transcripts(model, processor, english_clips[:2], language="en")
+        _normalise(t) for t in _greedy_transcripts(model, processor, english_clips[:1], language="en")
     ]
     assert len(model.generation_config.lang_to_id) == 99
-    assert processor.batch_decode(spanish[:, :1]) == ["<|startoftranscript|>"] * 2 or spanish.shape[1] <= 3
+    # The <|es|> prompt changes what the decoder writes (English speech, Spanish language token).
+    assert spanish[:, :3].tolist() != auto[:, :3].tolist()
 
 
 @pytest.mark.slow
