@@ -40,6 +40,7 @@ __all__ = [
     "export_ctranslate2",
     "load_processor",
     "load_whisper",
+    "write_ctranslate2_folder",
 ]
 
 CACHE_ENV = "PYRO_BLORA_CACHE"
@@ -120,6 +121,20 @@ def bundled_files(name: str) -> CTranslate2Files:
     parts = tuple(_package_path(package, relative, model) for package, relative in model.model_parts)
     folder = _package_path(*model.folder, model)
     return CTranslate2Files(parts, folder / "config.json", folder / "tokenizer.json")
+
+
+def write_ctranslate2_folder(name: str, out_dir: str | Path) -> Path:
+    """Write a bundled model as one plain CTranslate2 folder (split model.bin joined), for faster-whisper."""
+    files = bundled_files(name)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "model.bin", "wb") as joined:
+        for part in files.model_parts:
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, joined)
+    for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copy(files.config.parent / extra, out_dir / extra)
+    return out_dir
 
 
 def _ctranslate2_files(source: str | Path) -> CTranslate2Files | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from pyro_blora.weights import (
     export_ctranslate2,
     load_processor,
     load_whisper,
+    write_ctranslate2_folder,
 )
 
 
@@ -160,15 +160,7 @@ def reference_folder(tmp_path_factory):
 
     def folder(name: str) -> Path:
         if name not in folders:
-            files = bundled_files(name)
-            target = tmp_path_factory.mktemp(f"ct2_{name}")
-            with open(target / "model.bin", "wb") as joined:
-                for part in files.model_parts:
-                    with open(part, "rb") as chunk:
-                        shutil.copyfileobj(chunk, joined)
-            for extra in ("config.json", "tokenizer.json", "vocabulary.txt"):
-                shutil.copy(files.config.parent / extra, target / extra)
-            folders[name] = target
+            folders[name] = write_ctranslate2_folder(name, tmp_path_factory.mktemp(f"ct2_{name}"))
         return folders[name]
 
     return folder
