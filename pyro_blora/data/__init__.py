@@ -10,13 +10,12 @@ from pyro_blora.data.labels import TranscriptEncoder, UnknownLanguageError, deco
 from pyro_blora.data.manifest import ManifestError
 from pyro_blora.data.prepare import PrepareOptions, prepare_dataset
 from pyro_blora.data.report import DataReport, NoUsableRowsError
-from pyro_blora.data.sources import HubUnavailableError, load_speech_dataset
+from pyro_blora.data.sources import load_speech_dataset
 
 __all__ = [
     "AudioDecodeError",
     "CANONICAL_COLUMNS",
     "DataReport",
-    "HubUnavailableError",
     "IGNORE_INDEX",
     "ManifestError",
     "MissingColumnError",

@@ -43,8 +43,9 @@ def load_audio(source: AudioSource) -> np.ndarray:
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as err:
+        detail = str(getattr(err, "error_string", err)).rstrip(".")
         raise AudioDecodeError(
-            f"cannot decode audio {name}: {err}. Re-encode it as WAV or FLAC (e.g. with ffmpeg) or remove it."
+            f"cannot decode audio {name}: {detail}. Re-encode it as WAV or FLAC (e.g. with ffmpeg) or remove it."
         ) from err
     return resample(to_mono(samples), rate, SAMPLING_RATE)
 

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def prepare_dataset(
     options = dataclasses.replace(options or PrepareOptions(), **overrides)
     encoder = TranscriptEncoder(processor.tokenizer, options.english_only, options.language)
     if cache_dir is None:
-        return _prepare(dataset, processor, encoder, options, work_dir=None)
+        return _prepare(dataset, processor, encoder, options, work_dir=None, fingerprint=uuid.uuid4().hex)
 
     key = combine_fingerprints(
         _CACHE_FORMAT, dataset_fingerprint(dataset), processor_fingerprint(processor), dataclasses.asdict(options)
@@ -99,7 +100,7 @@ def prepare_dataset(
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        prepared, report = _prepare(dataset, processor, encoder, options, work_dir=staging / "work")
+        prepared, report = _prepare(dataset, processor, encoder, options, work_dir=staging / "work", fingerprint=key)
         prepared.save_to_disk(str(staging / _DATASET_FOLDER))
         report.to_json(staging / _REPORT_FILE)
         shutil.rmtree(staging / "work", ignore_errors=True)
@@ -112,7 +113,8 @@ def prepare_dataset(
     return datasets.load_from_disk(str(final / _DATASET_FOLDER)), report
 
 
-def _prepare(dataset, processor, encoder, options, work_dir: Path | None):
+def _prepare(dataset, processor, encoder, options, work_dir: Path | None, fingerprint: str):
+    """`fingerprint` names the map's output; without it `datasets` pickles the tokenizer to hash it (seconds)."""
     n_mels = processor.feature_extractor.feature_size
     features = dataset.features.copy()
     del features["audio"]
@@ -152,6 +154,7 @@ def _prepare(dataset, processor, encoder, options, work_dir: Path | None):
         num_proc=options.num_proc,
         cache_file_name=cache_file,
         load_from_cache_file=False,
+        new_fingerprint=fingerprint,
         desc="Log-mel features and labels",
     )
     report = DataReport(total=len(mapped))

@@ -9,8 +9,9 @@ import datasets
 
 from pyro_blora.data.columns import canonicalize
 from pyro_blora.data.manifest import MANIFEST_SUFFIXES, read_audiofolder, read_manifest
+from pyro_blora.weights import HubUnavailableError
 
-__all__ = ["HubUnavailableError", "load_speech_dataset"]
+__all__ = ["load_speech_dataset"]
 
 _SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 _LOCAL_ALTERNATIVES = (
@@ -18,10 +19,6 @@ _LOCAL_ALTERNATIVES = (
     "an audiofolder directory with metadata.csv (file_name, text), or a dataset saved with save_to_disk. "
     "To use the Hub, go online and unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE"
 )
-
-
-class HubUnavailableError(ConnectionError):
-    """The Hugging Face Hub cannot be reached (offline) or does not have the dataset."""
 
 
 def load_speech_dataset(
@@ -43,9 +40,9 @@ def load_speech_dataset(
     if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
         loaded, origin = source, "the dataset"
     else:
-        loaded, origin = _load_source(source, split, columns, hub_config, hub_kwargs)
-        if _is_manifest(source):
-            columns = None  # the manifest reader applied them
+        loaded, origin, columns_applied = _load_source(source, split, columns, hub_config, hub_kwargs)
+        if columns_applied:
+            columns = None
     if isinstance(loaded, datasets.DatasetDict) and split is not None:
         if split not in loaded:
             raise KeyError(f"{origin} has no split {split!r}; available: {list(loaded)}")
@@ -58,19 +55,20 @@ def load_speech_dataset(
 
 
 def _load_source(source, split, columns, hub_config, hub_kwargs):
+    """The raw data, a name for messages, and whether the reader already applied `columns`."""
     path = Path(source).expanduser()
     origin = repr(str(source))
     if path.is_file():
         if not _is_manifest(source):
             raise ValueError(f"{origin} is a file but not a manifest; manifests end in {', '.join(MANIFEST_SUFFIXES)}")
-        return read_manifest(path, columns), f"manifest {origin}"
+        return read_manifest(path, columns), f"manifest {origin}", True
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):
-            return datasets.load_from_disk(str(path)), f"saved dataset {origin}"
-        return read_audiofolder(path, columns), f"audiofolder {origin}"
+            return datasets.load_from_disk(str(path)), f"saved dataset {origin}", False
+        return read_audiofolder(path, columns), f"audiofolder {origin}", True
     if _looks_like_local_path(str(source)):
         raise FileNotFoundError(f"{origin} does not exist; give an existing manifest file or dataset directory")
-    return _load_from_hub(str(source), split, hub_config, hub_kwargs), f"Hub dataset {origin}"
+    return _load_from_hub(str(source), split, hub_config, hub_kwargs), f"Hub dataset {origin}", False
 
 
 def _load_from_hub(repo_id: str, split, hub_config, hub_kwargs):
