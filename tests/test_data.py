@@ -379,3 +379,14 @@ def test_prepare_takes_one_split(tmp_path, processor):
     loaded = datasets.DatasetDict({"train": load_speech_dataset(good_manifest(tmp_path))})
     with pytest.raises(TypeError, match=r"pass e.g. dataset\['train'\]"):
         prepare_dataset(loaded, processor)
+
+
+def test_two_worker_processes_give_the_same_result(tmp_path, processor):
+    # Forked workers once hung in torch's OpenMP pool inherited from the parent.
+    ds = load_speech_dataset(good_manifest(tmp_path, n=4))
+    single, _ = prepare_dataset(ds, processor)
+    parallel, _ = prepare_dataset(ds, processor, num_proc=2)
+    assert parallel["labels"] == single["labels"] and parallel["id"] == single["id"]
+    np.testing.assert_array_equal(
+        parallel.with_format("numpy")["input_features"][3], single.with_format("numpy")["input_features"][3]
+    )

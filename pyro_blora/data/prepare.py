@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import torch
 
 from pyro_blora.data.fingerprint import combine_fingerprints, dataset_fingerprint, processor_fingerprint
 from pyro_blora.data.labels import MAX_TARGET_POSITIONS, TranscriptEncoder
@@ -122,19 +123,25 @@ def _prepare(dataset, processor, encoder, options, work_dir: Path | None, finger
     features["labels"] = datasets.List(datasets.Value("int32"))
     features["problem"] = datasets.Value("string")
 
+    parent = os.getpid()
+
     def featurize(batch):
+        if os.getpid() != parent:
+            # A forked worker must not enter the OpenMP pool the parent started: it would hang.
+            torch.set_num_threads(1)
         checked = [
             check_utterance(audio, text, language, encoder, options.max_audio_seconds, options.max_label_tokens)
             for audio, text, language in zip(batch["audio"], batch["text"], batch["language"])
         ]
-        usable = [row for row in checked if row.problem is None]
-        mels = iter(log_mel_features(processor.feature_extractor, [row.waveform for row in usable]).numpy()) if usable else iter(())
-        frames = []
-        for row in checked:
-            if row.problem is None:
-                frames.append(next(mels)[:, : row.waveform.shape[0] // HOP_LENGTH].T)
-            else:
-                frames.append(np.zeros((0, n_mels), dtype=np.float32))
+        waveforms = [row.waveform for row in checked if row.problem is None]
+        mels = iter(log_mel_features(processor.feature_extractor, waveforms).numpy() if waveforms else [])
+        # Keep only the clip's own frames, frames-first; the collator restores the 0.0 padding.
+        frames = [
+            next(mels)[:, : row.waveform.shape[0] // HOP_LENGTH].T
+            if row.problem is None
+            else np.zeros((0, n_mels), dtype=np.float32)
+            for row in checked
+        ]
         return {
             "input_features": frames,
             "labels": [row.labels for row in checked],
