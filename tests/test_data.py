@@ -124,7 +124,8 @@ def test_zero_length_audio_decodes_to_an_empty_array(tmp_path):
 def test_csv_manifest_resolves_relative_paths_and_fills_schema(tmp_path):
     for i in range(2):
         write_audio(tmp_path / "clips" / f"c{i}.wav")
-    manifest = write_csv(tmp_path / "m.csv", ["audio", "text", "notes"], [("clips/c0.wav", "hello", "x"), ("clips/c1.wav", "world", "y")])
+    rows = [("clips/c0.wav", "hello", "x"), ("clips/c1.wav", "world", "y")]
+    manifest = write_csv(tmp_path / "m.csv", ["audio", "text", "notes"], rows)
     ds = load_speech_dataset(manifest, default_language="es")
     assert isinstance(ds, datasets.Dataset)
     assert ds["id"] == ["clips/c0.wav", "clips/c1.wav"]
@@ -162,9 +163,11 @@ def test_audiofolder_with_split_folders(tmp_path):
     for split, n in (("train", 3), ("test", 2)):
         for i in range(n):
             write_audio(tmp_path / "corpus" / split / f"{split}{i}.wav", seed=i)
-        write_csv(tmp_path / "corpus" / split / "metadata.csv", ["file_name", "transcription"], [(f"{split}{i}.wav", f"text {i}") for i in range(n)])
+        rows = [(f"{split}{i}.wav", f"text {i}") for i in range(n)]
+        write_csv(tmp_path / "corpus" / split / "metadata.csv", ["file_name", "transcription"], rows)
     loaded = load_speech_dataset(tmp_path / "corpus", columns={"text": "transcription"})
-    assert isinstance(loaded, datasets.DatasetDict) and {k: len(v) for k, v in loaded.items()} == {"test": 2, "train": 3}
+    assert isinstance(loaded, datasets.DatasetDict)
+    assert {name: len(split) for name, split in loaded.items()} == {"test": 2, "train": 3}
     test = load_speech_dataset(tmp_path / "corpus", split="test", columns={"text": "transcription"})
     assert test["id"] == ["test0.wav", "test1.wav"] and test["text"] == ["text 0", "text 1"]
     with pytest.raises(KeyError, match="no split 'dev'"):
@@ -286,7 +289,8 @@ def test_language_override_and_english_only_prompt(tmp_path, processor, english_
     assert {processor.tokenizer.convert_ids_to_tokens(labels[1]) for labels in forced["labels"]} == {"<|es|>"}
     english, _ = prepare_dataset(ds, english_processor)
     tok = english_processor.tokenizer
-    assert tok.convert_ids_to_tokens(english["labels"][0][:3]) == ["<|startoftranscript|>", "<|notimestamps|>", "Ġsentence"]
+    prompt = tok.convert_ids_to_tokens(english["labels"][0][:3])
+    assert prompt == ["<|startoftranscript|>", "<|notimestamps|>", "Ġsentence"]
 
 
 def test_collated_features_equal_log_mel_features_and_labels_are_padded(tmp_path, processor):
@@ -325,7 +329,8 @@ def test_dataloader_shuffles_reproducibly_and_index_points_at_the_row(tmp_path, 
     prepared, _ = prepare_dataset(load_speech_dataset(good_manifest(tmp_path, n=5)), processor)
 
     def order(seed):
-        return [i for batch in make_dataloader(prepared, processor, batch_size=2, seed=seed) for i in batch["index"].tolist()]
+        batches = make_dataloader(prepared, processor, batch_size=2, seed=seed)
+        return [i for batch in batches for i in batch["index"].tolist()]
 
     assert order(3) == order(3) and sorted(order(3)) == list(range(5))
     for batch in make_dataloader(prepared, processor, batch_size=2, seed=1):
@@ -348,7 +353,9 @@ def test_second_prepare_is_a_cache_hit_and_changes_miss(tmp_path, processor, mon
     reloaded = load_speech_dataset(tmp_path / "manifest.csv")  # a fresh read, as in a new run
     second, second_report = prepare_dataset(reloaded, processor, cache_dir=tmp_path / "cache")
     assert second_report == report and second["labels"] == first["labels"]
-    np.testing.assert_array_equal(second.with_format("numpy")["input_features"][0], first.with_format("numpy")["input_features"][0])
+    np.testing.assert_array_equal(
+        second.with_format("numpy")["input_features"][0], first.with_format("numpy")["input_features"][0]
+    )
     with pytest.raises(AssertionError, match="recomputed"):
         prepare_dataset(reloaded, processor, cache_dir=tmp_path / "cache", language="zh")
     write_audio(tmp_path / "clips" / "c0.wav", seconds=0.9)  # edited audio must not hit the old cache
@@ -358,12 +365,10 @@ def test_second_prepare_is_a_cache_hit_and_changes_miss(tmp_path, processor, mon
 
 def test_saved_dataset_dict_loads_end_to_end_into_batches(tmp_path, processor):
     paths = [write_audio(tmp_path / f"a{i}.wav", seconds=0.3 + 0.2 * i, seed=i) for i in range(4)]
-    raw = datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_dict({"audio": [str(p) for p in paths[:3]], "sentence": ["one", "two", "three"], "lang": ["en", "zh", "es"]}),
-            "test": datasets.Dataset.from_dict({"audio": [str(paths[3])], "sentence": ["four"], "lang": ["en"]}),
-        }
-    ).cast_column("audio", datasets.Audio(decode=False))
+    train = {"audio": [str(p) for p in paths[:3]], "sentence": ["one", "two", "three"], "lang": ["en", "zh", "es"]}
+    test = {"audio": [str(paths[3])], "sentence": ["four"], "lang": ["en"]}
+    raw = datasets.DatasetDict({"train": datasets.Dataset.from_dict(train), "test": datasets.Dataset.from_dict(test)})
+    raw = raw.cast_column("audio", datasets.Audio(decode=False))
     raw.save_to_disk(str(tmp_path / "saved"))
     loaded = load_speech_dataset(tmp_path / "saved", columns={"text": "sentence", "language": "lang"})
     assert set(loaded) == {"train", "test"}

@@ -88,5 +88,7 @@ def _optional_token_id(tokenizer, token: str) -> int | None:
 def _token_id(tokenizer, token: str) -> int:
     token_id = _optional_token_id(tokenizer, token)
     if token_id is None:
-        raise ValueError(f"the tokenizer has no {token} token; it is not a Whisper tokenizer (load one with load_processor)")
+        raise ValueError(
+            f"the tokenizer has no {token} token; it is not a Whisper tokenizer (load one with load_processor)"
+        )
     return token_id

@@ -73,7 +73,10 @@ def read_audiofolder(root: str | Path, columns: Mapping[str, str] | None = None)
             "(at the root, or in each split's folder such as train/ and test/) with columns file_name and text"
         )
     return datasets.DatasetDict(
-        {split: read_manifest(_metadata_file(folder), columns, audio_fallback="file_name") for split, folder in split_dirs.items()}
+        {
+            split: read_manifest(_metadata_file(folder), columns, audio_fallback="file_name")
+            for split, folder in split_dirs.items()
+        }
     )
 
 

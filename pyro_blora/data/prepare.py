@@ -57,7 +57,8 @@ class PrepareOptions:
             raise ValueError(f"max_audio_seconds must be in (0, {longest:g}]: Whisper's input is {longest:g} s")
         if not 4 < self.max_label_tokens <= MAX_TARGET_POSITIONS:
             raise ValueError(
-                f"max_label_tokens must be in (4, {MAX_TARGET_POSITIONS}]: the decoder has {MAX_TARGET_POSITIONS} positions"
+                f"max_label_tokens must be in (4, {MAX_TARGET_POSITIONS}]: "
+                f"the decoder has {MAX_TARGET_POSITIONS} positions"
             )
         if self.map_batch_size < 1:
             raise ValueError("map_batch_size must be at least 1")

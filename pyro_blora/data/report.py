@@ -13,13 +13,16 @@ from pathlib import Path
 __all__ = ["REASON_HINTS", "DataReport", "NoUsableRowsError"]
 
 REASON_HINTS: dict[str, str] = {
-    "missing_file": "the audio path does not exist; fix the paths (relative paths resolve against the manifest's folder)",
-    "unreadable_audio": "corrupt, truncated or unsupported audio; re-encode as WAV/FLAC (e.g. ffmpeg -i in -ar 16000 out.wav)",
+    "missing_file": "the audio path does not exist; fix the paths "
+    "(relative paths resolve against the manifest's folder)",
+    "unreadable_audio": "corrupt, truncated or unsupported audio; re-encode as WAV/FLAC "
+    "(e.g. ffmpeg -i in.mp3 -ar 16000 out.wav)",
     "empty_audio": "the audio has no samples (or under 10 ms); re-export the clip or remove the row",
     "non_finite_audio": "the audio holds NaN or infinite samples; re-export the clip",
     "audio_too_long": "Whisper takes at most 30 s per input; split long recordings into segments of 30 s or less",
     "empty_text": "the transcript is empty or whitespace; add the transcript or remove the row",
-    "text_too_long": "prompt + transcript + end token exceed the decoder's positions (448 for Whisper); split the utterance",
+    "text_too_long": "prompt + transcript + end token exceed the decoder's positions (448 for Whisper); "
+    "split the utterance",
     "unknown_language": "the language is not one the tokenizer knows; use a Whisper code such as 'en', 'zh', 'es' "
     "(for code-switched speech, the matrix language) or pass language= to override",
 }

@@ -49,7 +49,10 @@ def load_speech_dataset(
         loaded = loaded[split]
     if isinstance(loaded, datasets.DatasetDict):
         return datasets.DatasetDict(
-            {name: canonicalize(part, columns, default_language, f"{origin} [{name}]", f"{name}-") for name, part in loaded.items()}
+            {
+                name: canonicalize(part, columns, default_language, f"{origin} [{name}]", f"{name}-")
+                for name, part in loaded.items()
+            }
         )
     return canonicalize(loaded, columns, default_language, origin, f"{split or 'row'}-")
 
@@ -75,7 +78,9 @@ def _load_from_hub(repo_id: str, split, hub_config, hub_kwargs):
     try:
         return datasets.load_dataset(repo_id, hub_config, split=split, **hub_kwargs)
     except (ConnectionError, OSError) as err:  # offline, no network, or no such dataset
-        raise HubUnavailableError(f"cannot load {repo_id!r} from the Hugging Face Hub ({err}). {_LOCAL_ALTERNATIVES}") from err
+        raise HubUnavailableError(
+            f"cannot load {repo_id!r} from the Hugging Face Hub ({err}). {_LOCAL_ALTERNATIVES}"
+        ) from err
 
 
 def _is_manifest(source) -> bool:
