@@ -21,13 +21,10 @@ __all__ = [
 CANONICAL_COLUMNS = ("id", "audio", "text", "language", "speaker")
 REQUIRED_COLUMNS = ("audio", "text")
 
-# Names other corpora use for the canonical columns; used only to suggest a `columns=` fix.
+# Names other corpora give the required columns; used only to suggest a `columns=` fix.
 _COMMON_ALIASES = {
     "audio": ("path", "file", "file_name", "filename", "audio_path", "audio_filepath", "wav", "filepath"),
     "text": ("sentence", "transcription", "transcript", "normalized_text", "raw_text", "label", "utterance"),
-    "language": ("lang", "locale", "language_code", "lid"),
-    "speaker": ("speaker_id", "client_id", "spk", "spk_id"),
-    "id": ("utt_id", "utterance_id", "uid", "key", "segment_id"),
 }
 
 
