@@ -197,6 +197,8 @@ def test_in_memory_dataset_with_bytes_audio(tmp_path):
     raw = datasets.Dataset.from_dict({"audio": [wav], "sentence": ["hello"]})
     ds = load_speech_dataset(raw, columns={"text": "sentence"})
     assert ds["id"] == ["row-0"] and ds[0]["audio"]["bytes"] == wav
+    decoding = raw.cast_column("audio", datasets.Audio())  # as Hub datasets come; decoding needs torchcodec
+    assert load_speech_dataset(decoding, columns={"text": "sentence"})[0]["audio"]["bytes"] == wav
 
 
 # ---------------------------------------------------------------- checks and report
