@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from operator import attrgetter
 
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
+from torch.distributions import transform_to
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn.module import PyroParam
 from pyro.infer.autoguide.utils import deep_setattr
@@ -83,8 +85,19 @@ class BLoRAGuide(AutoNormal):
         return {name: self._get_loc_and_scale(name)[0].detach().clone() for name in self.blora.site_names()}
 
     def stddevs(self) -> dict[str, torch.Tensor]:
+        """Posterior standard deviations of every site (detached)."""
         self.setup()
         return {name: self._get_loc_and_scale(name)[1].detach().clone() for name in self.blora.site_names()}
+
+    @torch.no_grad()
+    def set_stddevs(self, value: float | dict[str, torch.Tensor]) -> None:
+        """Overwrite the posterior standard deviations (one number for all, or per site)."""
+        self.setup()
+        for name in self.blora.site_names():
+            current = self._get_loc_and_scale(name)[1]
+            target = value[name] if isinstance(value, dict) else torch.full_like(current, float(value))
+            unconstrained = attrgetter(f"{name}_unconstrained")(self.scales)
+            unconstrained.copy_(transform_to(self.scale_constraint).inv(target.to(current)))
 
 
 def build_guide(model: BLoRAWhisper) -> BLoRAGuide:

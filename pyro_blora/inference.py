@@ -8,7 +8,6 @@ held fixed for all of its decoding steps (never one draw per forward call).
 
 from __future__ import annotations
 
-import jiwer
 from dataclasses import asdict, dataclass
 from typing import Iterable, Literal, Mapping
 
@@ -18,6 +17,7 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora.guide import BLoRAGuide
+from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
 from pyro_blora.model import BLoRAWhisper
 
 __all__ = [
@@ -49,15 +49,20 @@ def sample_posterior(guide: BLoRAGuide, num_samples: int, parallel: bool = True)
 
 
 def pairwise_error_rate(hypotheses: list[str], language: str | None = None) -> torch.Tensor:
-    """S x S matrix of word error rates between hypotheses (row: reference), 0 on the diagonal."""
-    n = len(hypotheses)
+    """S x S error rates between hypotheses (row i is the reference), after normalisation.
+
+    The unit follows the language (mixed error rate for CJK text, words otherwise). An empty
+    reference scores 0 against an empty hypothesis and 1 against anything else."""
+    language = language or "und"
+    texts = [normalize_text(text, language) for text in hypotheses]
+    n = len(texts)
     rates = torch.zeros(n, n)
-    for i in range(n):
-        for j in range(n):
-            if i == j:
-                continue
-            ref, hyp = hypotheses[i].strip(), hypotheses[j].strip()
-            rates[i, j] = float(jiwer.wer(ref, hyp)) if ref else float(bool(hyp))
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    if not pairs:
+        return rates
+    counts = utterance_error_counts([texts[i] for i, _ in pairs], [texts[j] for _, j in pairs], scoring_unit(language, texts))
+    for (i, j), c in zip(pairs, counts):
+        rates[i, j] = c.errors / c.reference_length if c.reference_length else float(c.errors > 0)
     return rates
 
 
