@@ -2,38 +2,73 @@
 
 from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
 from pyro_blora.config import BLoRAConfig, TrainConfig
+from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_dataloader, prepare_dataset
 from pyro_blora.features import log_mel_features
 from pyro_blora.guide import BLoRAGuide, build_guide
 from pyro_blora.inference import MonteCarloTranscript, monte_carlo_transcribe, posterior_mean_model, sample_posterior, token_nll
+from pyro_blora.metrics import (
+    ErrorCounts,
+    SparsityStats,
+    cer,
+    energy_curve,
+    error_rate,
+    hoyer_index,
+    mixed_error_rate,
+    normalize_text,
+    sparsity_report,
+    utterance_error_rates,
+    wer,
+)
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
 from pyro_blora.posterior import load_posterior, save_posterior
 from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainResult, train
+from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_processor, load_whisper
 
 __all__ = [
     "BLoRAConfig",
     "BLoRAGuide",
     "BLoRAWhisper",
     "BayesianLoRALinear",
+    "DataReport",
     "ElboScaling",
+    "ErrorCounts",
+    "HubUnavailableError",
     "MonteCarloTranscript",
     "NonFiniteLossError",
     "PosteriorCollapseWarning",
+    "SparsityStats",
     "TrainConfig",
     "TrainResult",
     "analytic_kl",
     "build_guide",
+    "cer",
     "elbo_scaling",
     "elbo_terms",
+    "energy_curve",
+    "error_rate",
+    "export_ctranslate2",
+    "hoyer_index",
+    "load_audio",
     "load_posterior",
+    "load_processor",
+    "load_speech_dataset",
+    "load_whisper",
     "log_mel_features",
     "lora_delta_weight",
+    "make_dataloader",
+    "mixed_error_rate",
     "monte_carlo_transcribe",
+    "normalize_text",
     "posterior_mean_model",
+    "prepare_dataset",
     "sample_posterior",
     "save_posterior",
+    "sparsity_report",
     "token_nll",
     "train",
+    "utterance_error_rates",
+    "wer",
     "wrap_whisper",
 ]
 __version__ = "0.1.0"

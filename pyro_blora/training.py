@@ -164,13 +164,16 @@ def train(
     resume: bool = False,
     num_tokens: int | None = None,
     run_info: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any], BLoRAWhisper, BLoRAGuide], None]] = (),
 ) -> TrainResult:
     """Fit ``guide`` to the posterior of ``model`` on ``dataset`` by SVI.
 
     ``dataset[i]`` returns one example, ``collate_fn`` turns a list of them into a batch with
     ``input_features`` and ``labels`` (padded with -100). ``eval_batches`` (default: the first
     training batch) are scored at the posterior mean before training, every ``eval_every`` steps
-    and at the end; the first score is the base model's, since B starts at zero.
+    and at the end; the first score is the base model's, since B starts at zero. Each callback
+    gets every step's record (step, loss, nll, kl, grad_norm, lr, eval_nll when evaluated) with the
+    model and guide, e.g. for experiment trackers.
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty; check the data report for rows that were filtered out")
@@ -253,6 +256,8 @@ def train(
             if config.eval_every and (step + 1) % config.eval_every == 0:
                 record["eval_nll"] = _posterior_nll(model, guide, eval_batches)
             result.history.append(record)
+            for callback in callbacks:
+                callback(record, model, guide)
             if log_path is not None:
                 with log_path.open("a") as handle:
                     handle.write(json.dumps(record) + "\n")
