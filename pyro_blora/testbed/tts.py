@@ -5,10 +5,10 @@ Both return float32 mono waveforms at their native rate (22.05 kHz); the builder
 Piper's ONNX graph draws Gaussian noise (prosody and duration variation) from onnxruntime's random
 generator, which is seeded once when the session is created. A `PiperEngine` built with the same seed
 therefore produces the same audio for the same sequence of calls; the builder creates one engine per
-(domain, split) so that each split is reproducible on its own.
+chunk of sentences so that each chunk is reproducible on its own.
 
 eSpeak NG is driven through its C API in synchronous mode. The library keeps global state (one voice,
-one set of parameters), so every call goes through one process-wide lock.
+one set of parameters, waveform memories), so every call loads a fresh instance under a process-wide lock.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,36 +95,47 @@ _SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short),
 
 
 class EspeakEngine:
-    """eSpeak NG 1.52 from `espeakng-loader`, synthesising into memory through the C API."""
+    """eSpeak NG 1.52 from `espeakng-loader`, synthesising into memory through the C API.
+
+    eSpeak keeps waveform state across calls (pitch flutter phase, filter memories) and jitters with
+    libc's `rand`. For audio that depends only on (text, voice, seed), every call loads a fresh instance
+    of the library (about 10 ms), seeds `rand`, synthesises and unloads it again. If another module holds
+    the same library open, unloading is a no-op and consecutive calls may differ slightly.
+    """
 
     def __init__(self):
-        loader = _import_or_explain("espeakng_loader", "espeakng-loader")
+        self._loader = _import_or_explain("espeakng_loader", "espeakng-loader")
+        self._library_path = self._loader.get_library_path()
+        self._data_path = self._loader.get_data_path().encode()
         self._lock = threading.Lock()
-        self._lib = ctypes.CDLL(loader.get_library_path())
-        self._lib.espeak_Initialize.restype = ctypes.c_int
-        self._lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        self._lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self._lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-        self._lib.espeak_Synth.argtypes = [
+        self._chunks: list[np.ndarray] = []
+        with self._fresh_library() as lib:
+            lib.espeak_Info.restype = ctypes.c_char_p
+            lib.espeak_Info.argtypes = [ctypes.c_void_p]
+            self.version: str = (lib.espeak_Info(None) or b"").decode()
+
+    @contextmanager
+    def _fresh_library(self):
+        lib = ctypes.CDLL(self._library_path)
+        lib.espeak_Initialize.restype = ctypes.c_int
+        lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+        lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        lib.espeak_Synth.argtypes = [
             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
             ctypes.POINTER(ctypes.c_uint), ctypes.c_void_p,
         ]
-        self._chunks: list[np.ndarray] = []
-        rate = self._lib.espeak_Initialize(
-            _AUDIO_OUTPUT_SYNCHRONOUS, 0, loader.get_data_path().encode(), _INITIALIZE_DONT_EXIT
-        )
-        if rate <= 0:
-            raise RuntimeError(f"espeak_Initialize failed (returned {rate}); is the espeak-ng-data of espeakng-loader intact?")
-        self.sampling_rate: int = rate
-        # ctypes must keep the callback object alive as long as the library may call it.
-        self._callback = _SYNTH_CALLBACK(self._collect)
-        self._lib.espeak_SetSynthCallback(self._callback)
-        self.version = self._version()
-
-    def _version(self) -> str:
-        self._lib.espeak_Info.restype = ctypes.c_char_p
-        self._lib.espeak_Info.argtypes = [ctypes.c_void_p]
-        return (self._lib.espeak_Info(None) or b"").decode()
+        try:
+            rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, self._data_path, _INITIALIZE_DONT_EXIT)
+            if rate <= 0:
+                raise RuntimeError(
+                    f"espeak_Initialize failed (returned {rate}); reinstall espeakng-loader, its espeak-ng-data may be damaged"
+                )
+            self.sampling_rate: int = rate
+            yield lib
+        finally:
+            lib.espeak_Terminate()
+            _unload(lib)
 
     def _collect(self, samples, n_samples, _events) -> int:
         if n_samples > 0:
@@ -131,29 +143,38 @@ class EspeakEngine:
         return 0
 
     def synthesize(self, text: str, voice: EspeakVoice, seed: int = 0) -> np.ndarray:
-        """Speak `text` with `voice`; serialised because the library holds one global voice.
-
-        eSpeak jitters its waveform with libc's `rand`; seeding it per call makes the audio a pure
-        function of (text, voice, seed).
-        """
+        """Speak `text` with `voice`; a pure function of (text, voice, seed)."""
         encoded = text.encode("utf-8")
-        with self._lock:
+        with self._lock, self._fresh_library() as lib:
+            # The callback object must stay referenced while the library may call it.
+            callback = _SYNTH_CALLBACK(self._collect)
+            lib.espeak_SetSynthCallback(callback)
+            lib.espeak_ng_SetRandSeed(ctypes.c_long(int(seed) % (2**31)))
             self._chunks = []
-            self._lib.espeak_ng_SetRandSeed(ctypes.c_long(int(seed) % (2**31)))
-            if self._lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
+            if lib.espeak_SetVoiceByName(voice.name.encode()) != 0:
                 raise ValueError(
                     f"eSpeak has no voice {voice.name!r}; use a language voice from espeak-ng-data/lang "
                     "(e.g. 'en-us', 'es', 'cmn', 'ar') and a variant from espeak-ng-data/voices/!v (e.g. 'm1', 'f2')"
                 )
-            self._lib.espeak_SetParameter(_PARAMETER_RATE, int(voice.rate_wpm), 0)
-            self._lib.espeak_SetParameter(_PARAMETER_PITCH, int(voice.pitch), 0)
-            status = self._lib.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-            if status != 0:
-                raise RuntimeError(f"espeak_Synth failed with status {status} for {text!r}")
+            lib.espeak_SetParameter(_PARAMETER_RATE, int(voice.rate_wpm), 0)
+            lib.espeak_SetParameter(_PARAMETER_PITCH, int(voice.pitch), 0)
+            status = lib.espeak_Synth(encoded, len(encoded) + 1, 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
             chunks, self._chunks = self._chunks, []
+            del callback
+        if status != 0:
+            raise RuntimeError(f"espeak_Synth failed with status {status} for {text!r}")
         if not chunks:
             return np.zeros(0, dtype=np.float32)
         return (np.concatenate(chunks).astype(np.float32) / 32768.0).astype(np.float32)
+
+
+def _unload(lib: ctypes.CDLL) -> None:
+    """Drop this process's reference to the library so the next load starts from fresh global state."""
+    import _ctypes
+
+    close = getattr(_ctypes, "dlclose", None) or getattr(_ctypes, "FreeLibrary", None)
+    if close is not None:
+        close(lib._handle)
 
 
 _ESPEAK: EspeakEngine | None = None
@@ -161,7 +182,7 @@ _ESPEAK_LOCK = threading.Lock()
 
 
 def espeak_engine() -> EspeakEngine:
-    """The process-wide eSpeak engine (the C library can be initialised only once per process)."""
+    """The process-wide eSpeak engine (one lock serialises all use of the C library)."""
     global _ESPEAK
     with _ESPEAK_LOCK:
         if _ESPEAK is None:
