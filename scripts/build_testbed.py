@@ -13,6 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+# Run from a checkout without installing: the repository root holds the package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from pyro_blora.testbed import TestbedConfig, build_from_text, build_testbed
 
 

@@ -14,6 +14,7 @@ Splits of generated text never share a template (see `grammar.split_templates`).
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -192,22 +193,32 @@ def _jobs(plans: list[_DomainPlan], config: TestbedConfig, seed: int) -> list[Sy
     return jobs
 
 
-def _synthesize(jobs: list[SynthesisJob]) -> dict[tuple[str, str], list[dict]]:
+def _synthesize(jobs: list[SynthesisJob]) -> tuple[dict[tuple[str, str], list[dict]], dict[str, dict[str, float]]]:
+    """Rows per (domain, split), and per engine the seconds of audio made and of wall-clock time spent."""
     rows: dict[tuple[str, str], list[dict]] = {}
+    timing: dict[str, dict[str, float]] = {}
     with tqdm(total=sum(len(job.sentences) for job in jobs), desc="synthesising", unit="utt") as progress:
         for job in jobs:
-            rows.setdefault((job.domain, job.split), []).extend(run_job(job, progress.update))
-    return rows
+            start = time.perf_counter()
+            job_rows = run_job(job, progress.update)
+            engine = timing.setdefault(job.voicing.engine, {"audio_s": 0.0, "wall_s": 0.0})
+            engine["wall_s"] += time.perf_counter() - start
+            engine["audio_s"] += sum(row["duration_s"] for row in job_rows)
+            rows.setdefault((job.domain, job.split), []).extend(job_rows)
+    for engine in timing.values():
+        engine["x_real_time"] = engine["audio_s"] / engine["wall_s"] if engine["wall_s"] else 0.0
+    return rows, timing
 
 
-def _save(plans: list[_DomainPlan], rows: dict[tuple[str, str], list[dict]], out_dir: Path, config_text: str, seed: int):
+def _save(plans: list[_DomainPlan], synthesized, out_dir: Path, config_text: str, seed: int) -> dict[str, Path]:
+    rows, timing = synthesized
     paths: dict[str, Path] = {}
     for plan in plans:
         splits = {split: rows[(plan.name, split)] for split in plan.sentences if (plan.name, split) in rows}
         paths[plan.name] = save_domain(out_dir / plan.name, splits)
     descriptions = {plan.name: plan.description for plan in plans}
-    write_manifest(out_dir, rows)
-    write_card(out_dir, rows, descriptions, config_text, seed)
+    write_manifest(out_dir, rows, timing)
+    write_card(out_dir, rows, descriptions, config_text, seed, timing)
     return paths
 
 
@@ -230,8 +241,7 @@ def build_testbed(
     """
     out = _prepare_out_dir(out_dir, overwrite)
     plans = _plan(config, seed)
-    rows = _synthesize(_jobs(plans, config, seed))
-    return _save(plans, rows, out, repr(config), seed)
+    return _save(plans, _synthesize(_jobs(plans, config, seed)), out, repr(config), seed)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -279,5 +289,4 @@ def build_from_text(
                        description="user transcripts, " + ("Piper" if english else "eSpeak NG"))
     plan.sentences = {split: [sentences[i] for i in assignment[split]] for split in SPLITS if assignment[split]}
     out = _prepare_out_dir(out_dir, overwrite)
-    rows = _synthesize(_jobs([plan], config, seed))
-    return _save([plan], rows, out, repr(config), seed)[name]
+    return _save([plan], _synthesize(_jobs([plan], config, seed)), out, repr(config), seed)[name]

@@ -89,8 +89,9 @@ def _statistics(rows: Mapping[tuple[str, str], list[dict]]) -> dict[str, dict[st
     return out
 
 
-def write_manifest(out_dir: Path, rows: Mapping[tuple[str, str], list[dict]]) -> None:
-    """`manifest.csv` (one line per utterance, no audio) and `manifest.json` (statistics plus the same rows)."""
+def write_manifest(out_dir: Path, rows: Mapping[tuple[str, str], list[dict]], timing: Mapping[str, dict] | None = None) -> None:
+    """`manifest.csv` (one line per utterance, no audio) and `manifest.json` (statistics, synthesis speed
+    per engine, and the same rows)."""
     records = [
         {"split": split, **{c: row[c] for c in _MANIFEST_COLUMNS if c != "split"}}
         for (_, split), split_rows in sorted(rows.items()) for row in split_rows
@@ -100,7 +101,7 @@ def write_manifest(out_dir: Path, rows: Mapping[tuple[str, str], list[dict]]) ->
         writer.writeheader()
         writer.writerows(records)
     (out_dir / "manifest.json").write_text(
-        json.dumps({"statistics": _statistics(rows), "rows": records}, ensure_ascii=False, indent=1), encoding="utf-8"
+        json.dumps({"statistics": _statistics(rows), "synthesis_speed": dict(timing or {}), "rows": records}, ensure_ascii=False, indent=1), encoding="utf-8"
     )
 
 
@@ -171,7 +172,12 @@ language-identification accuracy with the language not forced.
 
 
 def write_card(
-    out_dir: Path, rows: Mapping[tuple[str, str], list[dict]], descriptions: Mapping[str, str], config_text: str, seed: int
+    out_dir: Path,
+    rows: Mapping[tuple[str, str], list[dict]],
+    descriptions: Mapping[str, str],
+    config_text: str,
+    seed: int,
+    timing: Mapping[str, dict] | None = None,
 ) -> None:
     """README.md: how the data was made, its switch statistics, and its limits."""
     from pyro_blora.testbed.tts import espeak_engine
@@ -192,6 +198,12 @@ def write_card(
                 f"{s['templates']} | {s['voices']} | {s['noisy_fraction']:.2f} | {s['switches_per_utterance']:.2f} | "
                 f"{s['words_per_switch']:.2f} | {s['embedded_token_fraction']:.3f} |"
             )
+    speed = "".join(
+        f"\n- {engine}: {t['audio_s']:.0f} s of audio in {t['wall_s']:.0f} s ({t['x_real_time']:.0f}x real time)"
+        for engine, t in sorted((timing or {}).items())
+    )
+    if speed:
+        lines.append("\nSynthesis speed when this copy was built (including resampling and noise):" + speed)
     text = head + "\n".join(lines) + "\n" + _CARD_TAIL.format(config=config_text)
     (out_dir / "README.md").write_text(text, encoding="utf-8")
 
