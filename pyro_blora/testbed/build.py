@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Sequence
 
@@ -104,6 +104,12 @@ class TestbedConfig:
         )
         settings.update(overrides)
         return cls(**settings)
+
+    def settings(self) -> dict[str, object]:
+        """Field values for the dataset card, with pairs given by name."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["pairs"] = tuple(spec.name for spec in self.specs())
+        return values
 
     def specs(self) -> list[CodeSwitchSpec]:
         return [builtin_spec(p) if isinstance(p, str) else p for p in self.pairs]
@@ -210,7 +216,7 @@ def _synthesize(jobs: list[SynthesisJob]) -> tuple[dict[tuple[str, str], list[di
     return rows, timing
 
 
-def _save(plans: list[_DomainPlan], synthesized, out_dir: Path, config_text: str, seed: int) -> dict[str, Path]:
+def _save(plans: list[_DomainPlan], synthesized, out_dir: Path, config: TestbedConfig, seed: int) -> dict[str, Path]:
     rows, timing = synthesized
     paths: dict[str, Path] = {}
     for plan in plans:
@@ -218,7 +224,7 @@ def _save(plans: list[_DomainPlan], synthesized, out_dir: Path, config_text: str
         paths[plan.name] = save_domain(out_dir / plan.name, splits)
     descriptions = {plan.name: plan.description for plan in plans}
     write_manifest(out_dir, rows, timing)
-    write_card(out_dir, rows, descriptions, config_text, seed, timing)
+    write_card(out_dir, rows, descriptions, config.settings(), seed, timing)
     return paths
 
 
@@ -241,7 +247,7 @@ def build_testbed(
     """
     out = _prepare_out_dir(out_dir, overwrite)
     plans = _plan(config, seed)
-    return _save(plans, _synthesize(_jobs(plans, config, seed)), out, repr(config), seed)
+    return _save(plans, _synthesize(_jobs(plans, config, seed)), out, config, seed)
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -289,4 +295,4 @@ def build_from_text(
                        description="user transcripts, " + ("Piper" if english else "eSpeak NG"))
     plan.sentences = {split: [sentences[i] for i in assignment[split]] for split in SPLITS if assignment[split]}
     out = _prepare_out_dir(out_dir, overwrite)
-    return _save([plan], _synthesize(_jobs([plan], config, seed)), out, repr(config), seed)[name]
+    return _save([plan], _synthesize(_jobs([plan], config, seed)), out, config, seed)[name]

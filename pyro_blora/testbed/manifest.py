@@ -121,11 +121,11 @@ Built offline by `pyro_blora.testbed.build_testbed` (seed {seed}). Every folder 
 - **Held-out structure.** The template inventory of each domain is split between train, dev and test:
   no `template_id` appears in two splits, so dev and test sentences have structures never seen in training.
   Monolingual backward sets of a language that is also a matrix language use only its test templates.
-- **Speech.** English: Piper 1.8 with the `en_US-joe-medium` voice (one male US speaker), length scale drawn
+- **Speech.** English: Piper {piper_version} with the `en_US-joe-medium` voice (one male US speaker), length scale drawn
   from {length_scales}. Everything else: eSpeak NG {espeak_version} through its C API, voice variant drawn
   from {variants}, rate {rates} words per minute, pitch {pitches} (0-100). Code-switched utterances are spoken
   segment by segment, each with its language's eSpeak voice (same variant, rate and pitch) and joined with
-  gaps of {gaps} s. Audio is 16 kHz mono 16-bit WAV.
+  gaps of {gaps} s (random in that range). Audio is 16 kHz mono 16-bit WAV.
 - **Noise.** Pink noise at an SNR drawn from {snrs} dB on a fraction of utterances (column `noise_snr_db`).
 - **Determinism.** The same configuration and seed give the same text and the same audio bytes.
 
@@ -175,7 +175,7 @@ def write_card(
     out_dir: Path,
     rows: Mapping[tuple[str, str], list[dict]],
     descriptions: Mapping[str, str],
-    config_text: str,
+    settings: Mapping[str, object],
     seed: int,
     timing: Mapping[str, dict] | None = None,
 ) -> None:
@@ -183,13 +183,13 @@ def write_card(
     from pyro_blora.testbed.tts import espeak_engine
     from pyro_blora.testbed.wordlists import english_spec
 
-    config = _config_values(config_text)
     head = _CARD_HEAD.format(
         seed=seed, n_en_templates=len(english_spec().templates), espeak_version=espeak_engine().version,
-        length_scales=config.get("piper_length_scales", "?"), variants=config.get("espeak_variants", "?"),
-        rates=config.get("espeak_rate_wpm", "?"), pitches=config.get("espeak_pitch", "?"),
-        gaps=config.get("segment_gap_s", "?"), snrs=config.get("noise_snr_db", "?"),
+        piper_version=_package_version("piper-tts"), length_scales=settings["piper_length_scales"],
+        variants=", ".join(settings["espeak_variants"]), rates=settings["espeak_rate_wpm"],
+        pitches=settings["espeak_pitch"], gaps=settings["segment_gap_s"], snrs=settings["noise_snr_db"],
     )
+    config_text = "TestbedConfig(" + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ")"
     lines = []
     for domain, splits in _statistics(rows).items():
         for split, s in splits.items():
@@ -208,8 +208,10 @@ def write_card(
     (out_dir / "README.md").write_text(text, encoding="utf-8")
 
 
-def _config_values(config_text: str) -> dict[str, str]:
-    """Field values of the config's repr, for quoting in the card."""
-    import re
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=(\([^()]*\)|[^,()]+)", config_text)}
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "(not installed)"
