@@ -21,7 +21,6 @@ __all__ = [
     "silence",
     "add_noise",
     "wav_bytes",
-    "read_wav",
     "rms_dbfs",
 ]
 
@@ -75,11 +74,6 @@ def wav_bytes(audio: np.ndarray, sampling_rate: int = TARGET_SAMPLING_RATE) -> b
     buffer = io.BytesIO()
     sf.write(buffer, np.clip(audio, -1.0, 1.0), sampling_rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
-
-
-def read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    audio, sampling_rate = sf.read(io.BytesIO(data), dtype="float32")
-    return audio, sampling_rate
 
 
 def rms_dbfs(audio: np.ndarray) -> float:

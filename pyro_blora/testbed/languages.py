@@ -130,8 +130,8 @@ def _needs_space(left: str, right: str) -> bool:
         return False
     left_script, right_script = script_of(left[-1]), script_of(right[0])
     if left_script is None or right_script is None:
-        # Punctuation: space after a Latin-style mark before a letter, never before punctuation.
-        return right_script is not None and left[-1] in ",.;:!?)" and left_script is None
+        # Punctuation: a space after Latin-style marks before a word; none before punctuation or after "，。".
+        return right_script is not None and left[-1] in ",.;:!?)"
     return left_script != right_script or left_script not in _CHARACTER_TOKEN_SCRIPTS
 
 
@@ -181,6 +181,8 @@ def _merge(segments: Iterable[Segment]) -> list[Segment]:
 
 def parse_marked_text(line: str, pair: LanguagePair) -> list[Segment]:
     """Segments of one user-written utterance (see the module docstring for the markup)."""
+    if re.search(r"[\[\]]", _MARKUP.sub("", line)):
+        raise ValueError(f"unbalanced or malformed markup in {line!r}; write switches as [en: words]")
     segments: list[Segment] = []
     position = 0
     for match in _MARKUP.finditer(line):
@@ -194,8 +196,6 @@ def parse_marked_text(line: str, pair: LanguagePair) -> list[Segment]:
         segments.append(Segment(language, words))
         position = match.end()
     segments.extend(_unmarked(line[position:], pair))
-    if "[" in line.replace(" ", "") and not _MARKUP.search(line) or re.search(r"[\[\]]", _MARKUP.sub("", line)):
-        raise ValueError(f"unbalanced or malformed markup in {line!r}; write switches as [en: words]")
     merged = _merge(segments)
     if not merged:
         raise ValueError(f"utterance {line!r} has nothing to speak")
