@@ -138,6 +138,15 @@ def test_tokens_count_han_characters_and_words():
     assert tokens("Voy a la meeting.") == ["Voy", "a", "la", "meeting"]
 
 
+def test_user_pairs_by_name():
+    from pyro_blora.testbed.build import _pair_from_name
+
+    assert _pair_from_name("it-en") == LanguagePair("it", "en", "it", "en-us")
+    assert _pair_from_name("zh-en").matrix_voice == "cmn" and _pair_from_name("en").embedded is None
+    with pytest.raises(ValueError, match="matrix-embedded"):
+        _pair_from_name("a-b-c")
+
+
 def test_new_pairs_work_by_parameter():
     spec = CodeSwitchSpec(
         LanguagePair("it", "en"),

@@ -27,7 +27,7 @@ from pyro_blora.testbed.manifest import save_domain, write_card, write_manifest
 from pyro_blora.testbed.synthesis import SynthesisJob, Voicing, job_seed, run_job
 from pyro_blora.testbed.wordlists import BUILTIN_PAIRS, builtin_spec, english_spec
 
-__all__ = ["TestbedConfig", "build_testbed", "build_from_text", "SPLITS"]
+__all__ = ["TestbedConfig", "build_testbed", "build_from_text", "user_sentences", "SPLITS"]
 
 SPLITS = ("train", "dev", "test")
 
@@ -269,6 +269,18 @@ def user_sentences(lines: Sequence[str], pair: LanguagePair) -> list[GeneratedSe
     return out
 
 
+def _pair_from_name(name: str) -> LanguagePair:
+    """"en", a built-in pair, or any "<matrix>-<embedded>" pair of Whisper codes (eSpeak voices by language)."""
+    if name in BUILTIN_PAIRS:
+        return BUILTIN_PAIRS[name].pair
+    parts = name.split("-")
+    if len(parts) == 1:
+        return LanguagePair(parts[0], None)
+    if len(parts) != 2:
+        raise ValueError(f"pair {name!r} should look like 'es-en' (matrix-embedded) or 'en'")
+    return LanguagePair(parts[0], parts[1])
+
+
 def build_from_text(
     text_file: str | Path,
     out_dir: str | Path,
@@ -279,11 +291,14 @@ def build_from_text(
 ) -> Path:
     """Speak a user's transcripts (one per line) for a pair, or for English with Piper; returns the domain folder.
 
+    `pair` is "en", a built-in pair, any "<matrix>-<embedded>" pair eSpeak speaks (e.g. "it-en"), a single
+    language for monolingual eSpeak speech (e.g. "de"), or a `LanguagePair` with chosen voices.
+
     Lines are shared out to train/dev/test in the proportions of the config's sizes for that kind of domain
     (`english_sizes` or `codeswitch_sizes`); each line is its own template, so splits never share a line.
     """
     if isinstance(pair, str):
-        pair = LanguagePair("en", None) if pair == "en" else builtin_spec(pair).pair
+        pair = _pair_from_name(pair)
     english = pair.matrix == "en" and pair.embedded is None
     lines = _read_lines(Path(text_file))
     sentences = user_sentences(lines, pair)
