@@ -1,0 +1,1 @@
+"""Command modules of the ``pyro-blora`` CLI; each exposes ``register(app)``."""
