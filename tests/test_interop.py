@@ -1,0 +1,181 @@
+"""Interoperability: PEFT adapters in and out, plain posterior tensors, trackers, hub publishing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pyro
+import pytest
+import torch
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from pyro_blora import BLoRAConfig, TrainConfig, build_guide, posterior_mean_model, save_posterior, train, wrap_whisper
+from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft, read_peft_adapter
+from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
+from tests.tiny import TinyTask, collate, tiny_whisper
+
+peft = pytest.importorskip("peft")
+
+TARGETS = (r".*\.q_proj$", r".*\.v_proj$", r".*\.fc1$")
+FAST = dict(lr=3e-2, batch_size=4, warmup_steps=2, progress=False, checkpoint_every=0)
+
+
+def make(config: BLoRAConfig | None = None, seed: int = 0):
+    model = wrap_whisper(tiny_whisper(seed), config or BLoRAConfig(rank=4))
+    pyro.set_rng_seed(seed)
+    return model, build_guide(model)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A briefly trained tiny BLoRA (module-scoped: the tests below only read it)."""
+    pyro.clear_param_store()
+    model, guide = make(BLoRAConfig(rank=4, target_modules=TARGETS))
+    train(model, guide, TinyTask(8), collate, TrainConfig(steps=8, **FAST))
+    return model, guide
+
+
+def batch_of(task: TinyTask, idx=(0, 1, 2, 3)) -> dict:
+    return collate([task[i] for i in idx])
+
+
+def logits_of(whisper, batch):
+    decoder_ids = shift_tokens_right(batch["labels"], whisper.config.pad_token_id, whisper.config.decoder_start_token_id)
+    return whisper(input_features=batch["input_features"], decoder_input_ids=decoder_ids).logits
+
+
+# ---------------------------------------------------------------- PEFT out
+def test_peft_export_reproduces_the_merged_posterior_mean(trained, tmp_path):
+    model, guide = trained
+    export_peft(model, guide, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], sorted(config["target_modules"])) == (4, 8, ["fc1", "q_proj", "v_proj"])
+    batch = batch_of(TinyTask(8))
+    expected = logits_of(posterior_mean_model(model, guide), batch)
+    with torch.no_grad():
+        peft_model = peft.PeftModel.from_pretrained(tiny_whisper(), str(tmp_path)).eval()
+        got = logits_of(peft_model, batch)
+    assert (got - expected).abs().max() < 1e-5
+    assert (got - logits_of(tiny_whisper(), batch)).abs().max() > 1e-3  # the adapter does something
+
+
+def test_peft_export_with_unusual_targets_uses_a_path_regex(tmp_path):
+    targets = (r"model\.decoder\.layers\.0\.self_attn\.q_proj", r".*fc1")
+    model, guide = make(BLoRAConfig(rank=2, alpha=3.0, target_modules=targets))
+    export_peft(model, guide, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert isinstance(config["target_modules"], str)
+    with torch.no_grad():
+        wrapped = peft.PeftModel.from_pretrained(tiny_whisper(), str(tmp_path))
+    lora_layers = {name for name, m in wrapped.named_modules() if hasattr(m, "lora_A") and len(m.lora_A)}
+    assert {n.removeprefix("base_model.model.") for n in lora_layers} == set(read_peft_adapter(tmp_path).weights)
+    assert len(lora_layers) == 1 + 4  # one q_proj, fc1 of 2 encoder + 2 decoder layers
+
+
+def test_pruning_reports_fraction_and_change(trained, tmp_path):
+    model, guide = trained
+    task = TinyTask(8)
+    report = export_peft(model, guide, tmp_path, prune_threshold=0.05, batches=[batch_of(task)])
+    exported = read_peft_adapter(tmp_path).weights
+    entries = torch.cat([t.flatten() for pair in exported.values() for t in pair])
+    zeros = float((entries == 0).float().mean())
+    assert 0 < report.pruned_fraction < 1
+    assert abs(report.pruned_fraction - zeros) < 1e-6
+    assert entries.abs()[entries != 0].min() >= 0.05
+    assert report.max_logit_change > 0 and report.nll_change is not None
+    assert json.loads((tmp_path / "pruning.json").read_text())["pruned_fraction"] == report.pruned_fraction
+    # A zero threshold prunes nothing and changes nothing.
+    same = export_peft(model, guide, tmp_path / "zero", prune_threshold=0.0, batches=[batch_of(task)])
+    assert same.pruned_fraction == 0 and same.max_logit_change == 0 and same.nll_change == 0
+
+
+# ---------------------------------------------------------------- PEFT in
+def peft_lora(tmp_path, r=4, alpha=8, targets=("q_proj", "k_proj")):
+    """A LoRA trained elsewhere: random non-zero A and B, saved by peft itself."""
+    torch.manual_seed(1)
+    wrapped = peft.get_peft_model(tiny_whisper(), peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
+    for name, parameter in wrapped.named_parameters():
+        if "lora_" in name:
+            parameter.data.normal_(0, 0.05)
+    folder = tmp_path / "lora"
+    wrapped.save_pretrained(str(folder))
+    return folder
+
+
+def test_peft_import_then_export_round_trips(tmp_path):
+    folder = peft_lora(tmp_path, r=4, alpha=16)
+    model, guide = make(blora_config_from_peft(folder, prior_scale=0.02))
+    assert (model.config.rank, model.config.scaling, model.config.prior_scale) == (4, 4.0, 0.02)
+    scales_before = guide.stddevs()
+    import_peft(folder, model, guide)
+    assert all(torch.equal(scales_before[s], v) for s, v in guide.stddevs().items())  # scales untouched
+    export_peft(model, guide, tmp_path / "again")
+    original, again = read_peft_adapter(folder).weights, read_peft_adapter(tmp_path / "again").weights
+    assert original.keys() == again.keys()
+    assert all(torch.equal(original[k][i], again[k][i]) for k in original for i in (0, 1))
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (BLoRAConfig(rank=2), "rank r=4 but the BLoRAConfig has rank=2"),
+        (BLoRAConfig(rank=4, alpha=4.0), "lora_alpha / r = 2 but the BLoRAConfig's alpha / rank is 1"),
+        (BLoRAConfig(rank=4, target_modules=(r".*q_proj",)), "adapts other layers"),
+    ],
+)
+def test_peft_import_refuses_a_misfit_with_the_fix(tmp_path, config, message):
+    folder = peft_lora(tmp_path)
+    model, guide = make(config)
+    with pytest.raises(ValueError, match=message) as caught:
+        import_peft(folder, model, guide)
+    assert "blora_config_from_peft" in str(caught.value)
+
+
+def test_peft_import_refuses_dora(tmp_path):
+    folder = peft_lora(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="use_dora=True"):
+        read_peft_adapter(folder)
+
+
+# ---------------------------------------------------------------- plain posterior tensors
+def test_posterior_tensors_are_readable_without_pyro_or_torch(trained, tmp_path):
+    model, guide = trained
+    path = export_posterior_tensors(model, guide, tmp_path, metadata={"base_model": "tiny"})
+    reader = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.modules["pyro"] = None; sys.modules["torch"] = None  # importing either now fails
+        from safetensors import safe_open
+        from safetensors.numpy import load_file
+        tensors = load_file({str(path)!r})
+        with safe_open({str(path)!r}, framework="numpy") as f:
+            header = f.metadata()
+        print(json.dumps({{"header": header, "keys": sorted(tensors),
+                           "min_std": float(min(t.min() for k, t in tensors.items() if k.endswith(".std")))}}))
+        """
+    )
+    out = json.loads(subprocess.run([sys.executable, "-c", reader], check=True, capture_output=True, text=True).stdout)
+    modules = json.loads(out["header"]["modules"])
+    assert len(modules) == len(model.adapters()) and out["header"]["rank"] == "4"
+    assert out["keys"] == sorted(f"{m}.lora_{x}.{s}" for m in modules for x in "AB" for s in ("mean", "std"))
+    assert out["min_std"] > 0
+    tensors, header = read_posterior_tensors(tmp_path)
+    assert header["metadata"] == {"base_model": "tiny"} and header["scaling"] == 2.0
+    means, stds = guide.means(), guide.stddevs()
+    site = "whisper.model.encoder.layers.0.self_attn.q_proj.lora_B"
+    key = "model.encoder.layers.0.self_attn.q_proj.lora_B"
+    assert (tensors[f"{key}.mean"] == means[site].numpy()).all()
+    assert (tensors[f"{key}.std"] == stds[site].numpy()).all()
+
+
+def test_posterior_tensors_reader_refuses_other_files(trained, tmp_path):
+    model, guide = trained
+    save_posterior(tmp_path, model, guide)
+    with pytest.raises(ValueError, match="load_posterior"):
+        read_posterior_tensors(tmp_path / "posterior.safetensors")
