@@ -15,6 +15,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, posterior_mean_model, save_posterior, train, wrap_whisper
 from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft, read_peft_adapter
 from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
+from pyro_blora.tracking import make_tracker
 from tests.tiny import TinyTask, collate, tiny_whisper
 
 peft = pytest.importorskip("peft")
@@ -179,3 +180,59 @@ def test_posterior_tensors_reader_refuses_other_files(trained, tmp_path):
     save_posterior(tmp_path, model, guide)
     with pytest.raises(ValueError, match="load_posterior"):
         read_posterior_tensors(tmp_path / "posterior.safetensors")
+
+
+# ---------------------------------------------------------------- experiment tracking
+RUN_CONFIG = {"blora": BLoRAConfig(rank=4), "train": {"steps": 4, "lr": 3e-2}}
+
+
+def tracked_run(kind: str, run_dir):
+    model, guide = make()
+    with make_tracker(kind, run_dir, RUN_CONFIG, every=2) as tracker:
+        result = train(model, guide, TinyTask(4), collate, TrainConfig(steps=4, eval_every=2, **FAST), callbacks=[tracker])
+        tracker.log_metrics({"eval/wer": 0.25, "eval/cer": 0.125}, step=4)
+    return model, result
+
+
+def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, result = tracked_run("tensorboard", tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    layers = {f"kl_layer/{path.removeprefix('whisper.')}" for path in model.adapters()}
+    assert {"train/loss", "train/nll", "train/kl", "train/lr", "eval/nll", "kl/total", "eval/wer"} <= tags
+    assert layers <= tags and "sparsity/B/hoyer_index" in tags
+    assert [e.step for e in events.Scalars("train/loss")] == [r["step"] for r in result.history]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in result.history], rel=1e-6)
+    assert [e.step for e in events.Scalars("kl/total")] == [1, 2, 4]
+    assert [e.step for e in events.Scalars("eval/nll")] == [2, 4]
+    per_layer = sum(events.Scalars(tag)[-1].value for tag in layers)
+    assert per_layer == pytest.approx(events.Scalars("kl/total")[-1].value, rel=1e-4)
+    assert events.Scalars("eval/wer")[0].value == 0.25
+    config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"blora.rank": 4' in config_text
+
+
+def test_mlflow_run_holds_params_and_metrics(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    _, result = tracked_run("mlflow", tmp_path)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("pyro-blora").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["blora.rank"] == "4" and run.data.params["train.lr"] == "0.03"
+    assert run.data.params["blora.target_modules"] == json.dumps(list(BLoRAConfig().target_modules))
+    history = client.get_metric_history(run.info.run_id, "train/nll")
+    assert [m.step for m in history] == [r["step"] for r in result.history]
+    assert [m.value for m in history] == pytest.approx([r["nll"] for r in result.history], rel=1e-6)
+    assert run.data.metrics["eval/wer"] == 0.25
+    assert 0 <= run.data.metrics["sparsity/all/thresh_fraction"] <= 1
+    assert run.data.metrics["kl/total"] > 0
+
+
+def test_unknown_tracker_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match="tensorboard, mlflow, none"):
+        make_tracker("wandb", tmp_path)
+    assert not any(tmp_path.iterdir())
