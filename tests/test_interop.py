@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pyro
 import pytest
@@ -16,6 +17,7 @@ from pyro_blora import BLoRAConfig, TrainConfig, build_guide, posterior_mean_mod
 from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft, read_peft_adapter
 from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
 from pyro_blora.tracking import make_tracker
+from pyro_blora.hub import push_to_hub
 from tests.tiny import TinyTask, collate, tiny_whisper
 
 peft = pytest.importorskip("peft")
@@ -186,19 +188,26 @@ def test_posterior_tensors_reader_refuses_other_files(trained, tmp_path):
 RUN_CONFIG = {"blora": BLoRAConfig(rank=4), "train": {"steps": 4, "lr": 3e-2}}
 
 
-def tracked_run(kind: str, run_dir):
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One short run logged to TensorBoard and MLflow at once: (model, result, run_dir)."""
+    pyro.clear_param_store()
+    run_dir = tmp_path_factory.mktemp("tracked")
     model, guide = make()
-    with make_tracker(kind, run_dir, RUN_CONFIG, every=2) as tracker:
-        result = train(model, guide, TinyTask(4), collate, TrainConfig(steps=4, eval_every=2, **FAST), callbacks=[tracker])
-        tracker.log_metrics({"eval/wer": 0.25, "eval/cer": 0.125}, step=4)
-    return model, result
+    trackers = [make_tracker(kind, run_dir, RUN_CONFIG, every=2) for kind in ("tensorboard", "mlflow")]
+    config = TrainConfig(steps=4, eval_every=2, **FAST)
+    result = train(model, guide, TinyTask(4), collate, config, callbacks=trackers)
+    for tracker in trackers:
+        with tracker:
+            tracker.log_metrics({"eval/wer": 0.25, "eval/cer": 0.125}, step=4)
+    return model, result, run_dir
 
 
-def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
+def test_tensorboard_events_hold_the_logged_scalars(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    model, result = tracked_run("tensorboard", tmp_path)
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    model, result, run_dir = tracked
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     events.Reload()
     tags = set(events.Tags()["scalars"])
     layers = {f"kl_layer/{path.removeprefix('whisper.')}" for path in model.adapters()}
@@ -215,11 +224,11 @@ def test_tensorboard_events_hold_the_logged_scalars(tmp_path):
     assert '"blora.rank": 4' in config_text
 
 
-def test_mlflow_run_holds_params_and_metrics(tmp_path):
+def test_mlflow_run_holds_params_and_metrics(tracked):
     from mlflow.tracking import MlflowClient
 
-    _, result = tracked_run("mlflow", tmp_path)
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    _, result, run_dir = tracked
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("pyro-blora").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["blora.rank"] == "4" and run.data.params["train.lr"] == "0.03"
@@ -236,3 +245,89 @@ def test_unknown_tracker_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match="tensorboard, mlflow, none"):
         make_tracker("wandb", tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- publishing
+class HubRecorder:
+    """Stands in for the hub at HfApi's boundary: records what would be created and uploaded."""
+
+    def __init__(self) -> None:
+        self.repos: list[dict] = []
+        self.uploads: list[dict] = []
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.repos.append({"repo_id": repo_id, **kwargs})
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, api, *, repo_id, folder_path, **kwargs):
+        files = {str(p.relative_to(folder_path)): p.read_bytes() for p in sorted(Path(folder_path).rglob("*")) if p.is_file()}
+        self.uploads.append({"repo_id": repo_id, "files": files, **kwargs})
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    from huggingface_hub import HfApi
+
+    recorder = HubRecorder()
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: recorder.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: recorder.upload_folder(api, **kw))
+    return recorder
+
+
+def card_header(card: str) -> dict:
+    import yaml
+
+    assert card.startswith("---\n")
+    return yaml.safe_load(card.split("---\n")[1])
+
+
+def test_push_peft_uploads_adapter_with_a_model_card(trained, tmp_path, hub):
+    model, guide = trained
+    export_peft(model, guide, tmp_path / "adapter", base_model_name_or_path="openai/whisper-tiny")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps({"blora": model.config.to_dict(), "train": {"steps": 8}}))
+    (run_dir / "result.json").write_text(json.dumps({"base_nll": 4.25, "final_nll": 1.5}))
+    (run_dir / "eval.json").write_text(json.dumps({"es-en": {"wer": 0.3125}}))
+    url = push_to_hub(tmp_path / "adapter", "someone/blora-tiny", kind="peft", run_dir=run_dir, private=True)
+    assert url == "https://huggingface.co/someone/blora-tiny/commit/0"
+    assert hub.repos == [{"repo_id": "someone/blora-tiny", "repo_type": "model", "private": True, "exist_ok": True}]
+    (upload,) = hub.uploads
+    assert set(upload["files"]) == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert upload["files"]["adapter_model.safetensors"] == (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    card = upload["files"]["README.md"].decode()
+    header = card_header(card)
+    assert header["library_name"] == "peft" and header["base_model"] == "openai/whisper-tiny"
+    assert '"rank": 4' in card and "| final_nll | 1.5 |" in card and "| es-en.wer | 0.3125 |" in card
+    assert "PeftModel.from_pretrained(base, \"someone/blora-tiny\")" in card
+    assert not (tmp_path / "adapter" / "README.md").exists()  # the user's folder is left as it was
+
+
+def test_push_model_objects_exports_them_first(trained, hub):
+    model, guide = trained
+    push_to_hub((model, guide), "someone/blora-posterior", kind="posterior")
+    push_to_hub(posterior_mean_model(model, guide), "someone/blora-merged", kind="merged")
+    posterior, merged = (set(u["files"]) for u in hub.uploads)
+    assert posterior == {"posterior.json", "posterior.safetensors", "posterior_tensors.safetensors", "README.md"}
+    assert {"config.json", "model.safetensors", "README.md"} <= merged
+    assert card_header(hub.uploads[1]["files"]["README.md"].decode())["library_name"] == "transformers"
+
+
+def test_push_refuses_a_folder_of_another_kind_before_uploading(trained, tmp_path, hub):
+    model, guide = trained
+    export_peft(model, guide, tmp_path)
+    with pytest.raises(ValueError, match="not a 'merged' folder: it needs config.json"):
+        push_to_hub(tmp_path, "someone/x", kind="merged")
+    assert hub.repos == [] and hub.uploads == []
+
+
+def test_push_offline_fails_fast_and_clearly(trained, tmp_path, monkeypatch):
+    from pyro_blora.weights import HubUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    model, guide = trained
+    export_peft(model, guide, tmp_path)
+    with pytest.raises(HubUnavailableError, match="offline mode is on"):
+        push_to_hub(tmp_path, "someone/x", kind="peft")
