@@ -331,3 +331,31 @@ def test_push_offline_fails_fast_and_clearly(trained, tmp_path, monkeypatch):
     export_peft(model, guide, tmp_path)
     with pytest.raises(HubUnavailableError, match="offline mode is on"):
         push_to_hub(tmp_path, "someone/x", kind="peft")
+
+
+# ---------------------------------------------------------------- command line
+def test_commands_move_adapters_between_formats(trained, tmp_path, hub):
+    from typer.testing import CliRunner
+
+    from pyro_blora.cli import app
+
+    model, guide = trained
+    tiny_whisper().save_pretrained(tmp_path / "base")
+    save_posterior(tmp_path / "posterior", model, guide, metadata={"base_model": str(tmp_path / "base")})
+    runner = CliRunner()
+
+    def invoke(*args):
+        outcome = runner.invoke(app, [str(a) for a in args])
+        assert outcome.exit_code == 0, outcome.output
+        return outcome.output
+
+    assert "pruned" in invoke("export-peft", tmp_path / "posterior", "--out", tmp_path / "peft", "--prune-threshold", 1e-3)
+    invoke("import-peft", tmp_path / "peft", "--out", tmp_path / "imported", "--prior-scale", 0.02)
+    invoke("export-posterior", tmp_path / "imported")
+    tensors, header = read_posterior_tensors(tmp_path / "imported")
+    exported = read_peft_adapter(tmp_path / "peft").weights
+    key = "model.decoder.layers.1.fc1"
+    assert (tensors[f"{key}.lora_B.mean"] == exported[key][1].numpy()).all()
+    assert header["prior_scale"] == 0.02 and header["metadata"]["base_model"] == str(tmp_path / "base")
+    assert "someone/cli" in invoke("push", tmp_path / "peft", "someone/cli", "--kind", "peft")
+    assert "adapter_model.safetensors" in hub.uploads[0]["files"]
