@@ -203,6 +203,7 @@ def tracked(tmp_path_factory):
     return model, result, run_dir
 
 
+@pytest.mark.slow  # the shared run and a fresh MLflow SQLite store take ~10-25 s
 def test_tensorboard_events_hold_the_logged_scalars(tracked):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -224,6 +225,7 @@ def test_tensorboard_events_hold_the_logged_scalars(tracked):
     assert '"blora.rank": 4' in config_text
 
 
+@pytest.mark.slow  # the shared run and a fresh MLflow SQLite store take ~10-25 s
 def test_mlflow_run_holds_params_and_metrics(tracked):
     from mlflow.tracking import MlflowClient
 
