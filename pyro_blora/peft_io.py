@@ -26,7 +26,6 @@ from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
-from pyro_blora.metrics import thresh_fraction
 from pyro_blora.model import BLoRAWhisper
 from pyro_blora.posterior_export import adapted_modules, lora_alpha, module_path, site_name
 
@@ -89,10 +88,11 @@ def prune_means(
     """Means with every entry of |w| < ``threshold`` set to 0, and the change this makes."""
     if not threshold >= 0:
         raise ValueError(f"the pruning threshold must be >= 0, got {threshold!r}")
-    pruned = {site: torch.where(value.abs() < threshold, torch.zeros_like(value), value) for site, value in means.items()}
+    masks = {site: value.abs() < threshold for site, value in means.items()}
+    pruned = {site: value.masked_fill(masks[site], 0.0) for site, value in means.items()}
     num_entries = sum(v.numel() for v in means.values())
-    fraction = thresh_fraction(list(means.values()), threshold) if threshold > 0 else 0.0
-    report = dict(threshold=threshold, num_entries=num_entries, num_pruned=round(fraction * num_entries), pruned_fraction=fraction)
+    num_pruned = int(sum(mask.sum() for mask in masks.values()))
+    report = dict(threshold=threshold, num_entries=num_entries, num_pruned=num_pruned, pruned_fraction=num_pruned / num_entries)
     if batches:
         with model.hold_adapters(means):
             before = [model.logits(batch) for batch in batches]
