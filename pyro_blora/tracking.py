@@ -3,7 +3,7 @@
 A tracker is a callback of :func:`pyro_blora.training.train` (``callbacks=[tracker]``). Every step
 it logs the record's scalars (``train/loss`` is the scaled negative ELBO, ``train/nll``,
 ``train/kl``, ``train/grad_norm``, ``train/lr``, ``eval/nll`` when evaluated); every ``every``
-steps also the closed-form KL of the posterior from the prior in nats (``kl/total`` and
+steps (and at step 1) also the closed-form KL of the posterior from the prior in nats (``kl/total`` and
 ``kl_layer/<module path>``, A and B of a layer together) and the sparsity statistics of the
 posterior means (``sparsity/{all,A,B}/<statistic>``). ``log_metrics`` logs anything else (e.g.
 evaluation error rates) and the run config is logged as parameters when the tracker is made::
