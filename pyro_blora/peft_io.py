@@ -15,7 +15,6 @@ import json
 import math
 import re
 from dataclasses import asdict, dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -258,15 +257,13 @@ def import_peft(folder: str | Path, model: BLoRAWhisper, guide: BLoRAGuide) -> P
     The adapter must fit the model's BLoRAConfig (rank, alpha / r, adapted layers) and base model."""
     adapter = read_peft_adapter(folder)
     _check_fits(adapter, model, str(folder))
-    guide.setup()
-    for path, (lora_A, lora_B) in adapter.weights.items():
-        for leaf, value in (("lora_A", lora_A), ("lora_B", lora_B)):
-            site = site_name(path, leaf)
-            target = attrgetter(f"{site}_unconstrained")(guide.locs)
-            if tuple(value.shape) != tuple(target.shape):
-                raise ValueError(
-                    f"{folder}: {path}.{leaf} has shape {tuple(value.shape)} but this base model needs "
-                    f"{tuple(target.shape)}; the adapter was trained on another base model"
-                )
-            target.copy_(value.to(target))
+    values = {
+        site_name(path, leaf): value
+        for path, (lora_A, lora_B) in adapter.weights.items()
+        for leaf, value in (("lora_A", lora_A), ("lora_B", lora_B))
+    }
+    try:
+        guide.set_means(values)
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from None
     return adapter
