@@ -155,6 +155,9 @@ def test_a_signal_finishes_the_step_checkpoints_it_and_a_second_stops_at_once(tm
     assert (stop.value.step, stop.value.signal) == (3, signal.SIGINT)
     assert CheckpointDir(tmp_path / "once" / "checkpoints").steps()[-1] == 3
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is restored
+    model, guide = make()
+    with pytest.raises(ValueError, match="already holds checkpoints of this run; pass resume=True"):
+        train(model, guide, TinyTask(8), collate, train_config(6), run_dir=tmp_path / "once")
 
     model, guide = make()
     with pytest.raises(KeyboardInterrupt, match="second SIGINT") as stop:
@@ -210,3 +213,9 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     folder.path(1).write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no checkpoint .* can be read; delete the folder"):
         folder.load_latest()
+
+
+def test_an_empty_training_set_is_refused():
+    model, guide = make()
+    with pytest.raises(ValueError, match="the training set is empty; check the data report"):
+        train(model, guide, TinyTask(0), collate, train_config(2))
