@@ -12,18 +12,7 @@ import soundfile
 
 from pyro_blora.data import AudioDecodeError, ManifestError, load_audio, load_speech_dataset, prepare_dataset
 from pyro_blora.validation import EnglishOnlyModelError, UnknownLanguageError, check_language
-from pyro_blora.weights import load_processor
-from tests.test_data import tone, write_audio, write_csv
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return load_processor("base")
-
-
-@pytest.fixture(scope="module")
-def english_processor():
-    return load_processor("tiny.en")
+from tests.test_data import english_processor, processor, tone, write_audio, write_csv  # noqa: F401 - fixtures
 
 
 # ---------------------------------------------------------------- languages
