@@ -22,7 +22,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_blora.checkpoint import CheckpointDir, atomic_write_json, capture_rng, restore_rng
+from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
 from pyro_blora.config import TrainConfig
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
@@ -33,6 +33,7 @@ __all__ = [
     "NonFiniteLossError",
     "PosteriorCollapseWarning",
     "TrainResult",
+    "TrainingInterrupted",
     "batch_order",
     "count_label_tokens",
     "train",
@@ -41,6 +42,21 @@ __all__ = [
 
 class NonFiniteLossError(RuntimeError):
     """The ELBO became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped training after the step in progress, which was checkpointed.
+
+    A KeyboardInterrupt, so an uncaught one ends a program as Ctrl-C does; ``step`` is where a
+    resumed run (``resume=True``) continues."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
+            "continue with resume=True (--resume)"
+        )
+        self.signal = signum
+        self.step = step
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -109,10 +125,13 @@ def _optimizer(guide: BLoRAGuide, config: TrainConfig) -> torch.optim.Optimizer:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[dict[str, int | None]]:
-    """Turn SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting."""
+    """Turn SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting; a second
+    signal stops at once (checkpoint files are written atomically, so none is left half-written)."""
     flag: dict[str, int | None] = {"signal": None}
 
     def handler(signum, frame):  # noqa: ARG001
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
         flag["signal"] = signum
 
     previous = {}
@@ -131,6 +150,18 @@ def _stop_on_signals() -> Iterator[dict[str, int | None]]:
 def _posterior_nll(model: BLoRAWhisper, guide: BLoRAGuide, batches: Sequence[Mapping]) -> float:
     with model.hold_adapters(guide.means()):
         return token_nll(model.whisper, batches)
+
+
+def _non_finite(step: int, detail: str, model: BLoRAWhisper, config: TrainConfig, batch: Mapping) -> NonFiniteLossError:
+    blora = model.config
+    return NonFiniteLossError(
+        f"the ELBO is not finite at step {step}: {detail}. Likely causes: a learning rate too high "
+        f"({config.lr}, scales x{config.scale_lr_multiplier}), initial scales too large (init_scale_A="
+        f"{blora.init_scale_A}, init_scale_B={blora.init_scale_B}), beta / the KL normalisation ({blora.beta}, "
+        f"{blora.kl_normalization}) out of range, or NaN in the input features (batch rows "
+        f"{batch['index'].tolist()}). The last good checkpoint is kept; resume from it with a smaller "
+        "learning rate."
+    )
 
 
 def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> CheckpointDir:
@@ -223,6 +254,8 @@ def train(
             )
 
     log_path = Path(run_dir) / "log.jsonl" if run_dir else None
+    if log_path is not None:  # drop lines of steps after the checkpoint (a killed run logged them)
+        atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in result.history).encode())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     params = [p for p in guide.parameters()]
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress, desc="SVI")
@@ -240,16 +273,12 @@ def train(
                     raise
                 finite, detail = False, f"a distribution got invalid values ({str(error).splitlines()[0]})"
             if not finite:
-                raise NonFiniteLossError(
-                    f"the ELBO is not finite at step {step}: {detail}. Likely causes: a learning rate too high "
-                    f"({config.lr}), initial scales too large, beta / the KL normalisation ({model.config.beta}, "
-                    f"{model.config.kl_normalization}) out of range, or NaN in the input features (batch rows "
-                    f"{batch['index'].tolist()}). The last good checkpoint is kept; resume from it with a smaller "
-                    "learning rate."
-                )
+                raise _non_finite(step, detail, model, config, batch)
             optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):  # a step would write NaN into the guide
+                raise _non_finite(step, f"{detail}, gradient norm={float(grad_norm)}", model, config, batch)
             optimizer.step()
             scheduler.step()
             record = {"step": step + 1, **terms.detached(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
@@ -266,7 +295,7 @@ def train(
             if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop["signal"]:
                 save(step + 1)
             if stop["signal"] and not done:
-                raise KeyboardInterrupt(f"stopped by signal {stop['signal']} after step {step + 1}; checkpoint saved")
+                raise TrainingInterrupted(stop["signal"], step + 1)
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:
