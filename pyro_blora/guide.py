@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from operator import attrgetter
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -113,7 +114,10 @@ class BLoRAGuide(AutoNormal):
             unconstrained.copy_(transform_to(self.scale_constraint).inv(target.to(current)))
 
 
-def build_guide(model: BLoRAWhisper) -> BLoRAGuide:
-    """An initialised guide for ``model`` (seed the RNG first for a reproducible start)."""
+def build_guide(model: BLoRAWhisper, seed: int | None = None) -> BLoRAGuide:
+    """An initialised guide for ``model``; ``seed`` fixes the Kaiming-uniform start of A
+    (without it the start follows the current torch RNG state)."""
+    if seed is not None:
+        pyro.set_rng_seed(seed)
     return BLoRAGuide(model).setup()
 
