@@ -146,7 +146,7 @@ def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: 
         ids = whisper.generate(features, **kwargs)
         hypotheses.extend(t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True))
         if multilingual and eval_set.language_id and options.language_id:
-            found = whisper.detect_language(features, generation_config=whisper.generation_config)
+            found = whisper.detect_language(features)
             detected.extend(names.get(int(token), "?") for token in found.flatten().tolist())
     return {"hypotheses": hypotheses, "references": list(texts), "languages": list(languages), "detected": detected}
 
