@@ -11,13 +11,13 @@ import torch
 from pyro import poutine
 from pyro.distributions import constraints
 from torch.distributions import transform_to
-from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoDelta, AutoNormal
 from pyro.nn.module import PyroParam
 from pyro.infer.autoguide.utils import deep_setattr
 
 from pyro_blora.model import BLoRAWhisper
 
-__all__ = ["BLoRAGuide", "build_guide"]
+__all__ = ["GUIDE_KINDS", "BLoRAGuide", "BLoRAMAPGuide", "build_guide", "guide_kind"]
 
 
 class BLoRAGuide(AutoNormal):
@@ -114,10 +114,43 @@ class BLoRAGuide(AutoNormal):
             unconstrained.copy_(transform_to(self.scale_constraint).inv(target.to(current)))
 
 
-def build_guide(model: BLoRAWhisper, seed: int | None = None) -> BLoRAGuide:
-    """An initialised guide for ``model``; ``seed`` fixes the Kaiming-uniform start of A
-    (without it the start follows the current torch RNG state)."""
+def build_guide(model: BLoRAWhisper, kind: str = "normal", seed: int | None = None) -> BLoRAGuide:
+    """An initialised guide for ``model``: ``"normal"`` (mean-field posterior) or ``"delta"`` (MAP).
+    ``seed`` fixes the Kaiming-uniform start of A (without it the start follows the torch RNG state)."""
+    if kind not in GUIDE_KINDS:
+        raise ValueError(f"guide kind must be one of {sorted(GUIDE_KINDS)}, got {kind!r}")
     if seed is not None:
         pyro.set_rng_seed(seed)
-    return BLoRAGuide(model).setup()
+    return GUIDE_KINDS[kind](model).setup()
 
+
+
+class BLoRAMAPGuide(AutoDelta):
+    """Point estimates of every adapter site (MAP): with Delta guides the ELBO's KL term is the
+    negative log prior, i.e. an L2 penalty ``beta * |theta|^2 / (2 sigma_p^2)`` scaled like BLoRA's KL.
+
+    Starts where :class:`BLoRAGuide` starts (A Kaiming-uniform, B zero) and offers the same
+    ``setup()`` / ``means()``, so training, merging and saving take one code path."""
+
+    def __init__(self, model: BLoRAWhisper) -> None:
+        self._model_ref = (model,)
+        super().__init__(model.adapter_prior, init_loc_fn=BLoRAGuide._init_loc)
+
+    blora = BLoRAGuide.blora
+    setup = BLoRAGuide.setup
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """The point estimates of every site (detached)."""
+        self.setup()
+        return {name: attrgetter(name)(self).detach().clone() for name in self.blora.site_names()}
+
+
+GUIDE_KINDS = {"normal": BLoRAGuide, "delta": BLoRAMAPGuide}
+
+
+def guide_kind(guide: AutoNormal | AutoDelta) -> str:
+    """The name under which a guide's class is saved (``normal`` or ``delta``)."""
+    for kind, cls in GUIDE_KINDS.items():
+        if type(guide) is cls:
+            return kind
+    raise TypeError(f"unknown guide type {type(guide).__name__}; expected one of {[c.__name__ for c in GUIDE_KINDS.values()]}")

@@ -1,7 +1,7 @@
 """Saving and loading a trained posterior, independent of the process that trained it.
 
 A posterior folder holds ``posterior.safetensors`` (the guide's parameters: for every adapter
-site, the unconstrained location and scale) and ``posterior.json`` (the adapter config, the scale
+site, the unconstrained location and scale, or the point value of a MAP guide) and ``posterior.json`` (the adapter config, the scale
 parameterisation, the site names and shapes, and free-form metadata such as the base model).
 """
 
@@ -17,7 +17,7 @@ from transformers import WhisperForConditionalGeneration
 
 from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import BLoRAConfig
-from pyro_blora.guide import BLoRAGuide, build_guide
+from pyro_blora.guide import BLoRAGuide, build_guide, guide_kind
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling
 
@@ -40,6 +40,7 @@ def save_posterior(folder: str | Path, model: BLoRAWhisper, guide: BLoRAGuide, m
         {
             "format_version": FORMAT_VERSION,
             "blora_config": model.config.to_dict(),
+            "guide": guide_kind(guide),
             "sites": {site: list(means[site].shape) for site in model.site_names()},
             "elbo_scaling": vars(model.elbo_scaling),
             "metadata": dict(metadata or {}),
@@ -66,7 +67,7 @@ def load_posterior(folder: str | Path, whisper: WhisperForConditionalGeneration)
             f"the posterior in {folder} was trained on a different base model: its adapter sites or shapes do not match "
             "this Whisper model's. Load the base model it was trained on (see posterior.json metadata)."
         )
-    guide = build_guide(model)
+    guide = build_guide(model, info.get("guide", "normal"))
     state = load_file(str(Path(folder) / "posterior.safetensors"))
     guide.load_state_dict(state, strict=True)
     model.configure_objective(ElboScaling(**info["elbo_scaling"]))

@@ -27,15 +27,21 @@ from pyro_blora.config import TrainConfig
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
 from pyro_blora.model import BLoRAWhisper
-from pyro_blora.objective import elbo_scaling, elbo_terms
+from pyro_blora.objective import ElboTerms, elbo_scaling, elbo_terms
 
 __all__ = [
     "NonFiniteLossError",
     "PosteriorCollapseWarning",
     "TrainResult",
     "TrainingInterrupted",
+    "Optimization",
+    "RunFolder",
     "batch_order",
     "count_label_tokens",
+    "lr_schedule",
+    "make_batch",
+    "run_steps",
+    "svi_parameter_groups",
     "train",
 ]
 
@@ -88,7 +94,7 @@ def batch_order(num_items: int, batch_size: int, seed: int, step: int) -> torch.
     return permutation[position * batch_size:(position + 1) * batch_size]
 
 
-def _make_batch(dataset, collate_fn: Callable, indices: torch.Tensor, device: torch.device) -> dict[str, Any]:
+def make_batch(dataset, collate_fn: Callable, indices: torch.Tensor, device: torch.device) -> dict[str, Any]:
     batch = collate_fn([dataset[int(i)] for i in indices])
     batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     batch["index"] = indices.to(device)
@@ -104,7 +110,7 @@ def count_label_tokens(dataset, collate_fn: Callable, chunk: int = 16) -> int:
     return total
 
 
-def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
@@ -113,14 +119,6 @@ def _lr_lambda(config: TrainConfig) -> Callable[[int], float]:
         return config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-def _optimizer(guide: BLoRAGuide, config: TrainConfig) -> torch.optim.Optimizer:
-    locs = [p for n, p in guide.named_parameters() if n.startswith("locs.")]
-    scales = [p for n, p in guide.named_parameters() if n.startswith("scales.")]
-    return torch.optim.Adam(
-        [{"params": locs, "lr": config.lr}, {"params": scales, "lr": config.lr * config.scale_lr_multiplier}]
-    )
 
 
 @contextmanager
@@ -152,18 +150,6 @@ def _posterior_nll(model: BLoRAWhisper, guide: BLoRAGuide, batches: Sequence[Map
         return token_nll(model.whisper, batches)
 
 
-def _non_finite(step: int, detail: str, model: BLoRAWhisper, config: TrainConfig, batch: Mapping) -> NonFiniteLossError:
-    blora = model.config
-    return NonFiniteLossError(
-        f"the ELBO is not finite at step {step}: {detail}. Likely causes: a learning rate too high "
-        f"({config.lr}, scales x{config.scale_lr_multiplier}), initial scales too large (init_scale_A="
-        f"{blora.init_scale_A}, init_scale_B={blora.init_scale_B}), beta / the KL normalisation ({blora.beta}, "
-        f"{blora.kl_normalization}) out of range, or NaN in the input features (batch rows "
-        f"{batch['index'].tolist()}). The last good checkpoint is kept; resume from it with a smaller "
-        "learning rate."
-    )
-
-
 def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> CheckpointDir:
     config_path = run_dir / "config.json"
     checkpoints = CheckpointDir(run_dir / "checkpoints")
@@ -184,6 +170,158 @@ def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
     return checkpoints
 
 
+class RunFolder:
+    """A run's folder: ``config.json`` (what the run is), ``log.jsonl`` (one record per step),
+    ``checkpoints/`` and ``result.json``. Shared by every training method."""
+
+    def __init__(self, run_dir: str | Path, fingerprint: Mapping[str, Any], resume: bool, keep: int = 2) -> None:
+        self.path = Path(run_dir)
+        self.checkpoints = _check_run_dir(self.path, dict(fingerprint), resume)
+        self.checkpoints.keep = keep
+        self.resume = resume
+
+    def latest_state(self) -> dict[str, Any] | None:
+        return self.checkpoints.load_latest() if self.resume else None
+
+    def rewrite_log(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Make log.jsonl hold exactly ``history``: a killed run may have logged steps after its
+        last checkpoint, or a half-written line."""
+        atomic_write_bytes(self.path / "log.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in history).encode())
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        with (self.path / "log.jsonl").open("a") as handle:
+            handle.write(json.dumps(dict(record)) + "\n")
+
+    def write_result(self, result: Mapping[str, Any]) -> None:
+        atomic_write_json(self.path / "result.json", dict(result))
+
+
+@dataclass
+class Optimization:
+    """What a training loop needs besides the data: the objective on one batch, the trainable
+    state (for checkpoints) and the optimiser with its schedule."""
+
+    # The scaled loss on one batch, with its nll and kl parts.
+    objective: Callable[[dict[str, Any]], ElboTerms]
+    # Named objects whose state_dict goes into every checkpoint (e.g. {"guide": guide}).
+    stateful: Mapping[str, Any]
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    scheduler: torch.optim.lr_scheduler.LRScheduler = None  # type: ignore[assignment]
+    # Extra fields evaluated every config.eval_every steps and merged into that step's record.
+    evaluate: Callable[[], Mapping[str, float]] | None = None
+    # Words that explain a non-finite loss, appended to the error.
+    failure_hint: str = "Likely causes: a learning rate too high, or NaN in the input features."
+    desc: str = "training"
+
+    def __post_init__(self) -> None:
+        if self.scheduler is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.config))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state(self, step: int, history: list, extra: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step,
+            **{name: obj.state_dict() for name, obj in self.stateful.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "history": history,
+            **extra,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> int:
+        """Load a checkpoint's state; returns its step."""
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        return int(state["step"])
+
+
+def run_steps(
+    optimization: Optimization,
+    dataset,
+    collate_fn: Callable[[list], dict],
+    device: torch.device,
+    history: list[dict[str, Any]],
+    start: int = 0,
+    run: RunFolder | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+) -> list[dict[str, Any]]:
+    """The optimisation loop every method shares: the project's batch order, LR schedule, gradient
+    clipping, bf16 autocast, JSONL log, checkpoints and checkpoint-on-signal."""
+    config = optimization.config
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    params = optimization.parameters()
+    if run is not None:
+        run.rewrite_log(history)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
+               desc=optimization.desc)
+    with _stop_on_signals() as stop:
+        for step in bar:
+            batch = make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, step), device)
+            try:
+                with autocast:
+                    terms = optimization.objective(batch)
+                finite = bool(torch.isfinite(terms.loss))
+                detail = ", ".join(f"{k}={v}" for k, v in terms.detached().items())
+            except ValueError as error:  # Pyro's validation refuses NaN logits or parameters
+                if "nan" not in str(error).lower() and "constraint" not in str(error):
+                    raise
+                finite, detail = False, f"a distribution got invalid values ({str(error).splitlines()[0]})"
+            if not finite:
+                raise _non_finite(step, detail, optimization, batch)
+            optimization.optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):  # a step would write NaN into the trained parameters
+                raise _non_finite(step, f"{detail}, gradient norm={float(grad_norm)}", optimization, batch)
+            optimization.optimizer.step()
+            optimization.scheduler.step()
+            record = {"step": step + 1, **terms.detached(), "grad_norm": float(grad_norm),
+                      "lr": optimization.scheduler.get_last_lr()[0]}
+            if optimization.evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+                record.update(optimization.evaluate())
+            history.append(record)
+            for callback in callbacks:
+                callback(record)
+            if run is not None:
+                run.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3g}", nll=f"{record['nll']:.3g}", kl=f"{record['kl']:.3g}")
+            done = step + 1 == config.steps
+            if run is not None and (
+                (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop["signal"]
+            ):
+                run.checkpoints.save(step + 1, optimization.state(step + 1, history, extra_state or {}))
+            if stop["signal"] and not done:
+                raise TrainingInterrupted(stop["signal"], step + 1)
+    return history
+
+
+def _non_finite(step: int, detail: str, optimization: Optimization, batch: Mapping) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"the training loss is not finite at step {step}: {detail}. {optimization.failure_hint} "
+        f"Or NaN in the input features (batch rows {batch['index'].tolist()}). The last good checkpoint "
+        "is kept; resume from it with a smaller learning rate."
+    )
+
+
+def svi_parameter_groups(guide, config: TrainConfig) -> list[dict[str, Any]]:
+    """Adam groups: the scales (AutoNormal's ``scales.*``) at ``lr * scale_lr_multiplier``,
+    everything else (means, or a MAP guide's point values) at ``lr``."""
+    scales = [p for n, p in guide.named_parameters() if n.startswith("scales.")]
+    others = [p for n, p in guide.named_parameters() if not n.startswith("scales.")]
+    groups = [{"params": others, "lr": config.lr}]
+    if scales:
+        groups.append({"params": scales, "lr": config.lr * config.scale_lr_multiplier})
+    return groups
+
+
 def train(
     model: BLoRAWhisper,
     guide: BLoRAGuide,
@@ -196,6 +334,7 @@ def train(
     num_tokens: int | None = None,
     run_info: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callable[[dict[str, Any], BLoRAWhisper, BLoRAGuide], None]] = (),
+    evaluate: Callable[[], Mapping[str, float]] | None = None,
 ) -> TrainResult:
     """Fit ``guide`` to the posterior of ``model`` on ``dataset`` by SVI.
 
@@ -204,7 +343,9 @@ def train(
     training batch) are scored at the posterior mean before training, every ``eval_every`` steps
     and at the end; the first score is the base model's, since B starts at zero. Each callback
     gets every step's record (step, loss, nll, kl, grad_norm, lr, eval_nll when evaluated) with the
-    model and guide, e.g. for experiment trackers.
+    model and guide, e.g. for experiment trackers. ``evaluate`` adds its fields to the records of
+    evaluated steps. Any guide with ``setup()`` and ``means()`` works: :class:`BLoRAGuide` (SVI)
+    or :class:`~pyro_blora.guide.BLoRAMAPGuide` (MAP: the prior as an L2 penalty).
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty; check the data report for rows that were filtered out")
@@ -213,89 +354,50 @@ def train(
     model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
     guide.setup()
     guide.to(device)
-    optimizer = _optimizer(guide, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
     result = TrainResult(run_dir=Path(run_dir) if run_dir else None)
-    start = 0
-    checkpoints = None
+    run = None
     if run_dir is not None:
         fingerprint = {"blora": model.config.to_dict(), "train": config.to_dict(), "run": dict(run_info or {})}
-        checkpoints = _check_run_dir(Path(run_dir), fingerprint, resume)
-        checkpoints.keep = config.keep_checkpoints
-    state = checkpoints.load_latest() if (checkpoints and resume) else None
+        run = RunFolder(run_dir, fingerprint, resume, config.keep_checkpoints)
     if eval_batches is None:
-        eval_batches = [_make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
+        eval_batches = [make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
+
+    def periodic_eval() -> dict[str, float]:
+        fields = {"eval_nll": _posterior_nll(model, guide, eval_batches)}
+        if evaluate is not None:
+            fields.update(evaluate())
+        return fields
+
+    optimization = Optimization(
+        objective=lambda batch: elbo_terms(model, guide, batch, config.estimator, config.num_particles),
+        stateful={"guide": guide},
+        optimizer=torch.optim.Adam(svi_parameter_groups(guide, config)),
+        config=config,
+        evaluate=periodic_eval,
+        failure_hint=(
+            f"Likely causes: a learning rate too high ({config.lr}, scales x{config.scale_lr_multiplier}), "
+            f"initial scales too large (init_scale_A={model.config.init_scale_A}, init_scale_B="
+            f"{model.config.init_scale_B}), beta / the KL normalisation ({model.config.beta}, "
+            f"{model.config.kl_normalization}) out of range."
+        ),
+        desc="SVI",
+    )
+    state = run.latest_state() if run is not None else None
+    start = 0
     if state is not None:
-        guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        restore_rng(state["rng"])
-        start = state["step"]
+        start = optimization.restore(state)
         result.history = state["history"]
         result.base_nll = state["base_nll"]
     else:
         pyro.set_rng_seed(config.seed)
         model.eval()
         result.base_nll = _posterior_nll(model, guide, eval_batches)
-
-    def save(step: int) -> None:
-        if checkpoints is not None:
-            checkpoints.save(
-                step,
-                {
-                    "step": step,
-                    "guide": guide.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": capture_rng(),
-                    "history": result.history,
-                    "base_nll": result.base_nll,
-                },
-            )
-
-    log_path = Path(run_dir) / "log.jsonl" if run_dir else None
-    if log_path is not None:  # drop lines of steps after the checkpoint (a killed run logged them)
-        atomic_write_bytes(log_path, "".join(json.dumps(r) + "\n" for r in result.history).encode())
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
-    params = [p for p in guide.parameters()]
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress, desc="SVI")
     model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
-    with _stop_on_signals() as stop:
-        for step in bar:
-            batch = _make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, step), device)
-            try:
-                with autocast:
-                    terms = elbo_terms(model, guide, batch, config.estimator, config.num_particles)
-                finite = bool(torch.isfinite(terms.loss))
-                detail = ", ".join(f"{k}={v}" for k, v in terms.detached().items())
-            except ValueError as error:  # Pyro's validation refuses NaN logits or parameters
-                if "nan" not in str(error).lower() and "constraint" not in str(error):
-                    raise
-                finite, detail = False, f"a distribution got invalid values ({str(error).splitlines()[0]})"
-            if not finite:
-                raise _non_finite(step, detail, model, config, batch)
-            optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
-            if not torch.isfinite(grad_norm):  # a step would write NaN into the guide
-                raise _non_finite(step, f"{detail}, gradient norm={float(grad_norm)}", model, config, batch)
-            optimizer.step()
-            scheduler.step()
-            record = {"step": step + 1, **terms.detached(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0]}
-            if config.eval_every and (step + 1) % config.eval_every == 0:
-                record["eval_nll"] = _posterior_nll(model, guide, eval_batches)
-            result.history.append(record)
-            for callback in callbacks:
-                callback(record, model, guide)
-            if log_path is not None:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            bar.set_postfix(loss=f"{record['loss']:.3g}", nll=f"{record['nll']:.3g}", kl=f"{record['kl']:.3g}")
-            done = step + 1 == config.steps
-            if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop["signal"]:
-                save(step + 1)
-            if stop["signal"] and not done:
-                raise TrainingInterrupted(stop["signal"], step + 1)
+    run_steps(
+        optimization, dataset, collate_fn, device, result.history, start, run,
+        extra_state={"base_nll": result.base_nll},
+        callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
+    )
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:
@@ -306,8 +408,8 @@ def train(
             PosteriorCollapseWarning,
             stacklevel=2,
         )
-    if run_dir is not None:
-        atomic_write_json(Path(run_dir) / "result.json", {k: v for k, v in vars(result).items() if k != "history"})
+    if run is not None:
+        run.write_result({k: v for k, v in vars(result).items() if k != "history"})
     return result
 
 

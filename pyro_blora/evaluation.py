@@ -1,0 +1,277 @@
+"""Forward and backward evaluation of a Whisper model on the testbed's domains.
+
+For every domain: greedy error rate with the language forced (WER, or the mixed error rate for CJK
+text), teacher-forced cross-entropy per label token (a finer measure of forgetting than error
+rates), and for the backward sets language-ID accuracy with the language *not* forced (the model's
+own detection). Any model is evaluated as a plain ``WhisperForConditionalGeneration``: the base
+model, a merged posterior mean, a merged peft adapter or a fully fine-tuned model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, WhisperForConditionalGeneration
+
+from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, is_english_only
+from pyro_blora.data import load_speech_dataset, prepare_dataset
+from pyro_blora.inference import token_nll
+from pyro_blora.metrics import error_rate, scoring_unit
+
+__all__ = [
+    "EvalOptions",
+    "EvalSet",
+    "IndexedSuppression",
+    "greedy_generate_kwargs",
+    "evaluate_whisper",
+    "format_table",
+    "load_eval_sets",
+    "relative_changes",
+    "detects_language",
+]
+
+# Decoder positions Whisper has; the forced prompt takes a few of them.
+_MAX_DECODER_POSITIONS = 448
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How a model is scored."""
+
+    # Utterances decoded together by greedy search.
+    batch_size: int = 8
+    # Greedy decoding on the first this many utterances of each set (None: all; 0: none, CE only).
+    decode_limit: int | None = None
+    # Tokens allowed beyond the longest reference of a batch.
+    extra_new_tokens: int = 8
+    # Language identification (language not forced) on the sets that ask for it.
+    language_id: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.decode_limit is not None and self.decode_limit < 0:
+            raise ValueError(f"decode_limit must be >= 0 or None, got {self.decode_limit}")
+        if self.extra_new_tokens < 0:
+            raise ValueError(f"extra_new_tokens must be >= 0, got {self.extra_new_tokens}")
+
+
+@dataclass
+class EvalSet:
+    """One domain's split, prepared (features and labels) once for every model evaluated on it."""
+
+    name: str
+    prepared: datasets.Dataset
+    # Score language-ID accuracy (language not forced) on this set.
+    language_id: bool = False
+    dataset: PreparedSpeechDataset = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dataset = PreparedSpeechDataset(self.prepared)
+
+    def __len__(self) -> int:
+        return len(self.prepared)
+
+
+def detects_language(domain: str) -> bool:
+    """Language ID is scored on the monolingual sets: English and the ``backward-*`` probes."""
+    return domain == "en" or domain.startswith("backward-")
+
+
+def load_eval_sets(
+    testbed: str | Path,
+    domains: Sequence[str],
+    processor,
+    split: str = "test",
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, EvalSet]:
+    """The given domains' ``split`` (falling back to ``test`` for test-only sets) from a testbed folder,
+    each cut to its first ``limit`` utterances and prepared for ``processor``."""
+    sets = {}
+    for domain in domains:
+        folder = Path(testbed) / domain
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"domain {domain!r} is not in {testbed} (no folder {folder}); build it with `pyro-blora testbed` "
+                f"or choose among {sorted(p.name for p in Path(testbed).iterdir() if p.is_dir())}"
+            )
+        splits = load_speech_dataset(folder)
+        chosen = split if split in splits else "test"
+        rows = splits[chosen]
+        if limit is not None:
+            rows = rows.select(range(min(limit, len(rows))))
+        prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
+        sets[domain] = EvalSet(domain, prepared, language_id=detects_language(domain))
+    return sets
+
+
+def _batches(items: Sequence[int], size: int) -> list[list[int]]:
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+class IndexedSuppression(LogitsProcessor):
+    """Whisper's token suppression (``suppress_tokens`` at every step, ``begin_suppress_tokens`` at
+    the first generated position) by indexing. transformers' processors build a ``torch.isin`` mask
+    over the vocabulary at every step, which costs 20-400 ms per step on a busy 2-core CPU, more than
+    the decoder step itself; the scores are the same."""
+
+    def __init__(self, suppress_tokens: Sequence[int], begin_suppress_tokens: Sequence[int], begin_index: int) -> None:
+        self.suppress = torch.tensor(sorted(set(suppress_tokens or ())), dtype=torch.long)
+        self.begin = torch.tensor(sorted(set(begin_suppress_tokens or ())), dtype=torch.long)
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.suppress.to(scores.device)] = -float("inf")
+        if input_ids.shape[-1] == self.begin_index:
+            scores[:, self.begin.to(scores.device)] = -float("inf")
+        return scores
+
+
+def greedy_generate_kwargs(whisper, multilingual: bool, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy-search arguments with :class:`IndexedSuppression` in place of transformers' suppression."""
+    config = copy.deepcopy(whisper.generation_config)
+    # The forced prompt: <|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|>.
+    processor = IndexedSuppression(config.suppress_tokens, config.begin_suppress_tokens, 4 if multilingual else 2)
+    config.suppress_tokens = None
+    config.begin_suppress_tokens = None
+    return dict(generation_config=config, logits_processor=LogitsProcessorList([processor]),
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+
+
+def _language_names(whisper) -> dict[int, str]:
+    lang_to_id = getattr(whisper.generation_config, "lang_to_id", None) or {}
+    return {int(token_id): token.strip("<|>") for token, token_id in lang_to_id.items()}
+
+
+@torch.no_grad()
+def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: EvalOptions) -> dict[str, Any]:
+    """Greedy transcripts with the language forced, and detected languages where asked."""
+    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
+    multilingual = not is_english_only(processor.tokenizer)
+    names = _language_names(whisper) if multilingual else {}
+    hypotheses, detected = [], []
+    rows = eval_set.prepared.select(indices)
+    languages, texts = rows["language"], rows["text"]
+    order = _batches(indices, options.batch_size)
+    for batch_indices in tqdm(order, desc=f"decode {eval_set.name}", disable=not options.progress, leave=False):
+        batch = collate([eval_set.dataset[i] for i in batch_indices])
+        labels = batch["labels"]
+        longest = int((labels != -100).sum(1).max())
+        new_tokens = min(longest + options.extra_new_tokens, _MAX_DECODER_POSITIONS - 4)
+        kwargs = greedy_generate_kwargs(whisper, multilingual, new_tokens)
+        batch_languages = {languages[indices.index(i)] for i in batch_indices}
+        features = batch["input_features"].to(next(whisper.parameters()).device, next(whisper.parameters()).dtype)
+        if multilingual:
+            if len(batch_languages) == 1:
+                kwargs.update(language=batch_languages.pop(), task="transcribe")
+            else:
+                kwargs.update(language=[languages[indices.index(i)] for i in batch_indices], task="transcribe")
+        ids = whisper.generate(features, **kwargs)
+        hypotheses.extend(t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True))
+        if multilingual and eval_set.language_id and options.language_id:
+            found = whisper.detect_language(features)
+            detected.extend(names.get(int(token), "?") for token in found.flatten().tolist())
+    return {"hypotheses": hypotheses, "references": list(texts), "languages": list(languages), "detected": detected}
+
+
+def _teacher_forced_ce(whisper, processor, eval_set: EvalSet, options: EvalOptions) -> float:
+    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
+    chunks = _batches(list(range(len(eval_set))), options.batch_size)
+    bar = tqdm(chunks, desc=f"CE {eval_set.name}", disable=not options.progress, leave=False)
+    return token_nll(whisper, (collate([eval_set.dataset[i] for i in chunk]) for chunk in bar))
+
+
+def evaluate_whisper(
+    whisper: WhisperForConditionalGeneration,
+    processor,
+    sets: Mapping[str, EvalSet],
+    options: EvalOptions = EvalOptions(),
+    keep_transcripts: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Per domain: ``ce`` (teacher-forced, nats per token), ``error_rate`` with its ``unit`` and the
+    number of ``decoded`` utterances, and ``language_id`` accuracy where the set asks for it."""
+    was_training = whisper.training
+    whisper.eval()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        for name, eval_set in sets.items():
+            entry: dict[str, Any] = {"utterances": len(eval_set), "ce": _teacher_forced_ce(whisper, processor, eval_set, options)}
+            limit = len(eval_set) if options.decode_limit is None else min(options.decode_limit, len(eval_set))
+            if limit:
+                decoded = _decode(whisper, processor, eval_set, list(range(limit)), options)
+                language = decoded["languages"][0]
+                entry["error_rate"] = error_rate(decoded["references"], decoded["hypotheses"], language)
+                entry["unit"] = scoring_unit(language, decoded["references"])
+                entry["decoded"] = limit
+                if decoded["detected"]:
+                    hits = sum(d == ref for d, ref in zip(decoded["detected"], decoded["languages"]))
+                    entry["language_id"] = hits / len(decoded["detected"])
+                    entry["detected"] = dict(sorted(_count(decoded["detected"]).items(), key=lambda kv: -kv[1]))
+                if keep_transcripts:
+                    entry["transcripts"] = [
+                        {"reference": r, "hypothesis": h} for r, h in zip(decoded["references"], decoded["hypotheses"])
+                    ]
+            results[name] = entry
+    finally:
+        whisper.train(was_training)
+    return results
+
+
+def _count(values: Sequence[str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
+METRICS = ("error_rate", "ce", "language_id")
+
+
+def relative_changes(result: Mapping[str, Mapping], reference: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
+    """(value - reference) / reference for every metric both results have, per domain."""
+    changes: dict[str, dict[str, float]] = {}
+    for domain, entry in result.items():
+        other = reference.get(domain, {})
+        for metric in METRICS:
+            if metric in entry and metric in other:
+                base = float(other[metric])
+                change = (float(entry[metric]) - base) / base if base else (0.0 if entry[metric] == base else math.inf)
+                changes.setdefault(domain, {})[metric] = change
+    return changes
+
+
+def _cell(entry: Mapping, metric: str) -> str:
+    if metric not in entry:
+        return "-"
+    value = float(entry[metric])
+    return f"{value:.3f}" if metric == "ce" else f"{100 * value:.1f}%"
+
+
+def format_table(results: Mapping[str, Mapping[str, Mapping]], baseline: str | None = None) -> str:
+    """A plain-text table: one row per (model, domain), error rate / CE / language ID, and the change
+    of each against the ``baseline`` model's row (relative, in percent)."""
+    header = ["model", "domain", "error rate", "CE", "LID", "Δ error", "Δ CE"]
+    rows = []
+    for model, domains in results.items():
+        changes = relative_changes(domains, results[baseline]) if baseline and model != baseline else {}
+        for domain, entry in domains.items():
+            delta = changes.get(domain, {})
+            rows.append([
+                model, domain, _cell(entry, "error_rate"), _cell(entry, "ce"), _cell(entry, "language_id"),
+                f"{100 * delta['error_rate']:+.0f}%" if "error_rate" in delta else "",
+                f"{100 * delta['ce']:+.0f}%" if "ce" in delta else "",
+            ])
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,73 @@
+"""The experiment's commands through Typer's runner: train (each method) -> evaluate -> files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from pyro_blora.cli import app
+from tests.experiment_fixtures import fake_testbed, small_whisper_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"root": root, "model": small_whisper_folder(root / "model"), "testbed": fake_testbed(root / "testbed")}
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
+
+
+TRAIN = ("--steps", "2", "--batch-size", "2", "--rank", "2", "--warmup-steps", "1", "--no-progress")
+
+
+@pytest.mark.parametrize("method,weights", [("blora", "posterior"), ("lora", "adapter"), ("map", "posterior"),
+                                            ("full", "model")])
+def test_train_then_evaluate_writes_the_run_files(inputs, method, weights):
+    run = inputs["root"] / method
+    invoke("train", "--method", method, "--data", inputs["testbed"] / "zh-en", "--out", run, "--model", inputs["model"],
+           "--targets", "all-linear", "--cache-dir", inputs["root"] / "cache", "--eval-every", "2",
+           "--eval-testbed", inputs["testbed"], "--eval-utterances", "1", "--eval-decoded", "1", *TRAIN)
+    for name in ("config.json", "log.jsonl", "result.json", "checkpoints", weights):
+        assert (run / name).exists(), name
+    last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert "en/ce" in last and "zh-en/error_rate" in last
+    result = invoke("evaluate", run, "--testbed", inputs["testbed"], "--domains", "zh-en", "--domains", "backward-es",
+                    "--decode-limit", "1", "--batch-size", "2", "--cache-dir", inputs["root"] / "cache", "--no-progress")
+    report = json.loads((run / "eval.json").read_text())
+    assert set(report["results"]) == {"zh-en", "backward-es"}
+    assert "backward-es" in result.output and "LID" in result.output
+
+
+def test_evaluate_against_base_and_another_run(inputs):
+    base = inputs["root"] / "base-eval.json"
+    invoke("evaluate", inputs["model"], "--testbed", inputs["testbed"], "--domains", "en", "--decode-limit", "0",
+           "--out", base, "--no-progress")
+    run = inputs["root"] / "lora-2"
+    invoke("train", "--method", "lora", "--data", inputs["testbed"] / "zh-en", "--out", run, "--model", inputs["model"],
+           *TRAIN)
+    result = invoke("evaluate", run, "--testbed", inputs["testbed"], "--domains", "en", "--decode-limit", "0",
+                    "--base", base, "--against", inputs["root"] / "lora", "--no-progress")
+    report = json.loads((run / "eval.json").read_text())
+    assert "ce" in report["relative_to_base"]["en"] and "ce" in report["relative_to_against"]["en"]
+    assert "relative change against base" in result.output
+
+
+def test_bad_method_and_resume_messages(inputs):
+    result = runner.invoke(app, ["train", "--method", "adapterx", "--data", str(inputs["testbed"] / "zh-en"),
+                                 "--out", str(inputs["root"] / "x"), "--model", str(inputs["model"]), *TRAIN])
+    assert result.exit_code != 0 and "method must be one of" in str(result.exception)
+
+
+def test_main_and_commands_are_registered():
+    result = invoke("--help")
+    for command in ("train", "evaluate", "main", "testbed"):
+        assert command in result.output
+    assert "--steps" in invoke("main", "--help").output

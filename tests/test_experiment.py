@@ -1,0 +1,205 @@
+"""Training methods, run folders, evaluation and the main job's pieces on a one-layer Whisper."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from pyro_blora.config import BLoRAConfig, TrainConfig
+from pyro_blora.evaluation import EvalOptions, format_table, load_eval_sets, relative_changes
+from pyro_blora.experiment import ALL_LINEAR_TARGETS, ensure_testbed, read_eval, run_evaluation
+from pyro_blora.guide import BLoRAMAPGuide, build_guide
+from pyro_blora.injection import find_target_modules
+from pyro_blora.methods import METHODS, load_run_model, load_training_data, run_training
+from pyro_blora.model import wrap_whisper
+from pyro_blora.objective import elbo_scaling, elbo_terms
+from pyro_blora.weights import load_processor, load_whisper
+from tests.experiment_fixtures import fake_testbed, small_whisper_folder
+
+ADAPTER = BLoRAConfig(rank=4, target_modules=ALL_LINEAR_TARGETS)
+STEPS = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=1, eval_every=2, progress=False)
+EVAL = EvalOptions(batch_size=2, decode_limit=1, extra_new_tokens=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("experiment")
+    model = small_whisper_folder(root / "model")
+    testbed = fake_testbed(root / "testbed")
+    processor = load_processor(model)
+    data = load_training_data(testbed / "zh-en", processor, cache_dir=root / "cache")
+    sets = load_eval_sets(testbed, ["zh-en", "en", "backward-es"], processor, cache_dir=root / "cache")
+    return {"root": root, "model": model, "testbed": testbed, "processor": processor, "data": data, "sets": sets}
+
+
+@pytest.fixture(scope="module")
+def curve_sets(workspace):
+    return {name: workspace["sets"][name] for name in ("zh-en", "backward-es")}
+
+
+@pytest.fixture(scope="module")
+def runs(workspace, curve_sets):
+    """One finished run per method (two steps each), with dev curves every second step."""
+    out = {}
+    for method in METHODS:
+        run_dir = workspace["root"] / "runs" / method
+        run_training(method, workspace["model"], workspace["data"], run_dir, ADAPTER, STEPS,
+                     curve_sets=curve_sets, curve_options=EVAL)
+        out[method] = run_dir
+    return out
+
+
+WEIGHTS = {"blora": "posterior", "map": "posterior", "lora": "adapter", "full": "model"}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_run_folder_layout(runs, method):
+    run_dir = runs[method]
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run"]["method"] == method and config["train"]["seed"] == 0
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all({"loss", "nll", "kl", "lr"} <= set(r) for r in records)
+    if method in ("lora", "full"):
+        assert all(r["kl"] == 0 for r in records)
+    assert {"zh-en/ce", "backward-es/ce", "backward-es/language_id", "zh-en/error_rate"} <= set(records[1])
+    assert "zh-en/ce" not in records[0]
+    assert (run_dir / "checkpoints" / "step-00000002.pt").is_file()
+    assert json.loads((run_dir / "result.json").read_text())["final_nll"] is not None
+    assert (run_dir / WEIGHTS[method]).is_dir()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_trained_model_differs_from_base_and_training_lowered_the_loss(workspace, runs, method):
+    result = json.loads((runs[method] / "result.json").read_text())
+    assert result["final_nll"] < result["base_nll"]
+    trained, _, description = load_run_model(runs[method])
+    base, _ = load_whisper(workspace["model"])
+    assert method in description
+    changed = [n for n, p in trained.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert changed
+
+
+def test_lora_targets_the_same_layers_as_blora(workspace, runs):
+    from peft import PeftConfig
+
+    adapter = PeftConfig.from_pretrained(str(runs["lora"] / "adapter"))
+    base, _ = load_whisper(workspace["model"])
+    assert sorted(adapter.target_modules) == sorted(find_target_modules(base, ADAPTER.target_modules))
+    posterior = json.loads((runs["blora"] / "posterior" / "posterior.json").read_text())
+    assert {site.rsplit(".", 1)[0].removeprefix("whisper.") for site in posterior["sites"]} == set(adapter.target_modules)
+
+
+def test_map_guide_penalty_is_the_scaled_negative_log_prior(workspace):
+    whisper, _ = load_whisper(workspace["model"])
+    model = wrap_whisper(whisper, ADAPTER)
+    guide = build_guide(model, "delta")
+    assert isinstance(guide, BLoRAMAPGuide)
+    data = workspace["data"]
+    model.configure_objective(elbo_scaling(model.config, len(data), 100, model.num_adapter_parameters()))
+    batch = data.collate([data.dataset[0], data.dataset[1]])
+    terms = elbo_terms(model, guide, batch)
+    means = guide.means()
+    sigma = ADAPTER.prior_scale
+    neg_log_prior = sum(
+        float((v.double() ** 2).sum()) / (2 * sigma**2) + v.numel() * math.log(sigma * math.sqrt(2 * math.pi))
+        for v in means.values()
+    )
+    assert float(terms.kl) == pytest.approx(model.elbo_scaling.kl * neg_log_prior, rel=1e-4)
+
+
+def test_map_posterior_round_trip(workspace, runs):
+    merged, _, _ = load_run_model(runs["map"])
+    posterior = json.loads((runs["map"] / "posterior" / "posterior.json").read_text())
+    assert posterior["guide"] == "delta"
+    assert not any(torch.isnan(p).any() for p in merged.parameters())
+
+
+def test_resume_continues_a_plain_run_exactly(workspace, runs, curve_sets, tmp_path):
+    killed = tmp_path / "killed"
+    shutil.copytree(runs["lora"], killed)
+    (killed / "checkpoints" / "step-00000002.pt").unlink()
+    lines = (killed / "log.jsonl").read_text().splitlines()
+    (killed / "log.jsonl").write_text(lines[0] + "\n")
+    shutil.rmtree(killed / "adapter")
+    torch.manual_seed(123)
+    resumed = run_training("lora", workspace["model"], workspace["data"], killed, ADAPTER, STEPS,
+                           curve_sets=curve_sets, curve_options=EVAL, resume=True)
+    full = [json.loads(line) for line in (runs["lora"] / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full], rel=1e-6)
+
+
+def test_a_finished_run_is_not_overwritten(workspace, runs):
+    with pytest.raises(ValueError, match="resume"):
+        run_training("lora", workspace["model"], workspace["data"], runs["lora"], ADAPTER, STEPS)
+
+
+def test_unknown_method_is_refused(workspace, tmp_path):
+    with pytest.raises(ValueError, match="method must be one of"):
+        run_training("dora", workspace["model"], workspace["data"], tmp_path, ADAPTER, STEPS)
+
+
+def test_evaluation_writes_eval_json_with_relative_changes(workspace, runs):
+    base = run_evaluation(workspace["model"], workspace["sets"], options=EVAL, out=workspace["root"] / "base.json")
+    assert set(base["results"]) == {"zh-en", "en", "backward-es"}
+    assert "language_id" in base["results"]["backward-es"] and "language_id" not in base["results"]["zh-en"]
+    assert base["results"]["zh-en"]["unit"] == "mixed" and base["results"]["en"]["unit"] == "word"
+    report = run_evaluation(runs["lora"], workspace["sets"], options=EVAL, base=base)
+    saved = read_eval(runs["lora"])
+    assert saved["results"] == report["results"]
+    expected = (report["results"]["en"]["ce"] - base["results"]["en"]["ce"]) / base["results"]["en"]["ce"]
+    assert saved["relative_to_base"]["en"]["ce"] == pytest.approx(expected)
+    against = run_evaluation(runs["full"], workspace["sets"], options=EVAL, against=runs["lora"])
+    assert against["against_source"] == str(runs["lora"])
+
+
+def test_relative_changes_and_table():
+    result = {"en": {"error_rate": 0.2, "ce": 0.3}, "es": {"language_id": 0.5}}
+    reference = {"en": {"error_rate": 0.1, "ce": 0.3}, "es": {"language_id": 1.0}}
+    assert relative_changes(result, reference) == {"en": {"error_rate": 1.0, "ce": 0.0}, "es": {"language_id": -0.5}}
+    table = format_table({"base": reference, "lora": result}, baseline="base")
+    assert "+100%" in table and "50.0%" in table
+
+
+def test_eval_sets_name_missing_domains(workspace):
+    with pytest.raises(FileNotFoundError, match="backward-fr.*testbed"):
+        load_eval_sets(workspace["testbed"], ["backward-fr"], workspace["processor"])
+
+
+def test_ensure_testbed_reuses_a_build_with_the_same_config(tmp_path, monkeypatch):
+    from pyro_blora import experiment
+    from pyro_blora.testbed import TestbedConfig
+
+    calls = []
+    monkeypatch.setattr(experiment, "build_testbed", lambda folder, config, seed, overwrite: calls.append(seed))
+    config = TestbedConfig.small()
+    ensure_testbed(tmp_path, config, seed=1)
+    ensure_testbed(tmp_path, config, seed=1)
+    ensure_testbed(tmp_path, config, seed=2)
+    assert calls == [1, 2]
+
+
+def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
+    from dataclasses import replace
+
+    from pyro_blora.experiment import MainJobConfig, run_main_job
+    from pyro_blora.testbed import TestbedConfig
+
+    config = MainJobConfig(out=tmp_path, model=str(workspace["model"]), testbed=TestbedConfig.small(),
+                           blora=ADAPTER, train=replace(STEPS, steps=1, eval_every=1), curve_utterances=1,
+                           curve_decoded=1, eval_limit=1)
+    # A testbed stamped with the job's config and seed is reused instead of synthesised.
+    shutil.copytree(workspace["testbed"], tmp_path / "testbed")
+    ensure_stamp = {"settings": config.testbed.settings(), "seed": config.testbed_seed}
+    (tmp_path / "testbed" / "build-config.json").write_text(json.dumps(ensure_stamp, default=str))
+    lines = []
+    outcome = run_main_job(config, echo=lines.append)
+    assert set(outcome["evaluations"]) == {"base", "lora", "blora"}
+    report = (tmp_path / "report.md").read_text()
+    assert "backward-es" in report and "Dev curves during training: blora" in report
+    assert json.loads((tmp_path / "comparison.json").read_text())["lora"]["en"]["ce"] > 0
+    assert any("[3/4] training lora" in line for line in lines)
