@@ -21,7 +21,9 @@ from pyro_blora.metrics import (
 )
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
+from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
+from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
 from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainResult, train
 from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_processor, load_whisper
 
@@ -41,6 +43,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "analytic_kl",
+    "blora_config_from_peft",
     "build_guide",
     "cer",
     "elbo_scaling",
@@ -48,7 +51,10 @@ __all__ = [
     "energy_curve",
     "error_rate",
     "export_ctranslate2",
+    "export_peft",
+    "export_posterior_tensors",
     "hoyer_index",
+    "import_peft",
     "load_audio",
     "load_posterior",
     "load_processor",
@@ -62,6 +68,7 @@ __all__ = [
     "normalize_text",
     "posterior_mean_model",
     "prepare_dataset",
+    "read_posterior_tensors",
     "sample_posterior",
     "save_posterior",
     "sparsity_report",

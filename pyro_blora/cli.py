@@ -19,6 +19,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "pyro_blora.commands.testbed",
     "pyro_blora.commands.experiment",
+    "pyro_blora.commands.interop",
 )
 
 for _module in COMMAND_MODULES:

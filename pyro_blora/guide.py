@@ -90,6 +90,19 @@ class BLoRAGuide(AutoNormal):
         return {name: self._get_loc_and_scale(name)[1].detach().clone() for name in self.blora.site_names()}
 
     @torch.no_grad()
+    def set_means(self, values: dict[str, torch.Tensor]) -> None:
+        """Overwrite the posterior means of the given sites (e.g. from a trained LoRA)."""
+        self.setup()
+        for name, value in values.items():
+            target = attrgetter(f"{name}_unconstrained")(self.locs)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{name} needs shape {tuple(target.shape)}, got {tuple(value.shape)}: "
+                    "the values come from another base model or rank"
+                )
+            target.copy_(value.to(target))
+
+    @torch.no_grad()
     def set_stddevs(self, value: float | dict[str, torch.Tensor]) -> None:
         """Overwrite the posterior standard deviations (one number for all, or per site)."""
         self.setup()
