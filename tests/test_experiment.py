@@ -37,13 +37,18 @@ def workspace(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(workspace):
+def curve_sets(workspace):
+    return {name: workspace["sets"][name] for name in ("zh-en", "backward-es")}
+
+
+@pytest.fixture(scope="module")
+def runs(workspace, curve_sets):
     """One finished run per method (two steps each), with dev curves every second step."""
     out = {}
     for method in METHODS:
         run_dir = workspace["root"] / "runs" / method
         run_training(method, workspace["model"], workspace["data"], run_dir, ADAPTER, STEPS,
-                     curve_sets=workspace["sets"], curve_options=EVAL)
+                     curve_sets=curve_sets, curve_options=EVAL)
         out[method] = run_dir
     return out
 
@@ -61,7 +66,7 @@ def test_run_folder_layout(runs, method):
     assert all({"loss", "nll", "kl", "lr"} <= set(r) for r in records)
     if method in ("lora", "full"):
         assert all(r["kl"] == 0 for r in records)
-    assert {"zh-en/ce", "en/ce", "backward-es/language_id", "zh-en/error_rate"} <= set(records[1])
+    assert {"zh-en/ce", "backward-es/ce", "backward-es/language_id", "zh-en/error_rate"} <= set(records[1])
     assert "zh-en/ce" not in records[0]
     assert (run_dir / "checkpoints" / "step-00000002.pt").is_file()
     assert json.loads((run_dir / "result.json").read_text())["final_nll"] is not None
@@ -114,7 +119,7 @@ def test_map_posterior_round_trip(workspace, runs):
     assert not any(torch.isnan(p).any() for p in merged.parameters())
 
 
-def test_resume_continues_a_plain_run_exactly(workspace, runs, tmp_path):
+def test_resume_continues_a_plain_run_exactly(workspace, runs, curve_sets, tmp_path):
     killed = tmp_path / "killed"
     shutil.copytree(runs["lora"], killed)
     (killed / "checkpoints" / "step-00000002.pt").unlink()
@@ -123,7 +128,7 @@ def test_resume_continues_a_plain_run_exactly(workspace, runs, tmp_path):
     shutil.rmtree(killed / "adapter")
     torch.manual_seed(123)
     resumed = run_training("lora", workspace["model"], workspace["data"], killed, ADAPTER, STEPS,
-                           curve_sets=workspace["sets"], curve_options=EVAL, resume=True)
+                           curve_sets=curve_sets, curve_options=EVAL, resume=True)
     full = [json.loads(line) for line in (runs["lora"] / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in resumed.history] == pytest.approx([r["loss"] for r in full], rel=1e-6)
 
@@ -176,3 +181,25 @@ def test_ensure_testbed_reuses_a_build_with_the_same_config(tmp_path, monkeypatc
     ensure_testbed(tmp_path, config, seed=1)
     ensure_testbed(tmp_path, config, seed=2)
     assert calls == [1, 2]
+
+
+def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
+    from dataclasses import replace
+
+    from pyro_blora.experiment import MainJobConfig, run_main_job
+    from pyro_blora.testbed import TestbedConfig
+
+    config = MainJobConfig(out=tmp_path, model=str(workspace["model"]), testbed=TestbedConfig.small(),
+                           blora=ADAPTER, train=replace(STEPS, steps=1, eval_every=1), curve_utterances=1,
+                           curve_decoded=1, eval_limit=1)
+    # A testbed stamped with the job's config and seed is reused instead of synthesised.
+    shutil.copytree(workspace["testbed"], tmp_path / "testbed")
+    ensure_stamp = {"settings": config.testbed.settings(), "seed": config.testbed_seed}
+    (tmp_path / "testbed" / "build-config.json").write_text(json.dumps(ensure_stamp, default=str))
+    lines = []
+    outcome = run_main_job(config, echo=lines.append)
+    assert set(outcome["evaluations"]) == {"base", "lora", "blora"}
+    report = (tmp_path / "report.md").read_text()
+    assert "backward-es" in report and "Dev curves during training: blora" in report
+    assert json.loads((tmp_path / "comparison.json").read_text())["lora"]["en"]["ce"] > 0
+    assert any("[3/4] training lora" in line for line in lines)
