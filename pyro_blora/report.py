@@ -31,6 +31,7 @@ from pyro_blora.analysis import (
 from pyro_blora.metrics import energy_curve, flatten_weights
 
 __all__ = [
+    "SPARSITY_COLUMNS",
     "markdown_table",
     "plot_energy_curves",
     "plot_frontier",
@@ -273,6 +274,9 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Figur
 
 
 # ----------------------------------------------------------------------------------- pages
+SPARSITY_COLUMNS = ("run", "method", "matrix", "n", *STATISTICS)
+
+
 def write_inspection(runs: Sequence[str | Path], out: str | Path) -> Path:
     """``inspect.md`` (sparsity table, per-layer tables), ``inspect.json`` and the plots of the runs."""
     out = Path(out)
@@ -292,7 +296,7 @@ def write_inspection(runs: Sequence[str | Path], out: str | Path) -> Path:
         save_figure(figure, out / name)
     lines = ["# Adapter inspection", "", f"Runs: {', '.join(f'`{p}`' for p in paths)}.", "",
              "## Sparsity (all layers pooled; higher = sparser)", "",
-             markdown_table(rows, ["run", "method", "matrix", "n", *STATISTICS]), ""]
+             markdown_table(rows, SPARSITY_COLUMNS), ""]
     for name, (caption, _) in images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     for run_name, table in layers.items():
