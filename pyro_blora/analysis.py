@@ -273,7 +273,8 @@ def monte_carlo_examples(run_dir: str | Path, count: int = 3, num_samples: int =
     training split when it has none) under ``num_samples`` posterior draws, with their disagreement."""
     import pyro
 
-    from pyro_blora.data import load_speech_dataset
+    from pyro_blora.data import is_english_only, load_speech_dataset
+    from pyro_blora.evaluation import greedy_generate_kwargs
     from pyro_blora.inference import monte_carlo_transcribe
     from pyro_blora.posterior import load_posterior, read_posterior_config
     from pyro_blora.weights import load_whisper
@@ -289,13 +290,16 @@ def monte_carlo_examples(run_dir: str | Path, count: int = 3, num_samples: int =
     data = load_training_data(run["train_data"], processor, split=chosen_split, limit=count)
     features = data.collate([data.dataset[i] for i in range(len(data))])["input_features"]
     prepared = data.dataset.prepared
+    # Greedy decoding with the evaluation's fast token suppression.
+    generate_kwargs = greedy_generate_kwargs(whisper, not is_english_only(processor.tokenizer), max_new_tokens)
+    generate_kwargs.update(suppress_tokens=None, begin_suppress_tokens=None)  # done by its logits processor
     pyro.set_rng_seed(seed)
     languages, texts = prepared["language"], prepared["text"]
     out: list[dict[str, Any]] = [{} for _ in texts]
     for language in dict.fromkeys(languages):  # one batched decode per language
         rows = [i for i, lang in enumerate(languages) if lang == language]
         transcripts = monte_carlo_transcribe(model, guide, features[rows], processor.tokenizer, num_samples=num_samples,
-                                             language=language, generate_kwargs={"max_new_tokens": max_new_tokens})
+                                             language=language, generate_kwargs=generate_kwargs)
         for i, transcript in zip(rows, transcripts):
             out[i] = {"reference": texts[i], "language": language, **transcript.to_dict()}
     return out
