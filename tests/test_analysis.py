@@ -27,7 +27,7 @@ from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 runner = CliRunner()
 TRAIN = ("--steps", "2", "--batch-size", "2", "--rank", "2", "--warmup-steps", "1", "--targets", "all-linear",
          "--no-progress")
-EVAL = ("--domains", "zh-en", "--domains", "backward-es", "--decode-limit", "1", "--batch-size", "2", "--no-progress")
+EVAL = ("--domains", "zh-en", "--domains", "backward-es", "--decode-limit", "0", "--batch-size", "2", "--no-progress")
 
 
 def invoke(*args):
@@ -62,7 +62,7 @@ def workspace(tmp_path_factory):
     for method in ("blora", "lora"):
         invoke("train", "--method", method, "--data", testbed / "zh-en", "--out", root / "runs" / method,
                "--model", model, "--cache-dir", cache, "--eval-every", "2", "--eval-testbed", testbed,
-               "--eval-domains", "backward-es", "--eval-utterances", "1", "--eval-decoded", "1", *TRAIN)
+               "--eval-domains", "backward-es", "--eval-utterances", "1", "--eval-decoded", "0", *TRAIN)
         invoke("evaluate", root / "runs" / method, "--testbed", testbed, *EVAL, "--cache-dir", cache,
                "--base", root / "base.json")
     return {"root": root, "model": model, "testbed": testbed, "cache": cache}
@@ -125,6 +125,7 @@ def test_report_writes_markdown_plots_and_summary(workspace):
     assert run_summary(workspace["root"] / "runs" / "lora", sparsity=False)["beta"] is None
 
 
+@pytest.mark.slow
 def test_sweep_skips_finished_points_on_rerun(workspace):
     out = workspace["root"] / "sweep"
     args = ("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--out", out,
