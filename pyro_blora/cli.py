@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "pyro_blora.commands.testbed",
     "pyro_blora.commands.experiment",
     "pyro_blora.commands.interop",
+    "pyro_blora.commands.analysis",
 )
 
 for _module in COMMAND_MODULES:

@@ -28,19 +28,21 @@ def invoke(*args: str):
 TRAIN = ("--steps", "2", "--batch-size", "2", "--rank", "2", "--warmup-steps", "1", "--no-progress")
 
 
-@pytest.mark.parametrize("method,weights", [("blora", "posterior"), ("lora", "adapter"), ("map", "posterior"),
-                                            ("full", "model")])
-def test_train_then_evaluate_writes_the_run_files(inputs, method, weights):
+@pytest.mark.parametrize("method,weights,curves", [("blora", "posterior", True), ("lora", "adapter", True),
+                                                   ("map", "posterior", False), ("full", "model", False)])
+def test_train_then_evaluate_writes_the_run_files(inputs, method, weights, curves):
     run = inputs["root"] / method
+    curve = ("--eval-every", "2", "--eval-testbed", inputs["testbed"], "--eval-domains", "backward-es",
+             "--eval-utterances", "1", "--eval-decoded", "1") if curves else ()
     invoke("train", "--method", method, "--data", inputs["testbed"] / "zh-en", "--out", run, "--model", inputs["model"],
-           "--targets", "all-linear", "--cache-dir", inputs["root"] / "cache", "--eval-every", "2",
-           "--eval-testbed", inputs["testbed"], "--eval-utterances", "1", "--eval-decoded", "1", *TRAIN)
+           "--targets", "all-linear", "--cache-dir", inputs["root"] / "cache", *curve, *TRAIN)
     for name in ("config.json", "log.jsonl", "result.json", "checkpoints", weights):
         assert (run / name).exists(), name
     last = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
-    assert "en/ce" in last and "zh-en/error_rate" in last
+    assert ("backward-es/language_id" in last) == curves
     result = invoke("evaluate", run, "--testbed", inputs["testbed"], "--domains", "zh-en", "--domains", "backward-es",
-                    "--decode-limit", "1", "--batch-size", "2", "--cache-dir", inputs["root"] / "cache", "--no-progress")
+                    "--decode-limit", "1" if curves else "0", "--batch-size", "2", "--cache-dir",
+                    inputs["root"] / "cache", "--no-progress")
     report = json.loads((run / "eval.json").read_text())
     assert set(report["results"]) == {"zh-en", "backward-es"}
     assert "backward-es" in result.output and "LID" in result.output
@@ -48,15 +50,15 @@ def test_train_then_evaluate_writes_the_run_files(inputs, method, weights):
 
 def test_evaluate_against_base_and_another_run(inputs):
     base = inputs["root"] / "base-eval.json"
-    invoke("evaluate", inputs["model"], "--testbed", inputs["testbed"], "--domains", "en", "--decode-limit", "0",
+    invoke("evaluate", inputs["model"], "--testbed", inputs["testbed"], "--domains", "zh-en", "--decode-limit", "0",
            "--out", base, "--no-progress")
     run = inputs["root"] / "lora-2"
     invoke("train", "--method", "lora", "--data", inputs["testbed"] / "zh-en", "--out", run, "--model", inputs["model"],
            *TRAIN)
-    result = invoke("evaluate", run, "--testbed", inputs["testbed"], "--domains", "en", "--decode-limit", "0",
+    result = invoke("evaluate", run, "--testbed", inputs["testbed"], "--domains", "zh-en", "--decode-limit", "0",
                     "--base", base, "--against", inputs["root"] / "lora", "--no-progress")
     report = json.loads((run / "eval.json").read_text())
-    assert "ce" in report["relative_to_base"]["en"] and "ce" in report["relative_to_against"]["en"]
+    assert "ce" in report["relative_to_base"]["zh-en"] and "ce" in report["relative_to_against"]["zh-en"]
     assert "relative change against base" in result.output
 
 

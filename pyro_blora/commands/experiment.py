@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -93,9 +94,9 @@ def main(
     """The main job: build the testbed, train LoRA and BLoRA on zh-en, evaluate, compare, report."""
     config = MainJobConfig(out=out)
     if steps is not None:
-        config = MainJobConfig(out=out, train=config.train.replace(steps=steps))
+        config = replace(config, train=config.train.replace(steps=steps))
     if eval_limit is not None:
-        config = MainJobConfig(out=config.out, train=config.train, eval_limit=eval_limit)
+        config = replace(config, eval_limit=eval_limit)
     run_main_job(config, echo=typer.echo)
 
 
