@@ -18,6 +18,7 @@ app = typer.Typer(
 
 COMMAND_MODULES = (
     "pyro_blora.commands.testbed",
+    "pyro_blora.commands.transcribe",
 )
 
 for _module in COMMAND_MODULES:
