@@ -89,6 +89,16 @@ class MonteCarloTranscript:
         return asdict(self)
 
 
+def _with_language(model: BLoRAWhisper, generate_kwargs: Mapping | None, language: str | None) -> dict:
+    """``generate`` keyword arguments with the language, for multilingual checkpoints only: English-only
+    ones refuse a language argument (the language still selects the scoring unit)."""
+    kwargs = dict(generate_kwargs or {})
+    config = model.whisper.generation_config
+    if language is not None and getattr(config, "is_multilingual", bool(getattr(config, "lang_to_id", None))):
+        kwargs.setdefault("language", language)
+    return kwargs
+
+
 @dataclass(frozen=True)
 class _Decoded:
     sequences: torch.Tensor  # (rows, length) token ids
@@ -151,9 +161,7 @@ def point_transcribe(
     generate_kwargs: Mapping | None = None,
 ) -> list[PointTranscript]:
     """Decode with the adapters held at ``adapter_values`` (2-D tensors, e.g. ``guide.means()``)."""
-    generate_kwargs = dict(generate_kwargs or {})
-    if language is not None:
-        generate_kwargs.setdefault("language", language)
+    generate_kwargs = _with_language(model, generate_kwargs, language)
     model.eval()
     with model.hold_adapters(adapter_values):
         decoded = _decode(model, input_features, generate_kwargs)
@@ -184,9 +192,7 @@ def monte_carlo_transcribe(
     """
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
-    generate_kwargs = dict(generate_kwargs or {})
-    if language is not None:
-        generate_kwargs.setdefault("language", language)
+    generate_kwargs = _with_language(model, generate_kwargs, language)
     model.eval()
     samples = sample_posterior(guide, num_samples)
     batch = input_features.shape[0]

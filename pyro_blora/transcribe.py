@@ -307,13 +307,10 @@ def transcribe_utterances(
     pyro.set_rng_seed(options.seed)
     device = next(model.whisper.parameters()).device
     dtype = next(model.whisper.parameters()).dtype
-    multilingual = bool(getattr(model.whisper.generation_config, "lang_to_id", None))
     bar = tqdm(total=len(utterances), disable=not progress, desc="transcribe", unit="utt")
     try:
         for batch in _batches(utterances, options):
             language = _language(batch[0], options)
-            # English-only checkpoints refuse a language argument; the language still picks the scoring unit.
-            generate_language = language if multilingual else None
             waveforms = [load_audio(utterance.audio) for utterance in batch]
             features = log_mel_features(processor.feature_extractor, waveforms).to(device=device, dtype=dtype)
             results = monte_carlo_transcribe(
@@ -324,7 +321,7 @@ def transcribe_utterances(
                 num_samples=options.num_samples,
                 choose=options.choose,
                 vectorized=options.vectorized,
-                language=generate_language,
+                language=language,
                 generate_kwargs=options.generate_kwargs,
             )
             for utterance, result in zip(batch, results):

@@ -44,8 +44,7 @@ def main() -> None:
     guide.set_stddevs(args.stddev)
     rows = load_speech_dataset(os.path.join(args.testbed, args.domain), split=args.split).select(range(args.clips))
     features = log_mel_features(processor.feature_extractor, [load_audio(row["audio"]) for row in rows])
-    multilingual = bool(getattr(whisper.generation_config, "lang_to_id", None))
-    language = rows[0]["language"] if multilingual else None
+    language = rows[0]["language"]
 
     def run(vectorized: bool):
         pyro.set_rng_seed(args.seed)
