@@ -22,6 +22,7 @@ import argparse
 import json
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
 import pyro
@@ -224,7 +225,9 @@ def summarise(records_path: Path, sizes: list[int], out: Path) -> dict:
             for r in rows
         ]
         lora_report = evaluate_uncertainty(lora_transcripts)
-        summary["uncertainty"]["lora_own_errors"] = {k: v for k, v in lora_report.to_dict().items() if k in ("scores", "error_rate", "num_utterances")}
+        # LoRA's confidence judged on LoRA's own errors (its transcript carries LoRA's log-probability).
+        own = asdict(lora_report.scores["mean_model_neg_log_prob"])
+        summary["uncertainty"]["lora_own_errors"] = {"error_rate": lora_report.error_rate, "lora_neg_log_prob": own}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print(json.dumps({k: summary[k] for k in ("utterances", "error_rate", "seconds_per_utterance")}, indent=2, ensure_ascii=False))
     return summary
