@@ -190,15 +190,16 @@ def real_sized_tiny(tmp_path_factory):
     return model, guide, processor, folder
 
 
+@pytest.mark.slow
 def test_transcribe_folder_and_dataset(real_sized_tiny):
     model, guide, processor, folder = real_sized_tiny
-    options = TranscribeOptions(num_samples=3, batch_size=2)
+    options = TranscribeOptions(num_samples=3, batch_size=3, choose="mbr", generate_kwargs={"max_new_tokens": 4})
     from_folder = transcribe(model, guide, processor, folder / "audio", options, progress=False)
     assert [t.id for t in from_folder] == ["a.wav", "b.wav", "c.flac"]
     from_dataset = transcribe(model, guide, processor, folder / "manifest.csv", options, progress=False)
     assert [t.reference for t in from_dataset] == ["hello there", "hello there"]
     for t in from_folder + from_dataset:
-        assert len(t.samples) == 3
+        assert len(t.samples) == 3 and t.chooser == "mbr" and t.mean_log_prob is None
         assert all(0.0 <= w.confidence <= 1.0 for w in t.words)
         assert t.uncertainty >= 0
     # Same seed, same draws: the dataset's files decode as the folder's did.
