@@ -13,7 +13,7 @@ Two phases, each skipped when its output exists:
 Example (real base model, a few clips per domain)::
 
     python scripts/evaluate_uncertainty.py --testbed testbed --model base --train-dir runs/unc \
-        --train-utterances 120 --train-steps 80 --clips-per-domain 8 --out runs/unc/eval
+        --train-utterances 120 --train-steps 80 --lora-steps 80 --clips-per-domain 8 --out runs/unc/eval
 """
 
 from __future__ import annotations
