@@ -5,7 +5,16 @@ from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_dataloader, prepare_dataset
 from pyro_blora.features import log_mel_features
 from pyro_blora.guide import BLoRAGuide, build_guide
-from pyro_blora.inference import MonteCarloTranscript, monte_carlo_transcribe, posterior_mean_model, sample_posterior, token_nll
+from pyro_blora.inference import (
+    MonteCarloTranscript,
+    PointTranscript,
+    minimum_bayes_risk,
+    monte_carlo_transcribe,
+    point_transcribe,
+    posterior_mean_model,
+    sample_posterior,
+    token_nll,
+)
 from pyro_blora.metrics import (
     ErrorCounts,
     SparsityStats,
@@ -24,6 +33,8 @@ from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_te
 from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
 from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
+from pyro_blora.transcribe import TranscribeOptions, UtteranceTranscript, WordConfidence, transcribe, word_confidences
+from pyro_blora.uncertainty import UncertaintyReport, evaluate_uncertainty
 from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainingInterrupted, TrainResult, train
 from pyro_blora.validation import EnglishOnlyModelError, check_language
 from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_processor, load_whisper
@@ -40,11 +51,16 @@ __all__ = [
     "HubUnavailableError",
     "MonteCarloTranscript",
     "NonFiniteLossError",
+    "PointTranscript",
     "PosteriorCollapseWarning",
     "SparsityStats",
     "TrainConfig",
     "TrainResult",
     "TrainingInterrupted",
+    "TranscribeOptions",
+    "UncertaintyReport",
+    "UtteranceTranscript",
+    "WordConfidence",
     "analytic_kl",
     "blora_config_from_peft",
     "build_guide",
@@ -54,6 +70,7 @@ __all__ = [
     "elbo_terms",
     "energy_curve",
     "error_rate",
+    "evaluate_uncertainty",
     "export_ctranslate2",
     "export_peft",
     "export_posterior_tensors",
@@ -67,9 +84,11 @@ __all__ = [
     "log_mel_features",
     "lora_delta_weight",
     "make_dataloader",
+    "minimum_bayes_risk",
     "mixed_error_rate",
     "monte_carlo_transcribe",
     "normalize_text",
+    "point_transcribe",
     "posterior_mean_model",
     "prepare_dataset",
     "read_posterior_tensors",
@@ -78,8 +97,10 @@ __all__ = [
     "sparsity_report",
     "token_nll",
     "train",
+    "transcribe",
     "utterance_error_rates",
     "wer",
+    "word_confidences",
     "wrap_whisper",
 ]
 __version__ = "0.1.0"

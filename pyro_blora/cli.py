@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pyro_blora.commands.experiment",
     "pyro_blora.commands.interop",
     "pyro_blora.commands.analysis",
+    "pyro_blora.commands.transcribe",
 )
 
 for _module in COMMAND_MODULES:

@@ -22,6 +22,10 @@ from pyro_blora.model import BLoRAWhisper
 
 __all__ = [
     "MonteCarloTranscript",
+    "PointTranscript",
+    "minimum_bayes_risk",
+    "pairwise_error_rate",
+    "point_transcribe",
     "posterior_mean_model",
     "sample_posterior",
     "monte_carlo_transcribe",
@@ -77,13 +81,33 @@ class MonteCarloTranscript:
     # Mean entropy (nats) of the next-token distributions along the sampled hypotheses.
     mean_token_entropy: float
     mean_hypothesis: str | None = None
+    # Mean log-probability (nats) of the tokens of the posterior-mean hypothesis under the
+    # posterior-mean model (a deterministic confidence baseline); None unless choose="mean".
+    mean_log_prob: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy/beam decode with the adapters as currently held; returns token ids and per-row mean entropy."""
+def _with_language(model: BLoRAWhisper, generate_kwargs: Mapping | None, language: str | None) -> dict:
+    """``generate`` keyword arguments with the language, for multilingual checkpoints only: English-only
+    ones refuse a language argument (the language still selects the scoring unit)."""
+    kwargs = dict(generate_kwargs or {})
+    config = model.whisper.generation_config
+    if language is not None and getattr(config, "is_multilingual", bool(getattr(config, "lang_to_id", None))):
+        kwargs.setdefault("language", language)
+    return kwargs
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    sequences: torch.Tensor  # (rows, length) token ids
+    mean_entropy: torch.Tensor  # (rows,) mean next-token entropy (nats) along the hypothesis
+    mean_log_prob: torch.Tensor  # (rows,) mean log-probability (nats) of the chosen tokens
+
+
+def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: Mapping) -> _Decoded:
+    """Greedy/beam decode with the adapters as currently held; per-row entropy and token log-probability."""
     out = model.whisper.generate(
         input_features, output_logits=True, return_dict_in_generate=True, **generate_kwargs
     )
@@ -92,13 +116,60 @@ def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: 
     log_p = torch.log_softmax(logits, dim=-1)
     entropy = -(log_p.exp() * log_p).nan_to_num().sum(-1)  # (rows, steps)
     generated = sequences[:, -logits.shape[1]:]
+    token_log_p = log_p.gather(-1, generated.unsqueeze(-1)).squeeze(-1)  # (rows, steps)
     eos = model.whisper.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     # A step counts until (and including) the first end-of-text token.
     finished_before = torch.cumsum((generated == eos).long(), dim=1) - (generated == eos).long()
     valid = (finished_before == 0).float()
-    mean_entropy = (entropy * valid).sum(1) / valid.sum(1).clamp(min=1)
-    return sequences, mean_entropy
+    count = valid.sum(1).clamp(min=1)
+    return _Decoded(
+        sequences,
+        (entropy * valid).sum(1) / count,
+        (token_log_p.nan_to_num(neginf=0.0) * valid).sum(1) / count,
+    )
+
+
+def minimum_bayes_risk(hypotheses: list[str], language: str | None = None) -> tuple[int, float]:
+    """Index of the hypothesis with the lowest mean error rate against the others, and the mean
+    pairwise error rate (the samples' disagreement: 0 when all agree)."""
+    if not hypotheses:
+        raise ValueError("minimum_bayes_risk needs at least one hypothesis")
+    if len(hypotheses) == 1:
+        return 0, 0.0
+    pairwise = pairwise_error_rate(hypotheses, language=language)
+    return int(pairwise.mean(dim=1).argmin()), float(pairwise.mean())
+
+
+@dataclass(frozen=True)
+class PointTranscript:
+    """A hypothesis of one deterministic model (e.g. the posterior mean or a plain LoRA)."""
+
+    text: str
+    # Mean log-probability (nats) of the hypothesis' tokens, end-of-text included.
+    mean_log_prob: float
+    mean_token_entropy: float
+
+
+@torch.no_grad()
+def point_transcribe(
+    model: BLoRAWhisper,
+    adapter_values: Mapping[str, torch.Tensor],
+    input_features: torch.Tensor,
+    tokenizer,
+    language: str | None = None,
+    generate_kwargs: Mapping | None = None,
+) -> list[PointTranscript]:
+    """Decode with the adapters held at ``adapter_values`` (2-D tensors, e.g. ``guide.means()``)."""
+    generate_kwargs = _with_language(model, generate_kwargs, language)
+    model.eval()
+    with model.hold_adapters(adapter_values):
+        decoded = _decode(model, input_features, generate_kwargs)
+    texts = tokenizer.batch_decode(decoded.sequences, skip_special_tokens=True)
+    return [
+        PointTranscript(text.strip(), float(lp), float(h))
+        for text, lp, h in zip(texts, decoded.mean_log_prob, decoded.mean_entropy)
+    ]
 
 
 @torch.no_grad()
@@ -121,47 +192,40 @@ def monte_carlo_transcribe(
     """
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
-    generate_kwargs = dict(generate_kwargs or {})
-    if language is not None:
-        generate_kwargs.setdefault("language", language)
+    generate_kwargs = _with_language(model, generate_kwargs, language)
     model.eval()
     samples = sample_posterior(guide, num_samples)
     batch = input_features.shape[0]
     if vectorized:
         with model.hold_adapters(samples):
-            ids, entropy = _decode(model, input_features.repeat(num_samples, 1, 1), generate_kwargs)
-        rows = [ids[s * batch:(s + 1) * batch] for s in range(num_samples)]
-        entropies = entropy.reshape(num_samples, batch)
+            decoded = _decode(model, input_features.repeat(num_samples, 1, 1), generate_kwargs)
+        rows = [decoded.sequences[s * batch:(s + 1) * batch] for s in range(num_samples)]
+        entropies = decoded.mean_entropy.reshape(num_samples, batch)
     else:
         rows, ent = [], []
         for s in range(num_samples):
             with model.hold_adapters({site: value[s] for site, value in samples.items()}):
-                ids, entropy = _decode(model, input_features, generate_kwargs)
-            rows.append(ids)
-            ent.append(entropy)
+                decoded = _decode(model, input_features, generate_kwargs)
+            rows.append(decoded.sequences)
+            ent.append(decoded.mean_entropy)
         entropies = torch.stack(ent)
     texts = [tokenizer.batch_decode(r, skip_special_tokens=True) for r in rows]  # [S][B]
-    mean_texts: list[str | None] = [None] * batch
+    means: list[PointTranscript | None] = [None] * batch
     if choose == "mean":
-        with model.hold_adapters(guide.means()):
-            ids, _ = _decode(model, input_features, generate_kwargs)
-        mean_texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        means = point_transcribe(model, guide.means(), input_features, tokenizer, generate_kwargs=generate_kwargs)
     results = []
     for b in range(batch):
         hyps = [texts[s][b].strip() for s in range(num_samples)]
-        pairwise = pairwise_error_rate(hyps, language=language)
-        disagreement = float(pairwise.mean()) if num_samples > 1 else 0.0
-        if choose == "mbr":
-            chosen = hyps[int(pairwise.mean(dim=1).argmin())] if num_samples > 1 else hyps[0]
-        else:
-            chosen = mean_texts[b].strip()
+        best, disagreement = minimum_bayes_risk(hyps, language=language)
+        mean = means[b]
         results.append(
             MonteCarloTranscript(
-                chosen=chosen,
+                chosen=hyps[best] if mean is None else mean.text,
                 hypotheses=hyps,
                 disagreement=disagreement,
                 mean_token_entropy=float(entropies[:, b].mean()),
-                mean_hypothesis=None if mean_texts[b] is None else mean_texts[b].strip(),
+                mean_hypothesis=None if mean is None else mean.text,
+                mean_log_prob=None if mean is None else mean.mean_log_prob,
             )
         )
     return results

@@ -1,0 +1,229 @@
+"""Monte Carlo transcription: vectorised = sequential, word confidences, the JSON lines schema, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyro
+import pytest
+import soundfile
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rich.console import Console
+from typer.testing import CliRunner
+
+from pyro_blora import BLoRAConfig, build_guide, monte_carlo_transcribe, save_posterior, wrap_whisper
+from pyro_blora.inference import minimum_bayes_risk
+from pyro_blora.transcribe import (
+    JSONL_KEYS,
+    SCHEMA_VERSION,
+    TranscribeOptions,
+    UtteranceTranscript,
+    WordConfidence,
+    read_jsonl,
+    render_table,
+    transcribe,
+    word_confidences,
+    write_jsonl,
+)
+from tests.tiny import EOT, FRAMES, MELS, SOT, tiny_config, tiny_whisper
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class WordTokenizer:
+    """Token k >= 3 decodes to the word "w<k>"; 0-2 are special."""
+
+    def batch_decode(self, rows, skip_special_tokens=True):
+        return [" ".join(f"w{int(t)}" for t in row if int(t) > 2) for row in rows]
+
+
+def noisy_posterior(seed: int = 0, stddev: float = 0.3):
+    model = wrap_whisper(tiny_whisper(seed), BLoRAConfig(rank=4))
+    pyro.set_rng_seed(seed)
+    guide = build_guide(model)
+    guide.set_stddevs(stddev)  # wide enough that samples decode differently
+    return model, guide
+
+
+def test_vectorized_and_sequential_give_the_same_hypotheses():
+    model, guide = noisy_posterior()
+    features = torch.randn(3, MELS, FRAMES, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for vectorized in (True, False):
+        pyro.set_rng_seed(5)
+        runs[vectorized] = monte_carlo_transcribe(
+            model, guide, features, WordTokenizer(), num_samples=4, choose="mbr", vectorized=vectorized,
+            generate_kwargs={"max_new_tokens": 6},
+        )
+    for fast, slow in zip(runs[True], runs[False]):
+        assert fast.hypotheses == slow.hypotheses
+        assert fast.chosen == slow.chosen
+        assert fast.disagreement == pytest.approx(slow.disagreement)
+        assert fast.mean_token_entropy == pytest.approx(slow.mean_token_entropy, rel=1e-4)
+    # Not vacuous: the samples disagree somewhere.
+    assert any(len(set(r.hypotheses)) > 1 for r in runs[True])
+
+
+def test_mean_chooser_reports_the_mean_models_log_prob():
+    model, guide = noisy_posterior()
+    features = torch.randn(2, MELS, FRAMES)
+    results = monte_carlo_transcribe(model, guide, features, WordTokenizer(), num_samples=2, generate_kwargs={"max_new_tokens": 4})
+    assert all(r.mean_log_prob is not None and r.mean_log_prob <= 0 for r in results)
+    assert all(r.chosen == r.mean_hypothesis for r in results)
+
+
+def test_minimum_bayes_risk_picks_the_consensus():
+    index, disagreement = minimum_bayes_risk(["a b c", "a b d", "a b c", "x y z"])
+    assert index in (0, 2)
+    assert disagreement > 0
+    assert minimum_bayes_risk(["same words"] * 3) == (0, 0.0)
+
+
+def test_word_confidence_is_the_fraction_of_agreeing_samples():
+    words = word_confidences("The cat sat.", ["the cat sat", "the hat sat", "cat sat"])
+    assert [w.word for w in words] == ["The", "cat", "sat."]
+    assert [w.confidence for w in words] == pytest.approx([2 / 3, 2 / 3, 1.0])
+
+
+def test_cjk_words_are_characters():
+    words = word_confidences("我喜欢 python", ["我喜欢 python", "我爱 Python"], language="zh")
+    assert [w.word for w in words] == ["我", "喜", "欢", "python"]
+    assert [w.confidence for w in words] == pytest.approx([1.0, 0.5, 0.5, 1.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    chosen=st.lists(st.sampled_from(["a", "b", "c", "喜", "Hi,"]), max_size=6).map(" ".join),
+    samples=st.lists(st.lists(st.sampled_from(["a", "b", "c", "喜", "hi", ""]), max_size=6).map(" ".join), min_size=1, max_size=5),
+)
+def test_confidences_lie_in_unit_interval(chosen, samples):
+    for word in word_confidences(chosen, samples):
+        assert 0.0 <= word.confidence <= 1.0
+
+
+def example_transcript(**overrides) -> UtteranceTranscript:
+    values = dict(
+        id="u1", source="a.wav", language="en", text="hello world", chooser="mean", num_samples=2,
+        samples=["hello world", "hello word"], uncertainty=0.25, mean_token_entropy=0.4, mean_log_prob=-0.2,
+        words=[WordConfidence("hello", 1.0), WordConfidence("world", 0.5)], reference="hello world",
+    )
+    values.update(overrides)
+    return UtteranceTranscript(**values)
+
+
+def test_json_schema_is_pinned_and_round_trips(tmp_path):
+    assert SCHEMA_VERSION == 1
+    assert JSONL_KEYS == (
+        "schema_version", "id", "source", "language", "text", "chooser", "num_samples", "samples",
+        "uncertainty", "mean_token_entropy", "mean_log_prob", "words", "reference",
+    )
+    record = example_transcript().to_json_dict()
+    assert tuple(record) == JSONL_KEYS
+    assert record["words"] == [{"word": "hello", "confidence": 1.0}, {"word": "world", "confidence": 0.5}]
+    path = tmp_path / "out.jsonl"
+    with path.open("w") as handle:
+        assert write_jsonl([example_transcript(), example_transcript(id="u2")], handle) == 2
+    assert [t.id for t in read_jsonl(path)] == ["u1", "u2"]
+    assert read_jsonl(path)[0] == example_transcript()
+
+
+def test_other_schema_versions_are_refused():
+    record = example_transcript().to_json_dict() | {"schema_version": 99}
+    with pytest.raises(ValueError, match="schema_version 99"):
+        UtteranceTranscript.from_json_dict(record)
+
+
+def test_table_brackets_low_confidence_words():
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(render_table([example_transcript()], low_confidence=0.6))
+    output = console.file.getvalue()
+    assert "hello [world]" in output
+    assert "[hello]" not in output
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="num_samples"):
+        TranscribeOptions(num_samples=0)
+    with pytest.raises(ValueError, match="choose"):
+        TranscribeOptions(choose="best")
+
+
+# ------------------------------------------------------------ end to end, real tokenizer
+@pytest.fixture(scope="module")
+def real_sized_tiny(tmp_path_factory):
+    """A tiny random model with tiny.en's vocabulary and input size, saved with tiny.en's processor."""
+    from transformers import WhisperForConditionalGeneration
+
+    from pyro_blora import load_processor
+
+    try:
+        processor = load_processor("tiny.en")
+    except ModuleNotFoundError as error:
+        pytest.skip(str(error))
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=len(processor.tokenizer), num_mel_bins=80, max_source_positions=1500,
+                         decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256, bos_token_id=50257)
+    whisper = WhisperForConditionalGeneration(config).eval()
+    whisper.generation_config.update(decoder_start_token_id=50257, eos_token_id=50256, pad_token_id=50256,
+                                     forced_decoder_ids=None, suppress_tokens=[], begin_suppress_tokens=[], max_length=8)
+    folder = tmp_path_factory.mktemp("tiny-real-vocab")
+    whisper.save_pretrained(folder / "model")
+    processor.save_pretrained(folder / "model")
+    model = wrap_whisper(whisper, BLoRAConfig(rank=2))
+    pyro.set_rng_seed(0)
+    guide = build_guide(model)
+    guide.set_stddevs(0.2)
+    save_posterior(folder / "posterior", model, guide, {"base_model": str(folder / "model")})
+    audio = folder / "audio"
+    audio.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.wav", "b.wav", "c.flac"):
+        soundfile.write(audio / name, (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000)
+    (folder / "manifest.csv").write_text(
+        "audio,text,language\n" + "".join(f"{audio / n},hello there,en\n" for n in ("a.wav", "b.wav"))
+    )
+    return model, guide, processor, folder
+
+
+@pytest.mark.slow
+def test_transcribe_folder_and_dataset(real_sized_tiny):
+    model, guide, processor, folder = real_sized_tiny
+    options = TranscribeOptions(num_samples=3, batch_size=3, choose="mbr", generate_kwargs={"max_new_tokens": 4})
+    from_folder = transcribe(model, guide, processor, folder / "audio", options, progress=False)
+    assert [t.id for t in from_folder] == ["a.wav", "b.wav", "c.flac"]
+    from_dataset = transcribe(model, guide, processor, folder / "manifest.csv", options, progress=False)
+    assert [t.reference for t in from_dataset] == ["hello there", "hello there"]
+    for t in from_folder + from_dataset:
+        assert len(t.samples) == 3 and t.chooser == "mbr" and t.mean_log_prob is None
+        assert all(0.0 <= w.confidence <= 1.0 for w in t.words)
+        assert t.uncertainty >= 0
+    # Same seed, same draws: the dataset's files decode as the folder's did.
+    assert [t.samples for t in from_dataset] == [t.samples for t in from_folder[:2]]
+
+
+def test_missing_input_is_named(real_sized_tiny):
+    model, guide, processor, folder = real_sized_tiny
+    with pytest.raises(FileNotFoundError, match="nothere.wav"):
+        transcribe(model, guide, processor, [folder / "nothere.wav"], progress=False)
+
+
+def test_cli_writes_jsonl_and_table(real_sized_tiny, tmp_path):
+    from pyro_blora.cli import app
+
+    _, _, _, folder = real_sized_tiny
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["transcribe", str(folder / "audio" / "a.wav"), str(folder / "audio" / "b.wav"),
+         "--posterior", str(folder / "posterior"), "--samples", "2", "--choose", "mbr", "--jsonl", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [tuple(line) for line in lines] == [JSONL_KEYS] * 2
+    assert all(line["chooser"] == "mbr" and line["num_samples"] == 2 for line in lines)
+    assert "Monte Carlo transcripts" in result.output
