@@ -30,3 +30,7 @@ for _module in COMMAND_MODULES:
 
 def main() -> None:  # pragma: no cover - console entry point
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
