@@ -21,8 +21,11 @@ from pyro_blora.metrics import (
 )
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
+from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
-from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainResult, train
+from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
+from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainingInterrupted, TrainResult, train
+from pyro_blora.validation import EnglishOnlyModelError, check_language
 from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_processor, load_whisper
 
 __all__ = [
@@ -32,6 +35,7 @@ __all__ = [
     "BayesianLoRALinear",
     "DataReport",
     "ElboScaling",
+    "EnglishOnlyModelError",
     "ErrorCounts",
     "HubUnavailableError",
     "MonteCarloTranscript",
@@ -40,15 +44,21 @@ __all__ = [
     "SparsityStats",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
     "analytic_kl",
+    "blora_config_from_peft",
     "build_guide",
     "cer",
+    "check_language",
     "elbo_scaling",
     "elbo_terms",
     "energy_curve",
     "error_rate",
     "export_ctranslate2",
+    "export_peft",
+    "export_posterior_tensors",
     "hoyer_index",
+    "import_peft",
     "load_audio",
     "load_posterior",
     "load_processor",
@@ -62,6 +72,7 @@ __all__ = [
     "normalize_text",
     "posterior_mean_model",
     "prepare_dataset",
+    "read_posterior_tensors",
     "sample_posterior",
     "save_posterior",
     "sparsity_report",

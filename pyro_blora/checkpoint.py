@@ -8,6 +8,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ __all__ = ["atomic_write_bytes", "atomic_write_json", "capture_rng", "restore_rn
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same folder, fsync, rename over ``path``, fsync the folder.
+
+    A crash at any point leaves either the old file or the new one, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -32,6 +35,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); folders cannot be opened on Windows."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -55,7 +73,10 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 class CheckpointDir:
-    """A folder of ``step-XXXXXXXX.pt`` files of which the newest ``keep`` are kept."""
+    """A folder of ``step-XXXXXXXX.pt`` files of which the newest ``keep`` are kept.
+
+    Temporary files that a killed writer left behind are never mistaken for checkpoints and are
+    removed by the next save."""
 
     pattern = re.compile(r"step-(\d{8})\.pt$")
 
@@ -79,6 +100,8 @@ class CheckpointDir:
         atomic_write_bytes(target, buffer.getvalue())
         for old in self.steps()[: -self.keep]:
             self.path(old).unlink(missing_ok=True)
+        for leftover in self.folder.glob(".step-*.tmp"):
+            leftover.unlink(missing_ok=True)
         return target
 
     def latest(self) -> Path | None:
@@ -86,7 +109,15 @@ class CheckpointDir:
         return self.path(steps[-1]) if steps else None
 
     def load_latest(self) -> dict[str, Any] | None:
-        latest = self.latest()
-        if latest is None:
-            return None
-        return torch.load(latest, map_location="cpu", weights_only=False)
+        """The newest checkpoint that loads; an unreadable one (e.g. a disk that filled up) is
+        skipped with a warning rather than ending the resume."""
+        for step in reversed(self.steps()):
+            try:
+                return torch.load(self.path(step), map_location="cpu", weights_only=False)
+            except Exception as error:  # noqa: BLE001 - any unreadable file: fall back to the previous one
+                warnings.warn(f"checkpoint {self.path(step)} cannot be read ({error}); trying an earlier one")
+        if self.steps():
+            raise RuntimeError(
+                f"no checkpoint in {self.folder} can be read; delete the folder to start over, or restore it from a backup"
+            )
+        return None

@@ -19,6 +19,8 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "pyro_blora.commands.testbed",
     "pyro_blora.commands.experiment",
+    "pyro_blora.commands.interop",
+    "pyro_blora.commands.analysis",
 )
 
 for _module in COMMAND_MODULES:

@@ -127,7 +127,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     # How many checkpoints to keep in the run folder.
     keep_checkpoints: int = 2
-    # Seed for the data order, the initial adapters and every Monte Carlo draw.
+    # Seed for the data order and the Monte Carlo draws of training (the initial adapters are
+    # drawn by build_guide(model, seed=...)).
     seed: int = 0
     # Show a progress bar.
     progress: bool = True

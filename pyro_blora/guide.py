@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from operator import attrgetter
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
@@ -90,6 +91,19 @@ class BLoRAGuide(AutoNormal):
         return {name: self._get_loc_and_scale(name)[1].detach().clone() for name in self.blora.site_names()}
 
     @torch.no_grad()
+    def set_means(self, values: dict[str, torch.Tensor]) -> None:
+        """Overwrite the posterior means of the given sites (e.g. from a trained LoRA)."""
+        self.setup()
+        for name, value in values.items():
+            target = attrgetter(f"{name}_unconstrained")(self.locs)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(
+                    f"{name} needs shape {tuple(target.shape)}, got {tuple(value.shape)}: "
+                    "the values come from another base model or rank"
+                )
+            target.copy_(value.to(target))
+
+    @torch.no_grad()
     def set_stddevs(self, value: float | dict[str, torch.Tensor]) -> None:
         """Overwrite the posterior standard deviations (one number for all, or per site)."""
         self.setup()
@@ -100,11 +114,13 @@ class BLoRAGuide(AutoNormal):
             unconstrained.copy_(transform_to(self.scale_constraint).inv(target.to(current)))
 
 
-def build_guide(model: BLoRAWhisper, kind: str = "normal") -> BLoRAGuide:
+def build_guide(model: BLoRAWhisper, kind: str = "normal", seed: int | None = None) -> BLoRAGuide:
     """An initialised guide for ``model``: ``"normal"`` (mean-field posterior) or ``"delta"`` (MAP).
-    Seed the RNG first for a reproducible start."""
+    ``seed`` fixes the Kaiming-uniform start of A (without it the start follows the torch RNG state)."""
     if kind not in GUIDE_KINDS:
         raise ValueError(f"guide kind must be one of {sorted(GUIDE_KINDS)}, got {kind!r}")
+    if seed is not None:
+        pyro.set_rng_seed(seed)
     return GUIDE_KINDS[kind](model).setup()
 
 

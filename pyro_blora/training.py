@@ -22,7 +22,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_blora.checkpoint import CheckpointDir, atomic_write_json, capture_rng, restore_rng
+from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
 from pyro_blora.config import TrainConfig
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
@@ -33,6 +33,7 @@ __all__ = [
     "NonFiniteLossError",
     "PosteriorCollapseWarning",
     "TrainResult",
+    "TrainingInterrupted",
     "Optimization",
     "RunFolder",
     "batch_order",
@@ -47,6 +48,21 @@ __all__ = [
 
 class NonFiniteLossError(RuntimeError):
     """The ELBO became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped training after the step in progress, which was checkpointed.
+
+    A KeyboardInterrupt, so an uncaught one ends a program as Ctrl-C does; ``step`` is where a
+    resumed run (``resume=True``) continues."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
+            "continue with resume=True (--resume)"
+        )
+        self.signal = signum
+        self.step = step
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -107,10 +123,13 @@ def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[dict[str, int | None]]:
-    """Turn SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting."""
+    """Turn SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting; a second
+    signal stops at once (checkpoint files are written atomically, so none is left half-written)."""
     flag: dict[str, int | None] = {"signal": None}
 
     def handler(signum, frame):  # noqa: ARG001
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
         flag["signal"] = signum
 
     previous = {}
@@ -163,6 +182,11 @@ class RunFolder:
 
     def latest_state(self) -> dict[str, Any] | None:
         return self.checkpoints.load_latest() if self.resume else None
+
+    def rewrite_log(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Make log.jsonl hold exactly ``history``: a killed run may have logged steps after its
+        last checkpoint, or a half-written line."""
+        atomic_write_bytes(self.path / "log.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in history).encode())
 
     def log(self, record: Mapping[str, Any]) -> None:
         with (self.path / "log.jsonl").open("a") as handle:
@@ -234,6 +258,8 @@ def run_steps(
     config = optimization.config
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     params = optimization.parameters()
+    if run is not None:
+        run.rewrite_log(history)
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
                desc=optimization.desc)
     with _stop_on_signals() as stop:
@@ -249,14 +275,12 @@ def run_steps(
                     raise
                 finite, detail = False, f"a distribution got invalid values ({str(error).splitlines()[0]})"
             if not finite:
-                raise NonFiniteLossError(
-                    f"the loss is not finite at step {step}: {detail}. {optimization.failure_hint} "
-                    f"Or NaN in the input features (batch rows {batch['index'].tolist()}). The last good checkpoint "
-                    "is kept; resume from it with a smaller learning rate."
-                )
+                raise _non_finite(step, detail, optimization, batch)
             optimization.optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):  # a step would write NaN into the trained parameters
+                raise _non_finite(step, f"{detail}, gradient norm={float(grad_norm)}", optimization, batch)
             optimization.optimizer.step()
             optimization.scheduler.step()
             record = {"step": step + 1, **terms.detached(), "grad_norm": float(grad_norm),
@@ -275,8 +299,16 @@ def run_steps(
             ):
                 run.checkpoints.save(step + 1, optimization.state(step + 1, history, extra_state or {}))
             if stop["signal"] and not done:
-                raise KeyboardInterrupt(f"stopped by signal {stop['signal']} after step {step + 1}; checkpoint saved")
+                raise TrainingInterrupted(stop["signal"], step + 1)
     return history
+
+
+def _non_finite(step: int, detail: str, optimization: Optimization, batch: Mapping) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"the training loss is not finite at step {step}: {detail}. {optimization.failure_hint} "
+        f"Or NaN in the input features (batch rows {batch['index'].tolist()}). The last good checkpoint "
+        "is kept; resume from it with a smaller learning rate."
+    )
 
 
 def svi_parameter_groups(guide, config: TrainConfig) -> list[dict[str, Any]]:
@@ -343,8 +375,10 @@ def train(
         config=config,
         evaluate=periodic_eval,
         failure_hint=(
-            f"Likely causes: a learning rate too high ({config.lr}), initial scales too large, beta / the KL "
-            f"normalisation ({model.config.beta}, {model.config.kl_normalization}) out of range."
+            f"Likely causes: a learning rate too high ({config.lr}, scales x{config.scale_lr_multiplier}), "
+            f"initial scales too large (init_scale_A={model.config.init_scale_A}, init_scale_B="
+            f"{model.config.init_scale_B}), beta / the KL normalisation ({model.config.beta}, "
+            f"{model.config.kl_normalization}) out of range."
         ),
         desc="SVI",
     )

@@ -12,10 +12,12 @@ from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGU
 
 __all__ = [
     "MAX_TARGET_POSITIONS",
+    "EnglishOnlyModelError",
     "UnknownLanguageError",
     "TranscriptEncoder",
     "decoder_start_token_id",
     "is_english_only",
+    "language_code",
 ]
 
 MAX_TARGET_POSITIONS = 448  # Whisper's decoder positions: prompt + text + end token must fit
@@ -29,6 +31,10 @@ class UnknownLanguageError(ValueError):
     """A language that has no token in the tokenizer."""
 
 
+class EnglishOnlyModelError(UnknownLanguageError):
+    """A language other than English asked of an English-only (`.en`) model."""
+
+
 def decoder_start_token_id(tokenizer) -> int:
     return _token_id(tokenizer, "<|startoftranscript|>")
 
@@ -38,6 +44,25 @@ def is_english_only(tokenizer) -> bool:
     if _optional_token_id(tokenizer, "<|en|>") is None:
         return True
     return _token_id(tokenizer, "<|endoftext|>") == _ENGLISH_ONLY_EOT_ID
+
+
+def language_code(tokenizer, language: str, english_only: bool | None = None) -> str:
+    """Whisper's code for a code or an English name ('zh', 'Chinese', 'mandarin' -> 'zh'), refused
+    when the tokenizer has no token for it or the model is English-only and it is not English."""
+    key = language.strip().lower()
+    code = key if key in LANGUAGES else TO_LANGUAGE_CODE.get(key, key)
+    if is_english_only(tokenizer) if english_only is None else english_only:
+        if code != "en":
+            raise EnglishOnlyModelError(
+                f"language {language!r} asked of an English-only model (a '.en' checkpoint), which transcribes "
+                "English only; use a multilingual checkpoint such as 'base' for it, or language='en'"
+            )
+    elif _optional_token_id(tokenizer, f"<|{code}|>") is None:
+        raise UnknownLanguageError(
+            f"language {language!r} has no token in this tokenizer; use a Whisper code such as 'en', 'zh', 'es' "
+            "(for code-switched speech, the matrix language)"
+        )
+    return code
 
 
 class TranscriptEncoder:
@@ -51,15 +76,7 @@ class TranscriptEncoder:
         self._prompts: dict[str, list[int]] = {}
 
     def language_code(self, language: str) -> str:
-        """Whisper's code for a code or an English name ('zh', 'Chinese', 'mandarin' -> 'zh')."""
-        key = language.strip().lower()
-        code = key if key in LANGUAGES else TO_LANGUAGE_CODE.get(key, key)
-        if not self.english_only and _optional_token_id(self.tokenizer, f"<|{code}|>") is None:
-            raise UnknownLanguageError(
-                f"language {language!r} has no token in this tokenizer; use a Whisper code such as 'en', 'zh', 'es' "
-                "(for code-switched speech, the matrix language)"
-            )
-        return code
+        return language_code(self.tokenizer, language, self.english_only)
 
     def prompt(self, language: str) -> list[int]:
         code = self.language_override or self.language_code(language)

@@ -25,6 +25,8 @@ REASON_HINTS: dict[str, str] = {
     "split the utterance",
     "unknown_language": "the language is not one the tokenizer knows; use a Whisper code such as 'en', 'zh', 'es' "
     "(for code-switched speech, the matrix language) or pass language= to override",
+    "non_english_for_english_only_model": "the row's language is not English but the model is English-only "
+    "('.en'); use a multilingual checkpoint such as 'base', or fix the row's language",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Mapping
 import numpy as np
 
 from pyro_blora.data.audio import AudioDecodeError, load_audio
-from pyro_blora.data.labels import TranscriptEncoder, UnknownLanguageError
+from pyro_blora.data.labels import EnglishOnlyModelError, TranscriptEncoder, UnknownLanguageError
 from pyro_blora.features import HOP_LENGTH, SAMPLING_RATE
 
 __all__ = ["CheckedUtterance", "check_utterance"]
@@ -36,6 +36,8 @@ def check_utterance(
         return _rejected("empty_text")
     try:
         labels = encoder.labels(text, language)
+    except EnglishOnlyModelError:
+        return _rejected("non_english_for_english_only_model")
     except UnknownLanguageError:
         return _rejected("unknown_language")
     if len(labels) > max_label_tokens:

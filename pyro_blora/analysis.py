@@ -1,0 +1,305 @@
+"""What a finished run learned: its adapters, how sparse they are, what the posterior says per layer.
+
+:func:`load_run_weights` reads the trained adapters of any run folder (``posterior/`` of a blora or
+map run, the peft ``adapter/`` of a LoRA run, ``model/`` of a full fine-tuning run, whose update
+dW is the difference to the base weights). :func:`run_summary` condenses a run (its config,
+training result, evaluation and dW sparsity) into one flat row: the unit of the sweep's results
+table and of the report's frontier. Nothing here draws or writes files; :mod:`pyro_blora.report`
+renders these numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from pyro_blora.adapters import lora_delta_weight
+from pyro_blora.evaluation import relative_changes
+from pyro_blora.metrics import SparsityStats, sparsity_report
+from pyro_blora.methods import load_training_data, read_run_config
+from pyro_blora.posterior_export import module_path
+
+__all__ = [
+    "MATRICES",
+    "STATISTICS",
+    "RunWeights",
+    "find_runs",
+    "layer_table",
+    "load_run_weights",
+    "monte_carlo_examples",
+    "run_summary",
+    "sparsity_rows",
+]
+
+# The pools of weights whose sparsity is measured, and the four statistics measured on each.
+MATRICES = ("A", "B", "dW")
+STATISTICS = ("thresh_fraction", "adaptive_thresh_fraction", "top_energy_share", "hoyer_index")
+
+
+@dataclass
+class RunWeights:
+    """A run's trained update, per adapted layer (keyed by its path inside the Whisper model).
+
+    ``A`` and ``B`` are the posterior means (blora), point estimates (map) or LoRA matrices; a full
+    fine-tuning run has none. ``stddev_A``/``stddev_B`` and ``kl`` (nats, A and B together) exist for
+    Bayesian runs only."""
+
+    name: str
+    method: str
+    run_dir: Path
+    delta: dict[str, torch.Tensor]
+    A: dict[str, torch.Tensor] = field(default_factory=dict)
+    B: dict[str, torch.Tensor] = field(default_factory=dict)
+    stddev_A: dict[str, torch.Tensor] = field(default_factory=dict)
+    stddev_B: dict[str, torch.Tensor] = field(default_factory=dict)
+    kl: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bayesian(self) -> bool:
+        return bool(self.kl)
+
+    def matrices(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The measured pools that this run has: A, B and dW (dW only for full fine-tuning)."""
+        pools = {"A": self.A, "B": self.B, "dW": self.delta}
+        return {name: pool for name, pool in pools.items() if pool}
+
+    def sparsity(self) -> dict[str, SparsityStats]:
+        """The four sparsity statistics of each pool, all layers pooled."""
+        return {name: sparsity_report(pool) for name, pool in self.matrices().items()}
+
+
+def _split_sites(values: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """{"A": {layer: tensor}, "B": {...}} from values keyed by Pyro site."""
+    pools: dict[str, dict[str, torch.Tensor]] = {"lora_A": {}, "lora_B": {}}
+    for site, value in values.items():
+        path, leaf = module_path(site)
+        pools[leaf][path] = value
+    return pools["lora_A"], pools["lora_B"]
+
+
+@torch.no_grad()
+def _bayesian_weights(run_dir: Path, method: str, base_model: str) -> RunWeights:
+    from pyro_blora.guide import BLoRAGuide
+    from pyro_blora.objective import analytic_kl
+    from pyro_blora.posterior import load_posterior
+    from pyro_blora.weights import load_whisper
+
+    folder = run_dir / "posterior"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no posterior/ folder: the {method} run has not finished (resume it)")
+    whisper, _ = load_whisper(base_model)
+    model, guide = load_posterior(folder, whisper)
+    means = guide.means()
+    A, B = _split_sites(means)
+    weights = RunWeights(run_dir.name, method, run_dir, model.delta_weights(means), A, B)
+    if isinstance(guide, BLoRAGuide):
+        weights.stddev_A, weights.stddev_B = _split_sites(guide.stddevs())
+        for site, value in analytic_kl(model, guide).items():
+            path, _ = module_path(site)
+            weights.kl[path] = weights.kl.get(path, 0.0) + float(value)
+    return weights
+
+
+def _lora_weights(run_dir: Path) -> RunWeights:
+    from pyro_blora.peft_io import read_peft_adapter
+
+    folder = run_dir / "adapter"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{run_dir} has no adapter/ folder: the LoRA run has not finished (resume it)")
+    adapter = read_peft_adapter(folder)
+    A = {path: pair[0].float() for path, pair in adapter.weights.items()}
+    B = {path: pair[1].float() for path, pair in adapter.weights.items()}
+    delta = {path: lora_delta_weight(A[path], B[path], adapter.scaling) for path in A}
+    return RunWeights(run_dir.name, "lora", run_dir, delta, A, B)
+
+
+@torch.no_grad()
+def _full_weights(run_dir: Path, base_model: str) -> RunWeights:
+    from pyro_blora.experiment import ALL_LINEAR_TARGETS
+    from pyro_blora.injection import find_target_modules
+    from pyro_blora.weights import load_whisper
+
+    if not (run_dir / "model").is_dir():
+        raise FileNotFoundError(f"{run_dir} has no model/ folder: the full fine-tuning run has not finished")
+    trained, _ = load_whisper(run_dir / "model")
+    base, _ = load_whisper(base_model)
+    trained_modules, base_modules = dict(trained.named_modules()), dict(base.named_modules())
+    delta = {
+        path: trained_modules[path].weight.float() - base_modules[path].weight.float()
+        for path in find_target_modules(base, ALL_LINEAR_TARGETS)
+    }
+    return RunWeights(run_dir.name, "full", run_dir, delta)
+
+
+def load_run_weights(run_dir: str | Path) -> RunWeights:
+    """The trained update of a finished run folder (any method). Loads the run's base model."""
+    run_dir = Path(run_dir)
+    run = read_run_config(run_dir)["run"]
+    method, base_model = run["method"], run["model_source"]
+    if method in ("blora", "map"):
+        return _bayesian_weights(run_dir, method, base_model)
+    if method == "lora":
+        return _lora_weights(run_dir)
+    if method == "full":
+        return _full_weights(run_dir, base_model)
+    raise ValueError(f"{run_dir}: unknown method {method!r} in config.json")
+
+
+def sparsity_rows(runs: Iterable[RunWeights]) -> list[dict[str, Any]]:
+    """One row per (run, matrix) with the four statistics: the comparison table between runs."""
+    rows = []
+    for weights in runs:
+        for matrix, stats in weights.sparsity().items():
+            rows.append({"run": weights.name, "method": weights.method, "matrix": matrix, "n": stats.n,
+                         **{name: getattr(stats, name) for name in STATISTICS}})
+    return rows
+
+
+def _mean(values: Iterable[torch.Tensor]) -> float:
+    values = list(values)
+    return float(torch.cat([v.reshape(-1).float() for v in values]).mean()) if values else math.nan
+
+
+def layer_table(weights: RunWeights) -> list[dict[str, Any]]:
+    """Per adapted layer: size of the update, posterior scale (mean std of A and B) and KL (Bayesian runs)."""
+    rows = []
+    for path, delta in weights.delta.items():
+        row: dict[str, Any] = {"layer": path, "dW_norm": float(torch.linalg.vector_norm(delta.float()))}
+        if path in weights.A:
+            row["mean_abs_A"] = _mean([weights.A[path].abs()])
+            row["mean_abs_B"] = _mean([weights.B[path].abs()])
+        if weights.bayesian:
+            row["mean_std_A"] = _mean([weights.stddev_A[path]])
+            row["mean_std_B"] = _mean([weights.stddev_B[path]])
+            row["kl"] = weights.kl[path]
+        rows.append(row)
+    return rows
+
+
+def find_runs(paths: Sequence[str | Path], finished: bool = True) -> list[Path]:
+    """Run folders (those with config.json and log.jsonl) given directly or found below ``paths``,
+    sorted; with ``finished`` only those with a result.json."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist; give run folders or folders that hold them")
+        candidates = [path] if (path / "log.jsonl").exists() else sorted(p.parent for p in path.rglob("log.jsonl"))
+        found += [c for c in candidates if (c / "config.json").is_file() and (not finished or (c / "result.json").is_file())]
+    unique = sorted(dict.fromkeys(found))
+    if not unique:
+        raise FileNotFoundError(
+            f"no {'finished ' if finished else ''}run folders (config.json, log.jsonl{', result.json' if finished else ''}) "
+            f"in {', '.join(map(str, paths))}; train one with `pyro-blora train`"
+        )
+    return unique
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _mean_of(entries: Iterable[Mapping[str, Any]], metric: str) -> float | None:
+    values = [float(e[metric]) for e in entries if metric in e]
+    return sum(values) / len(values) if values else None
+
+
+def _evaluation_fields(results: Mapping[str, Mapping], in_domain: str,
+                       changes: Mapping[str, Mapping] | None) -> dict[str, Any]:
+    backward = [d for d in results if d != in_domain]
+    fields: dict[str, Any] = {"in_domain": in_domain, "backward_domains": ",".join(backward)}
+    for metric, name in (("error_rate", "error"), ("ce", "ce")):
+        fields[f"in_domain_{name}"] = _mean_of([results[in_domain]], metric)
+        fields[f"backward_{name}"] = _mean_of([results[d] for d in backward], metric)
+        if changes is not None:
+            fields[f"in_domain_{name}_change"] = _mean_of([changes.get(in_domain, {})], metric)
+            fields[f"backward_{name}_change"] = _mean_of([changes.get(d, {}) for d in backward], metric)
+    return fields
+
+
+def run_summary(
+    run_dir: str | Path,
+    *,
+    base: Mapping[str, Any] | str | Path | None = None,
+    in_domain: str | None = None,
+    weights: RunWeights | None = None,
+    sparsity: bool = True,
+) -> dict[str, Any]:
+    """One flat row for a finished run: method and settings, training NLL, evaluation (when
+    ``eval.json`` exists) and the sparsity statistics of dW.
+
+    The in-domain set is ``in_domain`` or the domain the run was trained on; every other evaluated
+    domain counts as backward (forgetting). Changes (relative, positive = worse) are taken against
+    ``base`` (an eval result, its file or run folder) or else the ``relative_to_base`` of eval.json."""
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    run, blora = config["run"], config.get("blora") or {}
+    row: dict[str, Any] = {
+        "run": run_dir.name, "method": run["method"], "path": str(run_dir),
+        "rank": blora.get("rank"), "beta": blora.get("beta"), "prior_scale": blora.get("prior_scale"),
+        "kl_normalization": blora.get("kl_normalization"), "steps": config["train"]["steps"],
+    }
+    if run["method"] in ("lora", "full"):  # no prior: these settings did not act
+        row.update(beta=None, prior_scale=None, kl_normalization=None)
+    result = _read_json(run_dir / "result.json") or {}
+    row["base_nll"], row["nll"] = result.get("base_nll"), result.get("final_nll")
+    evaluation = _read_json(run_dir / "eval.json")
+    if evaluation is not None:
+        results = evaluation["results"]
+        domain = in_domain or Path(run.get("train_data", "")).name
+        if domain not in results:
+            domain = next(iter(results))
+        if base is not None:
+            from pyro_blora.experiment import read_eval
+
+            reference = base if isinstance(base, Mapping) else read_eval(base)
+            changes = relative_changes(results, reference["results"])
+        else:
+            changes = evaluation.get("relative_to_base")
+        row.update(_evaluation_fields(results, domain, changes))
+    if sparsity:
+        stats = (weights or load_run_weights(run_dir)).sparsity()["dW"]
+        row.update({f"dW_{name}": getattr(stats, name) for name in STATISTICS})
+    return row
+
+
+def monte_carlo_examples(run_dir: str | Path, count: int = 3, num_samples: int = 8, split: str = "test",
+                         seed: int = 0, max_new_tokens: int = 48) -> list[dict[str, Any]]:
+    """Transcripts of the first ``count`` utterances of the run's own data source (``split``, or the
+    training split when it has none) under ``num_samples`` posterior draws, with their disagreement."""
+    import pyro
+
+    from pyro_blora.data import is_english_only, load_speech_dataset
+    from pyro_blora.evaluation import greedy_generate_kwargs
+    from pyro_blora.inference import monte_carlo_transcribe
+    from pyro_blora.posterior import load_posterior, read_posterior_config
+    from pyro_blora.weights import load_whisper
+
+    run_dir = Path(run_dir)
+    run = read_run_config(run_dir)["run"]
+    if read_posterior_config(run_dir / "posterior").get("guide") != "normal":
+        raise ValueError(f"{run_dir} is a {run['method']} run without a posterior distribution; give a blora run")
+    whisper, processor = load_whisper(run["model_source"])
+    model, guide = load_posterior(run_dir / "posterior", whisper)
+    available = load_speech_dataset(run["train_data"])
+    chosen_split = split if split in available else run.get("train_split", "train")
+    data = load_training_data(run["train_data"], processor, split=chosen_split, limit=count)
+    features = data.collate([data.dataset[i] for i in range(len(data))])["input_features"]
+    prepared = data.dataset.prepared
+    # Greedy decoding with the evaluation's fast token suppression.
+    generate_kwargs = greedy_generate_kwargs(whisper, not is_english_only(processor.tokenizer), max_new_tokens)
+    generate_kwargs.update(suppress_tokens=None, begin_suppress_tokens=None)  # done by its logits processor
+    pyro.set_rng_seed(seed)
+    languages, texts = prepared["language"], prepared["text"]
+    out: list[dict[str, Any]] = [{} for _ in texts]
+    for language in dict.fromkeys(languages):  # one batched decode per language
+        rows = [i for i, lang in enumerate(languages) if lang == language]
+        transcripts = monte_carlo_transcribe(model, guide, features[rows], processor.tokenizer, num_samples=num_samples,
+                                             language=language, generate_kwargs=generate_kwargs)
+        for i, transcript in zip(rows, transcripts):
+            out[i] = {"reference": texts[i], "language": language, **transcript.to_dict()}
+    return out

@@ -1,0 +1,99 @@
+"""``pyro-blora inspect``, ``sweep`` and ``report``: what finished runs learned, grids of runs, and pages of plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, TypeVar
+
+import typer
+
+from pyro_blora.commands.experiment import TARGET_PRESETS
+
+T = TypeVar("T")
+
+
+def _values(text: str, convert: Callable[[str], T], option: str) -> tuple[T, ...]:
+    """A comma-separated option value, e.g. ``0.1,0.5,1``."""
+    try:
+        values = tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise typer.BadParameter(f"{option} takes comma-separated values such as 0.1,0.5,1 ({error})") from error
+    if not values:
+        raise typer.BadParameter(f"{option} is empty; give at least one value")
+    return values
+
+
+def inspect(
+    runs: list[Path] = typer.Argument(..., help="run folders, or folders holding them"),
+    out: Path = typer.Option(Path("inspection"), help="folder for inspect.md, inspect.json and the plots"),
+) -> None:
+    """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots."""
+    import json
+
+    from pyro_blora.report import SPARSITY_COLUMNS, markdown_table, write_inspection
+
+    page = write_inspection(runs, out)
+    typer.echo(markdown_table(json.loads((out / "inspect.json").read_text())["sparsity"], SPARSITY_COLUMNS))
+    typer.echo(f"inspection: {page}")
+
+
+def sweep(
+    data: Path = typer.Option(..., help="training data: a testbed domain folder"),
+    testbed: Path = typer.Option(..., help="testbed folder with the evaluation domains"),
+    out: Path = typer.Option(Path("sweep"), help="sweep folder (runs/, base/, results.csv, results.json)"),
+    model: str = typer.Option("base", help="base model: bundled name, folder or hub id"),
+    domains: list[str] = typer.Option(["zh-en", "en"], help="evaluated domains (the trained one and backward ones)"),
+    betas: str = typer.Option("0.1,0.25,0.5,1,2", help="comma-separated KL weights β"),
+    prior_scales: str = typer.Option("0.01", help="comma-separated prior standard deviations σp"),
+    ranks: str = typer.Option("32", help="comma-separated adapter ranks"),
+    kl_normalizations: str = typer.Option("parameter", help="comma-separated: dataset, token, parameter"),
+    methods: str = typer.Option("blora", help="comma-separated methods; lora and full add one baseline per rank"),
+    targets: str = typer.Option("qk", help="adapted layers: qk, all-linear, or a regular expression"),
+    steps: int = typer.Option(200), batch_size: int = typer.Option(4), lr: float = typer.Option(1e-3),
+    warmup_steps: int = typer.Option(10), precision: str = typer.Option("fp32", help="fp32 or bf16"),
+    seed: int = typer.Option(0), checkpoint_every: int = typer.Option(50),
+    limit: Optional[int] = typer.Option(None, help="train on the first N utterances only"),
+    eval_limit: Optional[int] = typer.Option(None, help="test utterances per domain (default: all)"),
+    decode_limit: Optional[int] = typer.Option(None, help="greedy decoding on the first N only (default: all)"),
+    cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Train and evaluate a grid over β, σp, rank and KL normalisation; finished points are skipped."""
+    from pyro_blora.config import BLoRAConfig, TrainConfig
+    from pyro_blora.evaluation import EvalOptions, load_eval_sets
+    from pyro_blora.methods import load_training_data
+    from pyro_blora.sweep import SweepConfig, run_sweep
+    from pyro_blora.weights import load_processor
+
+    grid = SweepConfig(
+        betas=_values(betas, float, "--betas"), prior_scales=_values(prior_scales, float, "--prior-scales"),
+        ranks=_values(ranks, int, "--ranks"), kl_normalizations=_values(kl_normalizations, str, "--kl-normalizations"),
+        methods=_values(methods, str, "--methods"),
+    )
+    adapter = BLoRAConfig(target_modules=TARGET_PRESETS.get(targets, (targets,)))
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
+                        seed=seed, checkpoint_every=checkpoint_every, progress=progress)
+    processor = load_processor(model)
+    training = load_training_data(data, processor, cache_dir=cache_dir, limit=limit)
+    sets = load_eval_sets(testbed, domains, processor, limit=eval_limit, cache_dir=cache_dir)
+    run_sweep(grid, model, training, sets, out, adapter=adapter, train=train,
+              eval_options=EvalOptions(decode_limit=decode_limit, progress=progress), echo=typer.echo)
+
+
+def report(
+    runs: list[Path] = typer.Argument(..., help="run folders, or folders holding them (e.g. a sweep or main job)"),
+    out: Path = typer.Option(Path("report"), help="folder for report.md, summary.csv/json and the plots"),
+    base: Optional[Path] = typer.Option(None, help="eval.json of the base model (default: each run's relative_to_base)"),
+    in_domain: Optional[str] = typer.Option(None, help="the trained domain (default: each run's training folder)"),
+) -> None:
+    """Markdown and PNG plots of finished runs: frontier, sparsity by method, training curves."""
+    from pyro_blora.report import write_report
+
+    page = write_report(runs, out, base=base, in_domain=in_domain)
+    typer.echo(f"report: {page}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect)
+    app.command("sweep")(sweep)
+    app.command("report")(report)

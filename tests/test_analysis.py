@@ -1,0 +1,173 @@
+"""inspect, sweep and report on a one-layer Whisper: train -> evaluate -> inspect -> report through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import struct
+import zlib
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pyro_blora.analysis import find_runs, load_run_weights, run_summary
+from pyro_blora.cli import app
+from pyro_blora.commands.analysis import _values
+from pyro_blora.config import BLoRAConfig
+from pyro_blora.methods import load_run_model
+from pyro_blora.metrics import sparsity_report
+from pyro_blora.report import markdown_table
+from pyro_blora.sweep import SweepConfig, SweepPoint, sweep_points
+from pyro_blora.weights import load_whisper
+from tests.experiment_fixtures import fake_testbed, small_whisper_folder
+
+runner = CliRunner()
+TRAIN = ("--steps", "2", "--batch-size", "2", "--rank", "2", "--warmup-steps", "1", "--targets", "all-linear",
+         "--no-progress")
+EVAL = ("--domains", "zh-en", "--domains", "backward-es", "--decode-limit", "0", "--batch-size", "2", "--no-progress")
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
+
+
+def assert_png(path):
+    """A complete PNG: signature, a non-empty IHDR and an IEND chunk, every chunk's CRC correct."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    position, chunks = 8, []
+    while position < len(data):
+        (length,) = struct.unpack(">I", data[position:position + 4])
+        kind, body = data[position + 4:position + 8], data[position + 8:position + 8 + length]
+        (crc,) = struct.unpack(">I", data[position + 8 + length:position + 12 + length])
+        assert zlib.crc32(kind + body) == crc, f"{path}: bad CRC in {kind}"
+        chunks.append((kind, body))
+        position += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height = struct.unpack(">II", chunks[0][1][:8])
+    assert width > 50 and height > 50
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """blora and lora runs (two steps, dev curves at step 2), evaluated against the base model."""
+    root = tmp_path_factory.mktemp("analysis")
+    model, testbed, cache = small_whisper_folder(root / "model"), fake_testbed(root / "testbed"), root / "cache"
+    invoke("evaluate", model, "--testbed", testbed, *EVAL, "--cache-dir", cache, "--out", root / "base.json")
+    for method in ("blora", "lora"):
+        invoke("train", "--method", method, "--data", testbed / "zh-en", "--out", root / "runs" / method,
+               "--model", model, "--cache-dir", cache, "--eval-every", "2", "--eval-testbed", testbed,
+               "--eval-domains", "backward-es", "--eval-utterances", "1", "--eval-decoded", "0", *TRAIN)
+        invoke("evaluate", root / "runs" / method, "--testbed", testbed, *EVAL, "--cache-dir", cache,
+               "--base", root / "base.json")
+    return {"root": root, "model": model, "testbed": testbed, "cache": cache}
+
+
+def test_inspect_writes_table_and_plots(workspace):
+    out = workspace["root"] / "inspection"
+    result = invoke("inspect", workspace["root"] / "runs", "--out", out)
+    page = (out / "inspect.md").read_text()
+    for name in ("magnitudes.png", "energy.png", "layers.png"):
+        assert_png(out / name)
+        assert f"]({name})" in page
+    rows = json.loads((out / "inspect.json").read_text())["sparsity"]
+    assert {(r["run"], r["matrix"]) for r in rows} == {(m, x) for m in ("blora", "lora") for x in ("A", "B", "dW")}
+    assert "hoyer_index" in result.output and "| blora | blora | dW |" in result.output
+    layers = json.loads((out / "inspect.json").read_text())["layers"]
+    assert len(layers["blora"]) == 16 and all(row["kl"] > 0 for row in layers["blora"])
+    assert "kl" not in layers["lora"][0]
+
+
+def test_blora_delta_is_what_the_merged_model_adds(workspace):
+    weights = load_run_weights(workspace["root"] / "runs" / "blora")
+    merged, _, _ = load_run_model(workspace["root"] / "runs" / "blora")
+    base, _ = load_whisper(workspace["model"])
+    merged_modules, base_modules = dict(merged.named_modules()), dict(base.named_modules())
+    for path, delta in weights.delta.items():
+        torch.testing.assert_close(merged_modules[path].weight - base_modules[path].weight, delta, atol=1e-6, rtol=1e-4)
+    assert weights.bayesian and set(weights.kl) == set(weights.delta)
+
+
+def test_lora_delta_comes_from_the_peft_adapter(workspace):
+    from safetensors.torch import load_file
+
+    run = workspace["root"] / "runs" / "lora"
+    weights = load_run_weights(run)
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    layer = "model.decoder.layers.0.fc1"
+    A = next(v for k, v in tensors.items() if f".{layer}.lora_A" in k)
+    B = next(v for k, v in tensors.items() if f".{layer}.lora_B" in k)
+    torch.testing.assert_close(weights.delta[layer], 2.0 * B @ A)  # alpha = 2 * rank by default
+    assert weights.sparsity()["dW"] == sparsity_report(weights.delta)
+
+
+def test_report_writes_markdown_plots_and_summary(workspace):
+    out = workspace["root"] / "report"
+    invoke("report", workspace["root"] / "runs", "--out", out)
+    page = (out / "report.md").read_text()
+    images = re.findall(r"\]\(([^)]+\.png)\)", page)
+    assert set(images) == {"frontier.png", "sparsity.png", "curves-blora.png", "curves-lora.png"}
+    for name in images:
+        assert_png(out / name)
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"] for r in rows] == ["blora", "lora"]
+    summary = run_summary(workspace["root"] / "runs" / "blora")
+    expected = (summary["backward_ce"] / json.loads((workspace["root"] / "base.json").read_text())["results"]
+                ["backward-es"]["ce"]) - 1
+    assert summary["backward_ce_change"] == pytest.approx(expected)
+    assert summary["in_domain"] == "zh-en" and summary["beta"] == 0.5
+    assert run_summary(workspace["root"] / "runs" / "lora", sparsity=False)["beta"] is None
+
+
+@pytest.mark.slow
+def test_sweep_skips_finished_points_on_rerun(workspace):
+    out = workspace["root"] / "sweep"
+    args = ("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--out", out,
+            "--model", workspace["model"], "--domains", "zh-en", "--domains", "en", "--betas", "0.5,2",
+            "--ranks", "2", "--steps", "1", "--batch-size", "2", "--warmup-steps", "0", "--decode-limit", "0",
+            "--cache-dir", workspace["cache"], "--no-progress")
+    first = invoke(*args)
+    assert first.output.count(": training") == 2
+    names = ["blora-r2-beta0.5-sp0.01-parameter", "blora-r2-beta2-sp0.01-parameter"]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["point"] for r in results] == names
+    assert results[0]["dW_hoyer_index"] >= 0 and results[0]["backward_ce"] > 0 and "backward_ce_change" in results[0]
+    stamp = (out / "runs" / names[0] / "result.json").stat().st_mtime_ns
+    (out / "runs" / names[1] / "eval.json").unlink()
+    second = invoke(*args)
+    assert second.output.count("finished, skipped") == 1 and ": training" not in second.output
+    assert f"{names[1]}: evaluating" in second.output
+    assert (out / "runs" / names[0] / "result.json").stat().st_mtime_ns == stamp
+    with (out / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 2
+
+
+def test_sweep_grid_points():
+    points = sweep_points(SweepConfig(betas=(0.5, 1.0), prior_scales=(0.01, 0.1), ranks=(4, 8),
+                                      kl_normalizations=("parameter",), methods=("blora", "lora")))
+    assert len(points) == 2 * 2 * 2 + 2
+    assert SweepPoint("lora", 4) in points and len({p.name for p in points}) == len(points)
+    adapter = SweepPoint("blora", 8, 1.0, 0.1, "token").adapter(BLoRAConfig(target_modules=("x",)))
+    assert (adapter.rank, adapter.beta, adapter.prior_scale, adapter.kl_normalization) == (8, 1.0, 0.1, "token")
+
+
+@pytest.mark.parametrize("changes,message", [({"betas": (0.0,)}, "beta must be > 0"), ({"ranks": ()}, "ranks is empty"),
+                                             ({"methods": ("dora",)}, "methods must be among"),
+                                             ({"kl_normalizations": ("batch",)}, "kl_normalizations must be among")])
+def test_sweep_config_names_the_problem(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SweepConfig(**changes)
+
+
+def test_bad_inputs_say_what_to_do(tmp_path):
+    with pytest.raises(typer.BadParameter, match="comma-separated"):
+        _values("0.1,x", float, "--betas")
+    with pytest.raises(FileNotFoundError, match="pyro-blora train"):
+        find_runs([tmp_path])
+    assert markdown_table([{"a": 1.23456, "b": None}]) == "| a | b |\n|---|---|\n| 1.235 | - |"
