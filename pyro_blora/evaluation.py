@@ -166,8 +166,10 @@ def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: 
     for batch_indices in tqdm(order, desc=f"decode {eval_set.name}", disable=not options.progress, leave=False):
         batch = collate([eval_set.dataset[i] for i in batch_indices])
         labels = batch["labels"]
-        longest = int((labels != -100).sum(1).max())
-        new_tokens = min(longest + options.extra_new_tokens, _MAX_DECODER_POSITIONS - 4)
+        # Labels hold the forced prompt after <|startoftranscript|> (language, task, no-timestamps), which
+        # is not generated.
+        longest = int((labels != -100).sum(1).max()) - (3 if multilingual else 1)
+        new_tokens = min(max(1, longest) + options.extra_new_tokens, _MAX_DECODER_POSITIONS - 4)
         kwargs = greedy_generate_kwargs(whisper, multilingual, new_tokens)
         batch_languages = {languages[indices.index(i)] for i in batch_indices}
         features = batch["input_features"].to(next(whisper.parameters()).device, next(whisper.parameters()).dtype)
