@@ -3,8 +3,10 @@
 from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_dataloader, prepare_dataset
+from pyro_blora.evaluation import EvalOptions, evaluate_whisper, load_eval_sets
+from pyro_blora.experiment import MainJobConfig, run_evaluation, run_main_job
 from pyro_blora.features import log_mel_features
-from pyro_blora.guide import BLoRAGuide, build_guide
+from pyro_blora.guide import BLoRAGuide, BLoRAMAPGuide, build_guide
 from pyro_blora.inference import (
     MonteCarloTranscript,
     PointTranscript,
@@ -28,6 +30,7 @@ from pyro_blora.metrics import (
     utterance_error_rates,
     wer,
 )
+from pyro_blora.methods import METHODS, load_run_model, load_training_data, run_training
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
 from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
@@ -42,13 +45,17 @@ from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_pro
 __all__ = [
     "BLoRAConfig",
     "BLoRAGuide",
+    "BLoRAMAPGuide",
     "BLoRAWhisper",
     "BayesianLoRALinear",
     "DataReport",
     "ElboScaling",
     "EnglishOnlyModelError",
     "ErrorCounts",
+    "EvalOptions",
     "HubUnavailableError",
+    "METHODS",
+    "MainJobConfig",
     "MonteCarloTranscript",
     "NonFiniteLossError",
     "PointTranscript",
@@ -71,15 +78,19 @@ __all__ = [
     "energy_curve",
     "error_rate",
     "evaluate_uncertainty",
+    "evaluate_whisper",
     "export_ctranslate2",
     "export_peft",
     "export_posterior_tensors",
     "hoyer_index",
     "import_peft",
     "load_audio",
+    "load_eval_sets",
     "load_posterior",
     "load_processor",
+    "load_run_model",
     "load_speech_dataset",
+    "load_training_data",
     "load_whisper",
     "log_mel_features",
     "lora_delta_weight",
@@ -92,6 +103,9 @@ __all__ = [
     "posterior_mean_model",
     "prepare_dataset",
     "read_posterior_tensors",
+    "run_evaluation",
+    "run_main_job",
+    "run_training",
     "sample_posterior",
     "save_posterior",
     "sparsity_report",
