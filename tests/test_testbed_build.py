@@ -146,3 +146,21 @@ def test_user_text_with_markup(tmp_path):
         bad = tmp_path / "bad.txt"
         bad.write_text("Voy a la [fr: réunion] mañana\n", encoding="utf-8")
         build_from_text(bad, tmp_path / "bad", "es-en", config)
+
+
+def test_built_testbed_becomes_training_batches(tmp_path):
+    from pyro_blora.data import load_speech_dataset, make_dataloader, prepare_dataset
+    from pyro_blora.weights import load_processor
+
+    paths = build_testbed(tmp_path / "tb", TINY, seed=3)
+    processor = load_processor("base")
+    rows = load_speech_dataset(paths["zh-en"], split="train")
+    prepared, report = prepare_dataset(rows, processor, cache_dir=tmp_path / "cache")
+    assert report.kept == len(rows) == 2
+    batch = next(iter(make_dataloader(prepared, processor, batch_size=2, shuffle=False)))
+    assert batch["input_features"].shape == (2, 80, 3000)
+    zh = processor.tokenizer.convert_tokens_to_ids("<|zh|>")
+    assert (batch["labels"][:, 0] == zh).all()  # the matrix language, after the dropped start token
+    for row, labels in zip(rows, batch["labels"]):
+        text = processor.tokenizer.decode([t for t in labels.tolist() if t != -100], skip_special_tokens=True)
+        assert text.strip() == row["text"]
