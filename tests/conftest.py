@@ -11,3 +11,19 @@ def _fresh_pyro_state():
     torch.set_num_threads(2)
     yield
     pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def processor():
+    """The multilingual base processor (tokenizer with the restored merge, feature extractor)."""
+    from pyro_blora.weights import load_processor
+
+    return load_processor("base")
+
+
+@pytest.fixture(scope="session")
+def english_processor():
+    """The English-only tiny.en processor."""
+    from pyro_blora.weights import load_processor
+
+    return load_processor("tiny.en")

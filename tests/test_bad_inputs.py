@@ -12,7 +12,7 @@ import soundfile
 
 from pyro_blora.data import AudioDecodeError, ManifestError, load_audio, load_speech_dataset, prepare_dataset
 from pyro_blora.validation import EnglishOnlyModelError, UnknownLanguageError, check_language
-from tests.test_data import english_processor, processor, tone, write_audio, write_csv  # noqa: F401 - fixtures
+from tests.test_data import tone, write_audio, write_csv
 
 
 # ---------------------------------------------------------------- languages

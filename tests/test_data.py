@@ -32,16 +32,6 @@ from pyro_blora.weights import HubUnavailableError, load_processor
 RATE = 16_000
 
 
-@pytest.fixture(scope="module")
-def processor():
-    return load_processor("base")
-
-
-@pytest.fixture(scope="module")
-def english_processor():
-    return load_processor("tiny.en")
-
-
 def tone(seconds, rate=RATE, frequency=440.0, channels=1, seed=0):
     t = np.arange(int(round(seconds * rate))) / rate
     wave = 0.3 * np.sin(2 * np.pi * frequency * t) + 0.01 * np.random.default_rng(seed).standard_normal(t.size)

@@ -148,12 +148,10 @@ def test_user_text_with_markup(tmp_path):
         build_from_text(bad, tmp_path / "bad", "es-en", config)
 
 
-def test_built_testbed_becomes_training_batches(tmp_path):
+def test_built_testbed_becomes_training_batches(tmp_path, processor):
     from pyro_blora.data import load_speech_dataset, make_dataloader, prepare_dataset
-    from pyro_blora.weights import load_processor
 
     paths = build_testbed(tmp_path / "tb", TINY, seed=3)
-    processor = load_processor("base")
     rows = load_speech_dataset(paths["zh-en"], split="train")
     prepared, report = prepare_dataset(rows, processor, cache_dir=tmp_path / "cache")
     assert report.kept == len(rows) == 2

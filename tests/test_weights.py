@@ -32,16 +32,6 @@ from pyro_blora.weights import (
 )
 
 
-@pytest.fixture(scope="module")
-def base_processor():
-    return load_processor("base")
-
-
-@pytest.fixture(scope="module")
-def tiny_en_processor():
-    return load_processor("tiny.en")
-
-
 def test_restore_missing_merges_recovers_dropped_first_merge():
     vocab = {c: i for i, c in enumerate("abcĠt")}
     vocab.update({"Ġt": 5, "he": 6, "Ġthe": 7, "Ġthec": 8})
@@ -53,14 +43,14 @@ def test_restore_missing_merges_recovers_dropped_first_merge():
 
 @pytest.mark.parametrize("name, the_id", [("base", 264), ("tiny.en", 262)])
 def test_the_is_one_token(name, the_id, request):
-    processor = request.getfixturevalue(name.replace(".", "_") + "_processor")
+    processor = request.getfixturevalue({"base": "processor", "tiny.en": "english_processor"}[name])
     assert processor.tokenizer(" the", add_special_tokens=False).input_ids == [the_id]
     ids = processor.tokenizer(" the cat sat on the mat.", add_special_tokens=False).input_ids
     assert processor.tokenizer.decode(ids) == " the cat sat on the mat."
 
 
-def test_base_vocabulary_and_prompt_ids_match_hub(base_processor):
-    tokenizer = base_processor.tokenizer
+def test_base_vocabulary_and_prompt_ids_match_hub(processor):
+    tokenizer = processor.tokenizer
     assert len(tokenizer) == 51865
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|es|>"]) == [
         50257,
@@ -83,15 +73,15 @@ def test_base_vocabulary_and_prompt_ids_match_hub(base_processor):
         assert tokenizer.prefix_tokens == [50258, 50260, 50358, 50363]
     finally:
         tokenizer.set_prefix_tokens(language="english", task="transcribe")
-    assert base_processor.get_decoder_prompt_ids(language="french", task="transcribe") == [
+    assert processor.get_decoder_prompt_ids(language="french", task="transcribe") == [
         (1, 50265),
         (2, 50359),
         (3, 50363),
     ]
 
 
-def test_tiny_en_vocabulary_and_prompt_ids_match_hub(tiny_en_processor):
-    tokenizer = tiny_en_processor.tokenizer
+def test_tiny_en_vocabulary_and_prompt_ids_match_hub(english_processor):
+    tokenizer = english_processor.tokenizer
     assert len(tokenizer) == 51864
     assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|startoftranscript|>", "<|notimestamps|>"]) == [
         50256,
@@ -100,11 +90,11 @@ def test_tiny_en_vocabulary_and_prompt_ids_match_hub(tiny_en_processor):
     ]
     assert tokenizer("Hello world").input_ids == [50257, 50362, 15496, 995, 50256]
     assert tokenizer.pad_token_id == tokenizer.eos_token_id == 50256
-    assert tiny_en_processor.feature_extractor.feature_size == 80
+    assert english_processor.feature_extractor.feature_size == 80
 
 
-def test_timestamps_decode(base_processor):
-    tokenizer = base_processor.tokenizer
+def test_timestamps_decode(processor):
+    tokenizer = processor.tokenizer
     ids = [50364, *tokenizer(" Hello", add_special_tokens=False).input_ids, 50400]
     assert tokenizer.decode(ids, skip_special_tokens=True) == " Hello"
     assert tokenizer.decode(ids, decode_with_timestamps=True) == "<|0.00|> Hello<|0.72|>"
@@ -212,10 +202,10 @@ def _normalise(text: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_random_model(base_processor):
+def tiny_random_model(processor):
     torch.manual_seed(0)
     config = WhisperConfig(
-        vocab_size=len(base_processor.tokenizer),
+        vocab_size=len(processor.tokenizer),
         num_mel_bins=80,
         d_model=64,
         encoder_layers=2,
@@ -232,7 +222,7 @@ def tiny_random_model(base_processor):
         eos_token_id=50257,
     )
     model = WhisperForConditionalGeneration(config).eval()
-    model.generation_config = whisper_generation_config(bundled_files("base").generation_settings(), base_processor.tokenizer)
+    model.generation_config = whisper_generation_config(bundled_files("base").generation_settings(), processor.tokenizer)
     with torch.no_grad():
         for parameter in model.parameters():  # layer norms and biases too, so a swapped name shows
             parameter.copy_(0.05 * torch.randn_like(parameter))
@@ -253,9 +243,9 @@ def _quantisation_bound(name: str, original: torch.Tensor, quantization: str) ->
 
 @pytest.mark.parametrize("quantization", ["float32", "float16", "int8"])
 def test_round_trip_through_ctranslate2_reproduces_every_tensor(
-    quantization, tiny_random_model, base_processor, tmp_path
+    quantization, tiny_random_model, processor, tmp_path
 ):
-    folder = export_ctranslate2(tiny_random_model, base_processor, tmp_path / "ct2", quantization=quantization)
+    folder = export_ctranslate2(tiny_random_model, processor, tmp_path / "ct2", quantization=quantization)
     restored, processor = load_whisper(folder)
     original = tiny_random_model.state_dict()
     restored_state = restored.state_dict()
@@ -265,24 +255,24 @@ def test_round_trip_through_ctranslate2_reproduces_every_tensor(
         diff = (restored_state[name] - tensor).abs()
         assert (diff <= bound).all(), f"{name}: max diff {diff.max():.3g} over bound ({quantization})"
     assert restored.proj_out.weight is restored.model.decoder.embed_tokens.weight
-    assert len(processor.tokenizer) == len(base_processor.tokenizer)
+    assert len(processor.tokenizer) == len(processor.tokenizer)
 
 
-def test_leftover_ctranslate2_variable_is_refused(tiny_random_model, base_processor, tmp_path):
+def test_leftover_ctranslate2_variable_is_refused(tiny_random_model, processor, tmp_path):
     from pyro_blora.ctranslate2_io import read_variables, transformers_state_dict
 
-    folder = export_ctranslate2(tiny_random_model, base_processor, tmp_path / "ct2", quantization="float32")
+    folder = export_ctranslate2(tiny_random_model, processor, tmp_path / "ct2", quantization="float32")
     variables = read_variables((folder / "model.bin",))
     variables["decoder/layer_0/mystery/weight"] = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="mystery"):
         transformers_state_dict(variables, tiny_random_model.config)
 
 
-def test_quantization_and_model_type_are_checked(tiny_random_model, base_processor, tmp_path):
+def test_quantization_and_model_type_are_checked(tiny_random_model, processor, tmp_path):
     with pytest.raises(ValueError, match="int4"):
-        export_ctranslate2(tiny_random_model, base_processor, tmp_path, quantization="int4")
+        export_ctranslate2(tiny_random_model, processor, tmp_path, quantization="int4")
     with pytest.raises(TypeError, match="merge the adapters"):
-        export_ctranslate2(tiny_random_model.model, base_processor, tmp_path)
+        export_ctranslate2(tiny_random_model.model, processor, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,11 +294,11 @@ def test_conversion_is_cached_atomically(conversion_cache):
 # --------------------------------------------------------------------------------------------
 
 
-def test_features_match_faster_whisper(english_clips, tiny_en_processor):
+def test_features_match_faster_whisper(english_clips, english_processor):
     from faster_whisper.audio import pad_or_trim
     from faster_whisper.feature_extractor import FeatureExtractor
 
-    ours = log_mel_features(tiny_en_processor.feature_extractor, english_clips[0])[0].numpy()
+    ours = log_mel_features(english_processor.feature_extractor, english_clips[0])[0].numpy()
     # faster-whisper drops the last frame, then pads each 30 s window's frames with zeros.
     theirs = pad_or_trim(FeatureExtractor(feature_size=80)(english_clips[0])[:, :-1])
     np.testing.assert_allclose(ours, theirs, atol=2e-4, rtol=0)
