@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from safetensors.torch import load_file, save_file
 from transformers import WhisperForConditionalGeneration
 

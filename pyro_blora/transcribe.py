@@ -35,7 +35,6 @@ from typing import IO, Any, Iterable, Iterator, Literal, Sequence
 
 import jiwer
 import pyro
-import torch
 from tqdm.auto import tqdm
 
 from pyro_blora.data import load_audio, load_speech_dataset

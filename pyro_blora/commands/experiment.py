@@ -11,7 +11,7 @@ import typer
 from pyro_blora.config import BLoRAConfig, DEFAULT_TARGETS, TrainConfig
 from pyro_blora.evaluation import EvalOptions, format_table
 from pyro_blora.experiment import ALL_LINEAR_TARGETS, MainJobConfig, run_evaluation, run_main_job
-from pyro_blora.methods import METHODS, load_training_data, read_run_config, run_training
+from pyro_blora.methods import METHODS, load_training_data, run_training
 from pyro_blora.weights import load_processor
 
 TARGET_PRESETS = {"qk": DEFAULT_TARGETS, "all-linear": ALL_LINEAR_TARGETS}
