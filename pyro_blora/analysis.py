@@ -274,7 +274,7 @@ def monte_carlo_examples(run_dir: str | Path, count: int = 3, num_samples: int =
     import pyro
 
     from pyro_blora.data import is_english_only, load_speech_dataset
-    from pyro_blora.evaluation import greedy_generate_kwargs
+    from pyro_blora.decoding import greedy_generate_kwargs
     from pyro_blora.inference import monte_carlo_transcribe
     from pyro_blora.posterior import load_posterior, read_posterior_config
     from pyro_blora.weights import load_whisper
@@ -292,7 +292,6 @@ def monte_carlo_examples(run_dir: str | Path, count: int = 3, num_samples: int =
     prepared = data.dataset.prepared
     # Greedy decoding with the evaluation's fast token suppression.
     generate_kwargs = greedy_generate_kwargs(whisper, not is_english_only(processor.tokenizer), max_new_tokens)
-    generate_kwargs.update(suppress_tokens=None, begin_suppress_tokens=None)  # done by its logits processor
     pyro.set_rng_seed(seed)
     languages, texts = prepared["language"], prepared["text"]
     out: list[dict[str, Any]] = [{} for _ in texts]

@@ -9,7 +9,6 @@ model, a merged posterior mean, a merged peft adapter or a fully fine-tuned mode
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,18 +17,17 @@ from typing import Any, Mapping, Sequence
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, WhisperForConditionalGeneration
+from transformers import WhisperForConditionalGeneration
 
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, is_english_only
 from pyro_blora.data import load_speech_dataset, prepare_dataset
+from pyro_blora.decoding import greedy_generate_kwargs
 from pyro_blora.inference import token_nll
 from pyro_blora.metrics import error_rate, scoring_unit
 
 __all__ = [
     "EvalOptions",
     "EvalSet",
-    "IndexedSuppression",
-    "greedy_generate_kwargs",
     "evaluate_whisper",
     "format_table",
     "load_eval_sets",
@@ -116,36 +114,6 @@ def load_eval_sets(
 
 def _batches(items: Sequence[int], size: int) -> list[list[int]]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
-
-
-class IndexedSuppression(LogitsProcessor):
-    """Whisper's token suppression (``suppress_tokens`` at every step, ``begin_suppress_tokens`` at
-    the first generated position) by indexing. transformers' processors build a ``torch.isin`` mask
-    over the vocabulary at every step, which costs 20-400 ms per step on a busy 2-core CPU, more than
-    the decoder step itself; the scores are the same."""
-
-    def __init__(self, suppress_tokens: Sequence[int], begin_suppress_tokens: Sequence[int], begin_index: int) -> None:
-        self.suppress = torch.tensor(sorted(set(suppress_tokens or ())), dtype=torch.long)
-        self.begin = torch.tensor(sorted(set(begin_suppress_tokens or ())), dtype=torch.long)
-        self.begin_index = begin_index
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        scores = scores.clone()
-        scores[:, self.suppress.to(scores.device)] = -float("inf")
-        if input_ids.shape[-1] == self.begin_index:
-            scores[:, self.begin.to(scores.device)] = -float("inf")
-        return scores
-
-
-def greedy_generate_kwargs(whisper, multilingual: bool, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy-search arguments with :class:`IndexedSuppression` in place of transformers' suppression."""
-    config = copy.deepcopy(whisper.generation_config)
-    # The forced prompt: <|startoftranscript|> [<|lang|> <|transcribe|>] <|notimestamps|>.
-    processor = IndexedSuppression(config.suppress_tokens, config.begin_suppress_tokens, 4 if multilingual else 2)
-    config.suppress_tokens = None
-    config.begin_suppress_tokens = None
-    return dict(generation_config=config, logits_processor=LogitsProcessorList([processor]),
-                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
 
 
 def _language_names(whisper) -> dict[int, str]:

@@ -227,3 +227,28 @@ def test_cli_writes_jsonl_and_table(real_sized_tiny, tmp_path):
     assert [tuple(line) for line in lines] == [JSONL_KEYS] * 2
     assert all(line["chooser"] == "mbr" and line["num_samples"] == 2 for line in lines)
     assert "Monte Carlo transcripts" in result.output
+
+
+def test_indexed_suppression_decodes_as_transformers_own_suppression():
+    """Monte Carlo decoding suppresses tokens by indexing; transformers' processors give the same."""
+    from transformers import LogitsProcessorList
+
+    from pyro_blora.inference import _decode
+
+    model, guide = noisy_posterior(stddev=0.05)
+    config = model.whisper.generation_config
+    config.suppress_tokens = list(range(3, 40))
+    config.begin_suppress_tokens = [EOT, 41, 42]
+    features = torch.randn(3, MELS, FRAMES, generator=torch.Generator().manual_seed(2))
+    with model.hold_adapters(guide.means()):
+        fast = _decode(model, features, {"max_new_tokens": 6})
+        slow = _decode(model, features, {"max_new_tokens": 6, "logits_processor": LogitsProcessorList()})
+        free = _decode(model, features, {"max_new_tokens": 6, "logits_processor": LogitsProcessorList(),
+                                          "suppress_tokens": None, "begin_suppress_tokens": None})
+    assert torch.equal(fast.sequences, slow.sequences)
+    torch.testing.assert_close(fast.mean_log_prob, slow.mean_log_prob)
+    generated = fast.sequences[:, 1:]
+    assert not ((generated >= 3) & (generated < 40)).any()
+    assert not torch.isin(generated[:, 0], torch.tensor([EOT, 41, 42])).any()
+    # Not vacuous: without suppression the model picks some of those tokens.
+    assert not torch.equal(free.sequences, fast.sequences)
