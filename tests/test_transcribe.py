@@ -30,7 +30,7 @@ from pyro_blora.transcribe import (
     word_confidences,
     write_jsonl,
 )
-from tests.tiny import EOT, FRAMES, MELS, SOT, tiny_config, tiny_whisper
+from tests.tiny import EOT, FRAMES, MELS, tiny_config, tiny_whisper
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
