@@ -34,6 +34,7 @@ __all__ = [
     "blora_config_from_peft",
     "export_peft",
     "import_peft",
+    "peft_site_values",
     "prune_means",
     "read_peft_adapter",
 ]
@@ -250,18 +251,28 @@ def _check_fits(adapter: PeftAdapter, model: BLoRAWhisper, source: str) -> None:
         )
 
 
+def _site_values(adapter: PeftAdapter, model: BLoRAWhisper, source: str) -> dict[str, torch.Tensor]:
+    _check_fits(adapter, model, source)
+    return {
+        site_name(path, leaf): value
+        for path, (lora_A, lora_B) in adapter.weights.items()
+        for leaf, value in (("lora_A", lora_A), ("lora_B", lora_B))
+    }
+
+
+def peft_site_values(folder: str | Path, model: BLoRAWhisper) -> dict[str, torch.Tensor]:
+    """A peft adapter's A and B keyed by the model's sample sites, e.g. to hold a plain LoRA in the
+    BLoRA model (``model.hold_adapters``). The adapter must fit the model's BLoRAConfig."""
+    return _site_values(read_peft_adapter(folder), model, str(folder))
+
+
 @torch.no_grad()
 def import_peft(folder: str | Path, model: BLoRAWhisper, guide: BLoRAGuide) -> PeftAdapter:
     """Set the guide's posterior means to a peft adapter's A and B (scales stay as they are).
 
     The adapter must fit the model's BLoRAConfig (rank, alpha / r, adapted layers) and base model."""
     adapter = read_peft_adapter(folder)
-    _check_fits(adapter, model, str(folder))
-    values = {
-        site_name(path, leaf): value
-        for path, (lora_A, lora_B) in adapter.weights.items()
-        for leaf, value in (("lora_A", lora_A), ("lora_B", lora_B))
-    }
+    values = _site_values(adapter, model, str(folder))
     try:
         guide.set_means(values)
     except ValueError as error:

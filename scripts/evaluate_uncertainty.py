@@ -46,6 +46,7 @@ from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start
 from pyro_blora.inference import minimum_bayes_risk, monte_carlo_transcribe, point_transcribe
 from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
+from pyro_blora.peft_io import peft_site_values
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
 from pyro_blora.training import batch_order
 from pyro_blora.transcribe import UtteranceTranscript, collect_utterances, word_confidences
@@ -128,14 +129,26 @@ def _sample_prefix_records(batch, mc, lora_points, sizes, timing) -> list[dict]:
     return rows
 
 
+def _lora_values(path: Path, model) -> dict[str, torch.Tensor]:
+    """Plain LoRA adapter values for the model's sites: a safetensors file of site values, a peft
+    adapter folder, or a ``pyro-blora train --method lora`` run folder."""
+    if path.is_file():
+        return load_file(str(path))
+    if (path / "adapter").is_dir():
+        path = path / "adapter"
+    return peft_site_values(path, model)
+
+
 def evaluate(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     posterior = Path(args.posterior or Path(args.train_dir) / "blora")
     whisper, processor = load_whisper(args.model)
+    if (posterior / "posterior").is_dir():  # a blora run folder
+        posterior = posterior / "posterior"
     model, guide = load_posterior(posterior, whisper)
     lora_path = Path(args.lora) if args.lora else (Path(args.train_dir) / "lora.safetensors" if args.train_dir else None)
-    lora = load_file(str(lora_path)) if lora_path is not None and lora_path.exists() else None
+    lora = _lora_values(lora_path, model) if lora_path is not None and lora_path.exists() else None
     sizes = sorted(set(args.samples))
     largest = sizes[-1]
     domains = args.domains or sorted(p.name for p in Path(args.testbed).iterdir() if (p / "dataset_dict.json").exists())
@@ -245,8 +258,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--lora-steps", type=int, default=0, help="steps of the plain LoRA baseline (0: no LoRA baseline)")
     parser.add_argument("--train-only", action="store_true", help="stop after phase 1")
-    parser.add_argument("--posterior", help="evaluate this posterior folder instead of the one in --train-dir")
-    parser.add_argument("--lora", help="LoRA adapter values (safetensors of adapter sites) for the baseline")
+    parser.add_argument("--posterior", help="evaluate this posterior (or blora run) folder instead of the one in --train-dir")
+    parser.add_argument("--lora", help="LoRA baseline: a lora run folder, a peft adapter folder, or safetensors of adapter sites")
     parser.add_argument("--domains", nargs="*", help="testbed domains (default: all)")
     parser.add_argument("--clips-per-domain", type=int, default=8)
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4, 8, 16], help="values of S")

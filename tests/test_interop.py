@@ -18,7 +18,7 @@ from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft,
 from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
 from pyro_blora.tracking import make_tracker
 from pyro_blora.hub import push_to_hub
-from tests.tiny import TinyTask, collate, tiny_whisper
+from tests.tiny import FRAMES, MELS, SOT, TinyTask, collate, tiny_whisper
 
 peft = pytest.importorskip("peft")
 
@@ -361,3 +361,18 @@ def test_commands_move_adapters_between_formats(trained, tmp_path, hub):
     assert header["prior_scale"] == 0.02 and header["metadata"]["base_model"] == str(tmp_path / "base")
     assert "someone/cli" in invoke("push", tmp_path / "peft", "someone/cli", "--kind", "peft")
     assert "adapter_model.safetensors" in hub.uploads[0]["files"]
+
+
+def test_peft_adapter_held_in_the_blora_model_reproduces_peft_logits(tmp_path):
+    """A plain LoRA baseline can be evaluated inside the BLoRA model (e.g. its token log-probabilities)."""
+    from pyro_blora.peft_io import peft_site_values
+
+    folder = peft_lora(tmp_path, r=4, alpha=8)
+    model, _ = make(blora_config_from_peft(folder))
+    peft_model = peft.PeftModel.from_pretrained(tiny_whisper(), str(folder)).eval()
+    features = torch.randn(2, MELS, FRAMES)
+    decoder_ids = torch.full((2, 3), SOT)
+    with torch.no_grad(), model.hold_adapters(peft_site_values(folder, model)):
+        ours = model.whisper(input_features=features, decoder_input_ids=decoder_ids).logits
+    theirs = peft_model(input_features=features, decoder_input_ids=decoder_ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
