@@ -54,7 +54,11 @@ def _suppression_kwargs(whisper, multilingual: bool | None) -> dict[str, Any]:
 
 def greedy_generate_kwargs(whisper, multilingual: bool | None, max_new_tokens: int) -> dict[str, Any]:
     """Greedy-search arguments with :class:`IndexedSuppression` in place of transformers' suppression."""
-    return dict(**_suppression_kwargs(whisper, multilingual), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    kwargs = _suppression_kwargs(whisper, multilingual)
+    config = kwargs["generation_config"]
+    # Set on the config itself: transformers warns about arguments given both ways.
+    config.max_new_tokens, config.max_length, config.do_sample, config.num_beams = max_new_tokens, None, False, 1
+    return kwargs
 
 
 def with_fast_suppression(whisper, generate_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
