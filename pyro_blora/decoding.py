@@ -8,12 +8,13 @@ over the vocabulary at every decoding step; on a CPU that costs more than the de
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-__all__ = ["IndexedSuppression", "greedy_generate_kwargs", "with_fast_suppression"]
+__all__ = ["IndexedSuppression", "generate", "greedy_generate_kwargs", "with_fast_suppression"]
 
 
 class IndexedSuppression(LogitsProcessor):
@@ -68,3 +69,25 @@ def with_fast_suppression(whisper, generate_kwargs: Mapping[str, Any] | None) ->
     if "generation_config" in kwargs or "logits_processor" in kwargs:
         return kwargs
     return {**_suppression_kwargs(whisper, None), **kwargs}
+
+
+@contextmanager
+def _model_suppression_cleared(whisper) -> Iterator[None]:
+    """transformers refills a generation config's unset (None) suppression lists from the model's own
+    generation config, so its processors would run next to ours; clear them for the call."""
+    config = whisper.generation_config
+    saved = (config.suppress_tokens, config.begin_suppress_tokens)
+    config.suppress_tokens = config.begin_suppress_tokens = None
+    try:
+        yield
+    finally:
+        config.suppress_tokens, config.begin_suppress_tokens = saved
+
+
+def generate(whisper, input_features, **generate_kwargs: Any):
+    """``whisper.generate`` with :class:`IndexedSuppression` doing Whisper's token suppression alone
+    (unless the caller brought their own generation config or logits processors without it)."""
+    kwargs = with_fast_suppression(whisper, generate_kwargs)
+    ours = any(isinstance(p, IndexedSuppression) for p in kwargs.get("logits_processor") or ())
+    with _model_suppression_cleared(whisper) if ours else nullcontext():
+        return whisper.generate(input_features, **kwargs)

@@ -21,7 +21,7 @@ from transformers import WhisperForConditionalGeneration
 
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, is_english_only
 from pyro_blora.data import load_speech_dataset, prepare_dataset
-from pyro_blora.decoding import greedy_generate_kwargs
+from pyro_blora.decoding import generate, greedy_generate_kwargs
 from pyro_blora.inference import token_nll
 from pyro_blora.metrics import error_rate, scoring_unit
 
@@ -146,7 +146,7 @@ def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: 
                 kwargs.update(language=batch_languages.pop(), task="transcribe")
             else:
                 kwargs.update(language=[languages[indices.index(i)] for i in batch_indices], task="transcribe")
-        ids = whisper.generate(features, **kwargs)
+        ids = generate(whisper, features, **kwargs)
         hypotheses.extend(t.strip() for t in processor.tokenizer.batch_decode(ids, skip_special_tokens=True))
         if multilingual and eval_set.language_id and options.language_id:
             found = whisper.detect_language(features)

@@ -16,7 +16,7 @@ from pyro.infer import Predictive
 from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pyro_blora.decoding import with_fast_suppression
+from pyro_blora.decoding import generate
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
 from pyro_blora.model import BLoRAWhisper
@@ -109,8 +109,7 @@ class _Decoded:
 
 def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: Mapping) -> _Decoded:
     """Greedy/beam decode with the adapters as currently held; per-row entropy and token log-probability."""
-    kwargs = with_fast_suppression(model.whisper, generate_kwargs)
-    out = model.whisper.generate(input_features, output_logits=True, return_dict_in_generate=True, **kwargs)
+    out = generate(model.whisper, input_features, output_logits=True, return_dict_in_generate=True, **generate_kwargs)
     sequences = out.sequences
     logits = torch.stack(out.logits, dim=1).float()  # (rows, steps, vocab)
     log_p = torch.log_softmax(logits, dim=-1)

@@ -229,11 +229,21 @@ def test_cli_writes_jsonl_and_table(real_sized_tiny, tmp_path):
     assert "Monte Carlo transcripts" in result.output
 
 
-def test_indexed_suppression_decodes_as_transformers_own_suppression():
-    """Monte Carlo decoding suppresses tokens by indexing; transformers' processors give the same."""
+def test_indexed_suppression_decodes_as_transformers_own_suppression(monkeypatch):
+    """Monte Carlo decoding suppresses tokens by indexing, alone; transformers' processors give the same."""
     from transformers import LogitsProcessorList
+    from transformers.generation import logits_process
 
     from pyro_blora.inference import _decode
+
+    calls = []
+    original = logits_process.SuppressTokensLogitsProcessor.__call__
+
+    def counted(self, input_ids, scores):
+        calls.append(1)
+        return original(self, input_ids, scores)
+
+    monkeypatch.setattr(logits_process.SuppressTokensLogitsProcessor, "__call__", counted)
 
     model, guide = noisy_posterior(stddev=0.05)
     config = model.whisper.generation_config
@@ -242,9 +252,12 @@ def test_indexed_suppression_decodes_as_transformers_own_suppression():
     features = torch.randn(3, MELS, FRAMES, generator=torch.Generator().manual_seed(2))
     with model.hold_adapters(guide.means()):
         fast = _decode(model, features, {"max_new_tokens": 6})
+        assert not calls  # transformers' own suppression did not run as well
+        assert config.suppress_tokens == list(range(3, 40))  # the model's config is left as it was
         slow = _decode(model, features, {"max_new_tokens": 6, "logits_processor": LogitsProcessorList()})
         free = _decode(model, features, {"max_new_tokens": 6, "logits_processor": LogitsProcessorList(),
                                           "suppress_tokens": None, "begin_suppress_tokens": None})
+    assert calls  # the comparison ran transformers' suppression
     assert torch.equal(fast.sequences, slow.sequences)
     torch.testing.assert_close(fast.mean_log_prob, slow.mean_log_prob)
     generated = fast.sequences[:, 1:]
