@@ -13,6 +13,15 @@ from pyro_blora.experiment import ALL_LINEAR_TARGETS
 from pyro_blora.methods import load_run_model, load_training_data, run_training
 from pyro_blora.objective import analytic_kl
 from pyro_blora.posterior import load_posterior
+from pyro_blora.sequential import (
+    STRATEGIES,
+    SequenceConfig,
+    average_final,
+    backward_transfer,
+    forgetting,
+    plan_sequence,
+    run_sequence,
+)
 from pyro_blora.weights import load_processor, load_whisper
 from tests.experiment_fixtures import sequence_testbed, small_whisper_folder
 
@@ -102,3 +111,72 @@ def test_a_run_folder_is_a_model_source_and_lora_continues_its_adapter(workspace
     chained, _, description = load_run_model(fresh)
     assert "blora" in description
     assert any(not torch.equal(p, merged_first.state_dict()[n]) for n, p in chained.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------- sequences
+def sequence_config(workspace, strategy: str, **changes) -> SequenceConfig:
+    values = dict(strategy=strategy, domains=("zh-en", "es-en"), model=str(workspace["model"]), blora=ADAPTER,
+                  train=STEPS, replay_size=2, eval_limit=1, evaluation=EVAL)
+    values.update(changes)
+    return SequenceConfig(**values)
+
+
+def test_metrics_of_a_hand_made_matrix():
+    # Columns: en (original, step 0), d1 (step 1), d2 (step 2); rows: start, after d1, after d2.
+    matrix = [[0.10, 0.80, 0.90],
+              [0.20, 0.30, 0.70],
+              [0.25, 0.50, 0.40]]
+    learned_at = [0, 1, 2]
+    assert average_final(matrix) == pytest.approx((0.25 + 0.50 + 0.40) / 3)
+    assert backward_transfer(matrix, learned_at) == pytest.approx(((0.25 - 0.10) + (0.50 - 0.30)) / 2)
+    assert forgetting(matrix, learned_at) == pytest.approx([0.25 - 0.10, 0.50 - 0.30, None])
+    improving = [[0.5, 0.9], [0.4, 0.3], [0.35, 0.2]]  # en keeps improving; d1 learned at step 2 only
+    assert backward_transfer(improving, [0, 2]) == pytest.approx(0.35 - 0.5)  # negative: later steps helped
+    assert forgetting(improving, [0, 2]) == pytest.approx([0.35 - 0.4, None])
+
+
+def test_strategies_plan_their_steps_and_share_first_steps(workspace, tmp_path):
+    plans = {s: plan_sequence(sequence_config(workspace, s), tmp_path) for s in STRATEGIES}
+    order = tmp_path / "zh-en_es-en"
+    assert plans["blora-prior"][0] == plans["blora-fresh"][0]
+    assert plans["lora-replay"][0] == plans["lora"][0]
+    assert plans["blora-prior"][1].prior_from == order / "blora-fresh" / "step1-zh-en"
+    assert plans["blora-fresh"][1].model_source == str(order / "blora-fresh" / "step1-zh-en")
+    assert plans["lora"][1].init_from == order / "lora" / "step1-zh-en" and plans["lora"][1].replay == ()
+    assert plans["lora-replay"][1].replay == ("zh-en",)
+    assert plans["lora-replay"][1].run_dir == order / "lora-replay" / "step2-es-en"
+
+
+def test_bad_sequences_are_refused(workspace, tmp_path):
+    with pytest.raises(ValueError, match="unknown strategy 'ewc'"):
+        sequence_config(workspace, "ewc")
+    with pytest.raises(ValueError, match=r"unknown domains \['fr-en'\]"):
+        run_sequence(sequence_config(workspace, "lora", domains=("zh-en", "fr-en")), workspace["testbed"], tmp_path)
+    with pytest.raises(ValueError, match="once"):
+        sequence_config(workspace, "lora", domains=("zh-en", "en"))
+
+
+def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
+    config = sequence_config(workspace, "blora-prior")
+    whole = run_sequence(config, workspace["testbed"], tmp_path / "whole", echo=lambda line: None)
+
+    def kill_after_first(step):
+        if step.number == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sequence(config, workspace["testbed"], tmp_path / "killed", after_step=kill_after_first, echo=lambda line: None)
+    lines = []
+    resumed = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lines.append)
+    assert not any("step 1/2: blora" in line for line in lines)  # the first step was not trained again
+    assert resumed.matrices == whole.matrices
+    assert set(whole.matrices) == {"error_rate", "ce"} and len(whole.matrices["ce"]) == 3
+    assert whole.columns == ["en", "zh-en", "es-en"] and whole.rows == ["start", "step1-zh-en", "step2-es-en"]
+    # A step killed mid-training resumes from its checkpoint: drop step 2's end and run again.
+    step2 = tmp_path / "killed" / "zh-en_es-en" / "blora-prior" / "step2-es-en"
+    for name in ("result.json", "checkpoints/step-00000002.pt"):
+        (step2 / name).unlink()
+    for stale in list(step2.glob("eval-*.json")):
+        stale.unlink()
+    again = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lambda line: None)
+    assert again.matrices == whole.matrices
