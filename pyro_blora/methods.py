@@ -61,6 +61,7 @@ __all__ = [
     "TrainingData",
     "load_training_data",
     "run_training",
+    "base_model_of",
     "load_run_model",
     "read_run_config",
     "run_finished",
@@ -342,12 +343,27 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A run folder, as opposed to a saved model (which has a config.json too, but no log)."""
+    return (folder / "config.json").is_file() and (folder / "log.jsonl").exists()
+
+
+def base_model_of(source: str | Path) -> str:
+    """The model under a chain of run folders (``source`` itself if it is a model): where the
+    processor of a run's model is loaded from."""
+    folder = Path(source)
+    if not _is_run_folder(folder):
+        return str(source)
+    run = read_run_config(folder)["run"]
+    return str(folder / WEIGHT_FOLDERS["full"]) if run["method"] == "full" else base_model_of(run["model_source"])
+
+
 def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration, Any, str]:
     """A plain Whisper for evaluation, its processor and a description: a run folder (posterior mean,
     merged adapter, or fully fine-tuned weights, on its base, which may itself be a run folder) or any
     model :func:`~pyro_blora.weights.load_whisper` takes."""
     folder = Path(source)
-    if not (folder / "config.json").is_file() or not (folder / "log.jsonl").exists():
+    if not _is_run_folder(folder):
         whisper, processor = load_whisper(source)
         return whisper, processor, f"model {source}"
     run = read_run_config(folder)["run"]

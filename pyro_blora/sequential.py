@@ -37,7 +37,7 @@ from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset
 from pyro_blora.evaluation import EvalOptions, EvalSet, load_eval_sets
 from pyro_blora.experiment import read_eval, run_evaluation
-from pyro_blora.methods import TrainingData, load_training_data, run_finished, run_training
+from pyro_blora.methods import TrainingData, base_model_of, load_training_data, run_finished, run_training
 from pyro_blora.report import markdown_table, save_figure
 from pyro_blora.weights import load_processor
 
@@ -362,7 +362,7 @@ def run_sequence(
     _check_domains(testbed, config)
     folder = out / order_name(config.domains) / config.strategy
     _record_config(folder / "sequence.json", config)
-    processor = load_processor(config.model)
+    processor = load_processor(base_model_of(config.model))
     cache = out / "cache"
     sets = load_eval_sets(testbed, config.columns, processor, limit=config.eval_limit, cache_dir=cache)
     label = f"{order_name(config.domains)}/{config.strategy}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,17 +11,20 @@ import torch
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.evaluation import EvalOptions
 from pyro_blora.experiment import ALL_LINEAR_TARGETS
-from pyro_blora.methods import load_run_model, load_training_data, run_training
+from pyro_blora.methods import base_model_of, load_run_model, load_training_data, run_training
 from pyro_blora.objective import analytic_kl
 from pyro_blora.posterior import load_posterior
 from pyro_blora.sequential import (
     STRATEGIES,
     SequenceConfig,
+    SequenceResult,
     average_final,
     backward_transfer,
     forgetting,
     plan_sequence,
+    plot_matrix,
     run_sequence,
+    write_comparison,
 )
 from pyro_blora.weights import load_processor, load_whisper
 from tests.experiment_fixtures import sequence_testbed, small_whisper_folder
@@ -95,21 +99,13 @@ def test_map_prior_from_is_a_penalty_towards_the_previous_point(workspace, first
     assert torch.allclose(prior.scale, torch.tensor(ADAPTER.prior_scale))
 
 
-def test_a_run_folder_is_a_model_source_and_lora_continues_its_adapter(workspace, tmp_path):
-    data = workspace["data"]
-    first = tmp_path / "lora1"
-    run_training("lora", workspace["model"], data["zh-en"], first, ADAPTER, STEPS)
-    second = tmp_path / "lora2"
-    run_training("lora", workspace["model"], data["es-en"], second, ADAPTER, STEPS, init_from=first)
-    merged_first, _, _ = load_run_model(first)
-    merged_second, _, _ = load_run_model(second)
-    changed = [n for n, p in merged_second.state_dict().items() if not torch.equal(p, merged_first.state_dict()[n])]
-    assert changed
-    # A fresh BLoRA on top of the first run's merged model: evaluation loads the chain run -> run -> base.
+def test_a_run_folder_is_a_model_source(workspace, first_blora, tmp_path):
+    # A fresh BLoRA on the first run's posterior mean merged into its base; evaluation loads run -> run -> base.
     fresh = tmp_path / "fresh"
-    run_training("blora", first, data["es-en"], fresh, ADAPTER, STEPS)
+    run_training("blora", first_blora, workspace["data"]["es-en"], fresh, ADAPTER, STEPS.replace(steps=1))
+    merged_first, _, _ = load_run_model(first_blora)
     chained, _, description = load_run_model(fresh)
-    assert "blora" in description
+    assert "blora run fresh" in description and base_model_of(fresh) == str(workspace["model"])
     assert any(not torch.equal(p, merged_first.state_dict()[n]) for n, p in chained.state_dict().items())
 
 
@@ -135,6 +131,16 @@ def test_metrics_of_a_hand_made_matrix():
     assert forgetting(improving, [0, 2]) == pytest.approx([0.35 - 0.4, None])
 
 
+def test_matrix_reports_of_a_hand_made_result(tmp_path):
+    result = SequenceResult("blora-prior", ("d1", "d2"), ["start", "step1-d1", "step2-d2"], ["en", "d1", "d2"],
+                            [0, 1, 2], {"error_rate": [[0.1, 0.8, 0.9], [0.2, 0.3, 0.7], [0.25, 0.5, 0.4]]})
+    assert result.to_dict()["metrics"]["error_rate"]["bwt"] == pytest.approx(0.175)
+    figure = plot_matrix(result)
+    assert [t.get_text() for t in figure.axes[0].texts][:3] == ["10.0%", "80.0%", "90.0%"]
+    page = write_comparison([result], tmp_path / "comparison.md").read_text()
+    assert "| blora-prior | error_rate | 38.3% | 17.5% | 15.0% | 20.0% | - |" in page
+
+
 def test_strategies_plan_their_steps_and_share_first_steps(workspace, tmp_path):
     plans = {s: plan_sequence(sequence_config(workspace, s), tmp_path) for s in STRATEGIES}
     order = tmp_path / "zh-en_es-en"
@@ -157,7 +163,7 @@ def test_bad_sequences_are_refused(workspace, tmp_path):
 
 
 def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
-    config = sequence_config(workspace, "blora-prior")
+    config = sequence_config(workspace, "blora-prior", evaluation=replace(EVAL, decode_limit=0))  # CE only: quicker
     whole = run_sequence(config, workspace["testbed"], tmp_path / "whole", echo=lambda line: None)
 
     def kill_after_first(step):
@@ -170,7 +176,7 @@ def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
     resumed = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lines.append)
     assert not any("step 1/2: blora" in line for line in lines)  # the first step was not trained again
     assert resumed.matrices == whole.matrices
-    assert set(whole.matrices) == {"error_rate", "ce"} and len(whole.matrices["ce"]) == 3
+    assert set(whole.matrices) == {"ce"} and len(whole.matrices["ce"]) == 3
     assert whole.columns == ["en", "zh-en", "es-en"] and whole.rows == ["start", "step1-zh-en", "step2-es-en"]
     # A step killed mid-training resumes from its checkpoint: drop step 2's end and run again.
     step2 = tmp_path / "killed" / "zh-en_es-en" / "blora-prior" / "step2-es-en"
@@ -180,3 +186,31 @@ def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
         stale.unlink()
     again = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lambda line: None)
     assert again.matrices == whole.matrices
+
+
+def test_sequence_command_writes_matrices_markdown_and_heatmaps(workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from pyro_blora.cli import app
+
+    args = ["sequence", "--testbed", workspace["testbed"], "--out", tmp_path, "--domains", "zh-en", "--domains", "es-en",
+            "--strategy", "lora-replay", "--model", workspace["model"], "--rank", "2",
+            "--steps", "1", "--batch-size", "2", "--warmup-steps", "1", "--replay-size", "1", "--eval-limit", "1",
+            "--decode-limit", "0", "--no-progress"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    order = tmp_path / "zh-en_es-en"
+    folder = order / "lora-replay"
+    matrix = json.loads((folder / "matrix.json").read_text())
+    assert matrix["rows"] == ["start", "step1-zh-en", "step2-es-en"] and matrix["columns"] == ["en", "zh-en", "es-en"]
+    assert len(matrix["matrices"]["ce"]) == 3 and "bwt" in matrix["metrics"]["ce"]
+    assert (folder / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    assert "| after |" in (folder / "matrix.md").read_text()
+    assert json.loads((folder / "sequence.json").read_text())["seed"] == 0
+    assert not (folder / "step1-zh-en").exists() and (order / "lora" / "step1-zh-en" / "adapter").is_dir()
+    replayed = json.loads((folder / "step2-es-en" / "config.json").read_text())["run"]
+    assert "replay(zh-en:1)" in replayed["train_data"]
+    assert replayed["init_from"] == str(order / "lora" / "step1-zh-en")  # the same LoRA adapter, trained on
+    assert "| lora-replay |" in (order / "comparison.md").read_text()
+    bad = CliRunner().invoke(app, [str(a) for a in args[:-1]] + ["--strategy", "ewc"])
+    assert bad.exit_code != 0 and "unknown strategies" in bad.output
