@@ -273,6 +273,13 @@ def _means_of(model: BLoRAWhisper, info: Mapping[str, Any], state: Mapping[str, 
     return other.means()
 
 
+@contextmanager
+def _means_held(model: BLoRAWhisper, guide) -> Iterator[WhisperForConditionalGeneration]:
+    """The BLoRA model's Whisper with the guide's means held in the adapters."""
+    with model.hold_adapters(guide.means()):
+        yield model.whisper
+
+
 def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blora_config: BLoRAConfig,
                  train_config: TrainConfig, fingerprint, curve_sets, curve_options, resume,
                  previous: Path | None = None) -> TrainResult:
