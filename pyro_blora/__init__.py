@@ -30,12 +30,21 @@ from pyro_blora.metrics import (
     utterance_error_rates,
     wer,
 )
-from pyro_blora.methods import METHODS, load_run_model, load_training_data, run_training
+from pyro_blora.methods import METHODS, base_model_of, load_run_model, load_training_data, run_finished, run_training
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
 from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
 from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
+from pyro_blora.sequential import (
+    STRATEGIES,
+    SequenceConfig,
+    SequenceResult,
+    backward_transfer,
+    forgetting,
+    run_sequence,
+    sequence_metrics,
+)
 from pyro_blora.transcribe import TranscribeOptions, UtteranceTranscript, WordConfidence, transcribe, word_confidences
 from pyro_blora.uncertainty import UncertaintyReport, evaluate_uncertainty
 from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainingInterrupted, TrainResult, train
@@ -60,6 +69,9 @@ __all__ = [
     "NonFiniteLossError",
     "PointTranscript",
     "PosteriorCollapseWarning",
+    "STRATEGIES",
+    "SequenceConfig",
+    "SequenceResult",
     "SparsityStats",
     "TrainConfig",
     "TrainResult",
@@ -69,6 +81,8 @@ __all__ = [
     "UtteranceTranscript",
     "WordConfidence",
     "analytic_kl",
+    "backward_transfer",
+    "base_model_of",
     "blora_config_from_peft",
     "build_guide",
     "cer",
@@ -82,6 +96,7 @@ __all__ = [
     "export_ctranslate2",
     "export_peft",
     "export_posterior_tensors",
+    "forgetting",
     "hoyer_index",
     "import_peft",
     "load_audio",
@@ -104,10 +119,13 @@ __all__ = [
     "prepare_dataset",
     "read_posterior_tensors",
     "run_evaluation",
+    "run_finished",
     "run_main_job",
+    "run_sequence",
     "run_training",
     "sample_posterior",
     "save_posterior",
+    "sequence_metrics",
     "sparsity_report",
     "token_nll",
     "train",

@@ -94,20 +94,35 @@ class BayesianLoRALinear(PyroModule):
         return (self.base.out_features, self.rank)
 
     def prior(self, which: str) -> dist.Distribution:
-        """The prior of matrix ``which`` ("A" or "B"), expanded to its shape as one event."""
+        """The prior of matrix ``which`` ("A" or "B"), expanded to its shape as one event.
+
+        It lives on the weights' device but keeps (at least) float32 whatever the weights' dtype:
+        a posterior copied into the prior must compare equal to the guide's float32 parameters."""
         loc = getattr(self, f"prior_loc_{which}")
         scale = getattr(self, f"prior_scale_{which}")
         shape = self.shape_A if which == "A" else self.shape_B
-        weight = self.base.weight
-        loc = loc.to(device=weight.device, dtype=weight.dtype)
-        scale = scale.to(device=weight.device, dtype=weight.dtype)
+        device = self.base.weight.device
+        loc = loc.to(device=device, dtype=torch.promote_types(loc.dtype, torch.float32))
+        scale = scale.to(device=device, dtype=torch.promote_types(scale.dtype, torch.float32))
         return dist.Normal(loc, scale).expand(shape).to_event(2)
 
     def set_prior(self, loc_A, scale_A, loc_B, scale_B) -> None:
-        """Replace the prior, e.g. by a previous posterior (scalars or per-element tensors)."""
-        for name, value in (("prior_loc_A", loc_A), ("prior_scale_A", scale_A), ("prior_loc_B", loc_B), ("prior_scale_B", scale_B)):
-            value = torch.as_tensor(value, dtype=torch.float32).detach().clone()
-            setattr(self, name, value)
+        """Replace the prior, e.g. by a previous posterior (scalars or per-element tensors of the
+        matrix's shape; the scales must be positive)."""
+        for which, loc, scale in (("A", loc_A, scale_A), ("B", loc_B, scale_B)):
+            shape = self.shape_A if which == "A" else self.shape_B
+            for kind, value in (("loc", loc), ("scale", scale)):
+                value = torch.as_tensor(value).detach().to(device=self.base.weight.device, dtype=torch.float32).clone()
+                if value.dim() and tuple(value.shape) != shape:
+                    raise ValueError(f"prior {kind} of {which} has shape {tuple(value.shape)}; it needs a scalar or {shape}")
+                if not torch.isfinite(value).all() or (kind == "scale" and not (value > 0).all()):
+                    raise ValueError(f"prior {kind} of {which} must be finite{' and > 0' if kind == 'scale' else ''}")
+                setattr(self, f"prior_{kind}_{which}", value)
+
+    def prior_parameters(self) -> dict[str, torch.Tensor]:
+        """The prior's loc and scale of A and B (scalars or per-element), keyed as in :meth:`set_prior`."""
+        return {f"{kind}_{which}": getattr(self, f"prior_{kind}_{which}")
+                for which in ("A", "B") for kind in ("loc", "scale")}
 
     def draw(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Read A and B at the sample sites (cached within the current root call)."""

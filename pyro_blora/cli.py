@@ -19,6 +19,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "pyro_blora.commands.testbed",
     "pyro_blora.commands.experiment",
+    "pyro_blora.commands.sequential",
     "pyro_blora.commands.interop",
     "pyro_blora.commands.analysis",
     "pyro_blora.commands.transcribe",

@@ -144,6 +144,16 @@ class BLoRAMAPGuide(AutoDelta):
         self.setup()
         return {name: attrgetter(name)(self).detach().clone() for name in self.blora.site_names()}
 
+    @torch.no_grad()
+    def set_means(self, values: dict[str, torch.Tensor]) -> None:
+        """Overwrite the point estimates of the given sites (e.g. from a previous posterior's means)."""
+        self.setup()
+        for name, value in values.items():
+            target = attrgetter(f"{name}_unconstrained")(self)
+            if tuple(value.shape) != tuple(target.shape):
+                raise ValueError(f"{name} needs shape {tuple(target.shape)}, got {tuple(value.shape)}")
+            target.copy_(value.to(target))
+
 
 GUIDE_KINDS = {"normal": BLoRAGuide, "delta": BLoRAMAPGuide}
 

@@ -10,6 +10,16 @@ All of them run :func:`pyro_blora.training.run_steps`: the same batch order, opt
 schedule, gradient clipping, precision, checkpoints and log format. A run folder holds
 ``config.json``, ``log.jsonl``, ``checkpoints/``, ``result.json`` and the trained weights:
 ``posterior/`` (blora, map), ``adapter/`` (lora, peft format) or ``model/`` (full).
+
+A run can start where another ended, for sequential adaptation to several domains:
+
+* ``model_source`` may be a finished run folder: its adapted model (e.g. the posterior mean merged
+  into its base) is this run's base;
+* ``init_from``: the previous run's trained adapter is the starting point (blora, map, lora), on the
+  same base with the same adapters;
+* ``prior_from`` (blora, map): the previous run's posterior becomes the prior, per entry, and the
+  guide starts at it (variational continual learning; for map an L2 penalty towards the previous
+  point with BLoRA's sigma_p and weight).
 """
 
 from __future__ import annotations
@@ -28,12 +38,12 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset, prepare_dataset
 from pyro_blora.evaluation import EvalOptions, EvalSet, evaluate_whisper
-from pyro_blora.guide import build_guide
+from pyro_blora.guide import build_guide, guide_kind
 from pyro_blora.inference import posterior_mean_model, token_nll
 from pyro_blora.injection import find_target_modules
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboTerms
-from pyro_blora.posterior import load_posterior, save_posterior
+from pyro_blora.posterior import load_posterior, read_posterior_config, save_posterior
 from pyro_blora.training import (
     Optimization,
     RunFolder,
@@ -45,9 +55,24 @@ from pyro_blora.training import (
 )
 from pyro_blora.weights import load_whisper
 
-__all__ = ["METHODS", "TrainingData", "load_training_data", "run_training", "load_run_model", "read_run_config"]
+__all__ = [
+    "METHODS",
+    "WEIGHT_FOLDERS",
+    "TrainingData",
+    "load_training_data",
+    "run_training",
+    "base_model_of",
+    "load_run_model",
+    "read_run_config",
+    "run_finished",
+]
 
 METHODS = ("blora", "lora", "map", "full")
+# Where each method's trained weights lie in its run folder.
+WEIGHT_FOLDERS = {"blora": "posterior", "map": "posterior", "lora": "adapter", "full": "model"}
+# Which previous runs each method can start from (init_from) or take its prior from (prior_from).
+INIT_FROM = {"blora": ("blora", "map"), "map": ("blora", "map"), "lora": ("lora",)}
+PRIOR_FROM = {"blora": ("blora",), "map": ("blora", "map")}
 
 
 @dataclass
@@ -135,32 +160,117 @@ def run_training(
     curve_options: EvalOptions = EvalOptions(decode_limit=8),
     resume: bool = False,
     run_info: Mapping[str, Any] | None = None,
+    init_from: str | Path | None = None,
+    prior_from: str | Path | None = None,
 ) -> TrainResult:
-    """Train ``method`` from ``model_source`` on ``data`` into the run folder ``out_dir``.
+    """Train ``method`` from ``model_source`` (a model or a finished run folder) on ``data`` into the
+    run folder ``out_dir``.
 
     ``blora_config`` gives the adapter (targets, rank, alpha) for blora, map and lora, and the prior
     for blora and map. With ``train_config.eval_every`` the ``curve_sets`` are scored every that many
     steps (teacher-forced CE on all, greedy error on ``curve_options.decode_limit`` utterances) and
     the scores go into that step's log record. ``whisper_and_processor`` reuses an already loaded
-    base model (it is modified in place).
+    base model (it is modified in place). ``init_from`` and ``prior_from`` name a finished previous
+    run on the same base with the same adapters (see the module's docstring).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    whisper, processor = whisper_and_processor or load_whisper(model_source)
+    previous = _previous_run(method, model_source, blora_config, init_from, prior_from)
+    whisper, processor = whisper_and_processor or load_run_model(model_source)[:2]
     out = Path(out_dir)
-    fingerprint = _fingerprint(method, str(model_source), data, blora_config, train_config, dict(run_info or {}))
+    extra = dict(run_info or {})
+    if previous is not None:
+        extra["prior_from" if prior_from is not None else "init_from"] = str(previous)
+    fingerprint = _fingerprint(method, str(model_source), data, blora_config, train_config, extra)
     torch.manual_seed(train_config.seed)
     pyro.set_rng_seed(train_config.seed)
     if method in ("blora", "map"):
         model = wrap_whisper(whisper, blora_config)
         guide = build_guide(model, "normal" if method == "blora" else "delta")
+        if previous is not None:
+            _start_at_posterior(model, guide, previous / "posterior", as_prior=prior_from is not None)
         evaluate = _curve(curve_sets, curve_options, processor, lambda: _means_held(model, guide))
         result = train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
                        run_info=fingerprint["run"], evaluate=evaluate)
-        save_posterior(out / "posterior", model, guide, metadata={"base_model": str(model_source), "method": method})
+        metadata = {"base_model": str(model_source), "method": method}
+        metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
+        save_posterior(out / "posterior", model, guide, metadata=metadata)
         return result
     return _train_plain(method, whisper, processor, data, out, blora_config, train_config, fingerprint,
-                        curve_sets, curve_options, resume)
+                        curve_sets, curve_options, resume, previous)
+
+
+def run_finished(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` holds a finished run: its config, its result and its trained weights."""
+    folder = Path(run_dir)
+    if not (folder / "config.json").is_file() or not (folder / "result.json").is_file():
+        return False
+    method = read_run_config(folder)["run"].get("method")
+    return method in WEIGHT_FOLDERS and (folder / WEIGHT_FOLDERS[method]).is_dir()
+
+
+def _same_source(a: str | Path, b: str | Path) -> bool:
+    """Two model sources name the same model: the same folder, or the same name."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() if a.exists() and b.exists() else str(a) == str(b)
+
+
+def _previous_run(method: str, model_source: str | Path, blora_config: BLoRAConfig,
+                  init_from: str | Path | None, prior_from: str | Path | None) -> Path | None:
+    """The run ``init_from`` or ``prior_from`` names, checked: finished, of a method this one can
+    start from, on the same base and with the same adapters (so every site means the same)."""
+    if init_from is not None and prior_from is not None:
+        raise ValueError("give init_from or prior_from, not both: prior_from already starts at the previous posterior")
+    folder, option, allowed = ((init_from, "init_from", INIT_FROM) if prior_from is None
+                               else (prior_from, "prior_from", PRIOR_FROM))
+    if folder is None:
+        return None
+    if method not in allowed:
+        raise ValueError(f"{option} works with the methods {', '.join(allowed)}, not {method!r}")
+    folder = Path(folder)
+    kinds = "/".join(allowed[method])
+    if not run_finished(folder):
+        raise ValueError(f"{option} {folder} is not a finished {kinds} run (it needs config.json, result.json "
+                         "and its trained weights); train it first, or resume it with --resume")
+    config = read_run_config(folder)
+    previous_method, previous_base = config["run"]["method"], config["run"]["model_source"]
+    if previous_method not in allowed[method]:
+        raise ValueError(f"{option} {folder} is a {previous_method} run; a {method} run needs a finished {kinds} run")
+    if not _same_source(previous_base, model_source):
+        raise ValueError(f"{option} {folder} was trained on the base model {previous_base!r}, this run on "
+                         f"{str(model_source)!r}; both runs must share their base model")
+    mine, theirs = blora_config.to_dict(), config["blora"]
+    differing = [k for k in ("rank", "alpha", "target_modules", "scale_parameterization")
+                 if json.dumps(mine[k]) != json.dumps(theirs[k])]
+    if differing:
+        raise ValueError(f"{option} {folder} used other adapters: " + ", ".join(
+            f"{k} {theirs[k]!r} there, {mine[k]!r} here" for k in differing) + "; give the same adapter options")
+    return folder
+
+
+@torch.no_grad()
+def _start_at_posterior(model: BLoRAWhisper, guide, folder: Path, as_prior: bool) -> None:
+    """Start ``guide`` at the posterior saved in ``folder`` and, ``as_prior``, make that posterior
+    the prior: each entry's N(mean, std), or for a MAP guide N(point, sigma_p). A guide of the same
+    kind takes the saved parameters bit for bit, so the KL against the copied prior starts at 0."""
+    from safetensors.torch import load_file
+
+    info = read_posterior_config(folder)
+    state = load_file(str(folder / "posterior.safetensors"))
+    if info.get("guide", "normal") == guide_kind(guide):
+        guide.load_state_dict(state, strict=True)
+    else:  # the other kind: only the means carry over
+        guide.set_means(_means_of(model, info, state))
+    if as_prior:
+        scales = guide.stddevs() if guide_kind(guide) == "normal" else model.config.prior_scale
+        model.set_site_priors(guide.means(), scales)
+
+
+def _means_of(model: BLoRAWhisper, info: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The means of a saved guide of the other kind, read through a guide of that kind."""
+    other = build_guide(model, info.get("guide", "normal"))
+    other.load_state_dict(state, strict=True)
+    return other.means()
 
 
 @contextmanager
@@ -171,9 +281,14 @@ def _means_held(model: BLoRAWhisper, guide) -> Iterator[WhisperForConditionalGen
 
 
 def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blora_config: BLoRAConfig,
-                 train_config: TrainConfig, fingerprint, curve_sets, curve_options, resume) -> TrainResult:
-    """LoRA (peft) or full fine-tuning with the shared loop."""
-    if method == "lora":
+                 train_config: TrainConfig, fingerprint, curve_sets, curve_options, resume,
+                 previous: Path | None = None) -> TrainResult:
+    """LoRA (peft) or full fine-tuning with the shared loop; LoRA continues ``previous``'s adapter if given."""
+    if method == "lora" and previous is not None:
+        from peft import PeftModel
+
+        trainable = PeftModel.from_pretrained(whisper, str(previous / "adapter"), is_trainable=True)
+    elif method == "lora":
         from peft import LoraConfig, get_peft_model
 
         targets = find_target_modules(whisper, blora_config.target_modules)
@@ -235,29 +350,42 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _is_run_folder(folder: Path) -> bool:
+    """A run folder, as opposed to a saved model (which has a config.json too, but no log)."""
+    return (folder / "config.json").is_file() and (folder / "log.jsonl").exists()
+
+
+def base_model_of(source: str | Path) -> str:
+    """The model under a chain of run folders (``source`` itself if it is a model): where the
+    processor of a run's model is loaded from."""
+    folder = Path(source)
+    if not _is_run_folder(folder):
+        return str(source)
+    run = read_run_config(folder)["run"]
+    return str(folder / WEIGHT_FOLDERS["full"]) if run["method"] == "full" else base_model_of(run["model_source"])
+
+
 def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration, Any, str]:
     """A plain Whisper for evaluation, its processor and a description: a run folder (posterior mean,
-    merged adapter, or fully fine-tuned weights) or any model :func:`~pyro_blora.weights.load_whisper` takes."""
+    merged adapter, or fully fine-tuned weights, on its base, which may itself be a run folder) or any
+    model :func:`~pyro_blora.weights.load_whisper` takes."""
     folder = Path(source)
-    if not (folder / "config.json").is_file() or not (folder / "log.jsonl").exists():
+    if not _is_run_folder(folder):
         whisper, processor = load_whisper(source)
         return whisper, processor, f"model {source}"
     run = read_run_config(folder)["run"]
     method, base = run["method"], run["model_source"]
+    weights = folder / WEIGHT_FOLDERS[method]
+    if not weights.is_dir():
+        raise FileNotFoundError(f"{folder} has no {weights.name}/ folder: the {method} run has not finished")
     if method == "full":
-        if not (folder / "model").is_dir():
-            raise FileNotFoundError(f"{folder} has no model/ folder: the full fine-tuning run has not finished")
-        whisper, processor = load_whisper(folder / "model")
+        whisper, processor = load_whisper(weights)
         return whisper, processor, f"{method} run {folder.name}"
-    whisper, processor = load_whisper(base)
+    whisper, processor, _ = load_run_model(base)
     if method == "lora":
         from peft import PeftModel
 
-        if not (folder / "adapter").is_dir():
-            raise FileNotFoundError(f"{folder} has no adapter/ folder: the LoRA run has not finished")
-        merged = PeftModel.from_pretrained(whisper, str(folder / "adapter")).merge_and_unload()
+        merged = PeftModel.from_pretrained(whisper, str(weights)).merge_and_unload()
         return merged.eval(), processor, f"{method} run {folder.name}"
-    if not (folder / "posterior").is_dir():
-        raise FileNotFoundError(f"{folder} has no posterior/ folder: the {method} run has not finished")
-    model, guide = load_posterior(folder / "posterior", whisper)
+    model, guide = load_posterior(weights, whisper)
     return posterior_mean_model(model, guide), processor, f"{method} run {folder.name} (posterior mean)"

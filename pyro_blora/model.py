@@ -61,6 +61,26 @@ class BLoRAWhisper(PyroModule):
         adapter, which = self._site(site)
         return adapter.prior(which)
 
+    def set_site_priors(self, locs: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor] | float) -> None:
+        """Prior N(loc, scale) per adapter entry: a previous posterior (``locs`` = its means,
+        ``scales`` = its standard deviations) makes this a step of variational continual learning;
+        one number for ``scales`` gives an L2 penalty towards ``locs``."""
+        missing = [s for s in self.site_names() if s not in locs or (isinstance(scales, Mapping) and s not in scales)]
+        if missing:
+            raise KeyError(f"prior values missing for {len(missing)} sites, e.g. {missing[0]!r}")
+        for path, adapter in self._adapter_paths.items():
+            def scale(which: str):
+                return scales[f"{path}.lora_{which}"] if isinstance(scales, Mapping) else scales
+
+            adapter.set_prior(locs[f"{path}.lora_A"], scale("A"), locs[f"{path}.lora_B"], scale("B"))
+
+    def site_prior_parameters(self) -> dict[str, torch.Tensor]:
+        """Every adapter's prior as ``<site>.loc`` / ``<site>.scale`` tensors (scalars for the
+        default N(0, sigma_p)), e.g. to save next to a posterior."""
+        return {f"{path}.lora_{key[-1]}.{key[:-2]}": value
+                for path, adapter in self._adapter_paths.items()
+                for key, value in adapter.prior_parameters().items()}
+
     def num_adapter_parameters(self) -> int:
         return sum(a.rank * (a.base.in_features + a.base.out_features) for a in self._adapter_paths.values())
 

@@ -109,17 +109,20 @@ def elbo_terms(
     num_tokens = int((batch["labels"] != -100).sum())
     for model_trace, guide_trace in traces:
         nll_particle = kl_particle = 0.0
-        for site in model_trace.nodes.values():
+        log_q = {name: site["log_prob_sum"] for name, site in guide_trace.nodes.items()
+                 if site["type"] == "sample" and not site["is_observed"]}
+        for name, site in model_trace.nodes.items():
             if site["type"] != "sample":
                 continue
             if site["is_observed"]:
                 nll_particle = nll_particle - site["log_prob_sum"]
             elif estimator == "trace":
-                kl_particle = kl_particle - site["log_prob_sum"]
+                # log q - log p site by site (AutoNormal's density sits at "<site>_unconstrained"), so a
+                # prior equal to the posterior gives exactly 0 rather than a difference of large sums.
+                q = log_q.pop(name, 0.0) + log_q.pop(f"{name}_unconstrained", 0.0)
+                kl_particle = kl_particle + (q - site["log_prob_sum"])
         if estimator == "trace":
-            for site in guide_trace.nodes.values():
-                if site["type"] == "sample" and not site["is_observed"]:
-                    kl_particle = kl_particle + site["log_prob_sum"]
+            kl_particle = kl_particle + sum(log_q.values())
         nll = nll + nll_particle / num_particles
         kl = kl + kl_particle / num_particles
     if estimator == "analytic":

@@ -1,7 +1,9 @@
 """Saving and loading a trained posterior, independent of the process that trained it.
 
 A posterior folder holds ``posterior.safetensors`` (the guide's parameters: for every adapter
-site, the unconstrained location and scale, or the point value of a MAP guide) and ``posterior.json`` (the adapter config, the scale
+site, the unconstrained location and scale, or the point value of a MAP guide), ``prior.safetensors``
+(only when the prior was not the default N(0, sigma_p), e.g. a previous posterior: ``<site>.loc`` and
+``<site>.scale``, so the folder rebuilds the model's KL term as it was trained) and ``posterior.json`` (the adapter config, the scale
 parameterisation, the site names and shapes, and free-form metadata such as the base model).
 """
 
@@ -11,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from safetensors.torch import load_file, save_file
 from transformers import WhisperForConditionalGeneration
 
@@ -33,6 +36,7 @@ def save_posterior(folder: str | Path, model: BLoRAWhisper, guide: BLoRAGuide, m
     tmp = folder / ".posterior.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pyro-blora-posterior", "version": str(FORMAT_VERSION)})
     tmp.replace(folder / "posterior.safetensors")
+    _save_prior(folder / "prior.safetensors", model)
     means = guide.means()
     atomic_write_json(
         folder / "posterior.json",
@@ -46,6 +50,23 @@ def save_posterior(folder: str | Path, model: BLoRAWhisper, guide: BLoRAGuide, m
         },
     )
     return folder
+
+
+def _save_prior(path: Path, model: BLoRAWhisper) -> None:
+    """Write a non-default prior; a default one is what ``posterior.json``'s config already says."""
+    prior = model.site_prior_parameters()
+    sigma_p = float(torch.tensor(model.config.prior_scale, dtype=torch.float32))  # as the buffers hold it
+    default = all(
+        value.dim() == 0 and float(value) == (0.0 if key.endswith(".loc") else sigma_p)
+        for key, value in prior.items()
+    )
+    if default:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({key: value.detach().cpu().contiguous() for key, value in prior.items()}, str(tmp),
+              metadata={"format": "pyro-blora-prior", "version": str(FORMAT_VERSION)})
+    tmp.replace(path)
 
 
 def read_posterior_config(folder: str | Path) -> dict[str, Any]:
@@ -69,5 +90,10 @@ def load_posterior(folder: str | Path, whisper: WhisperForConditionalGeneration)
     guide = build_guide(model, info.get("guide", "normal"))
     state = load_file(str(Path(folder) / "posterior.safetensors"))
     guide.load_state_dict(state, strict=True)
+    prior_file = Path(folder) / "prior.safetensors"
+    if prior_file.is_file():
+        prior = load_file(str(prior_file))
+        sites = model.site_names()
+        model.set_site_priors({s: prior[f"{s}.loc"] for s in sites}, {s: prior[f"{s}.scale"] for s in sites})
     model.configure_objective(ElboScaling(**info["elbo_scaling"]))
     return model, guide

@@ -67,3 +67,13 @@ def fake_testbed(folder: Path) -> Path:
     save_domain(folder / "en", {"dev": _rows("en", "en", 2, 30), "test": _rows("en", "en", 2, 40)})
     save_domain(folder / "backward-es", {"test": _rows("backward-es", "es", 2, 50)})
     return folder
+
+
+def sequence_testbed(folder: Path) -> Path:
+    """Two code-switched domains to adapt to in turn, zh-en and es-en (train/dev/test), and en (test)."""
+    for seed, (domain, language) in enumerate((("zh-en", "zh"), ("es-en", "es"))):
+        save_domain(folder / domain, {"train": _rows(domain, language, 4, 100 * seed),
+                                      "dev": _rows(domain, language, 2, 100 * seed + 10),
+                                      "test": _rows(domain, language, 2, 100 * seed + 20)})
+    save_domain(folder / "en", {"test": _rows("en", "en", 2, 40)})
+    return folder

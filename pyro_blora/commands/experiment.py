@@ -11,10 +11,17 @@ import typer
 from pyro_blora.config import BLoRAConfig, DEFAULT_TARGETS, TrainConfig
 from pyro_blora.evaluation import EvalOptions, format_table
 from pyro_blora.experiment import ALL_LINEAR_TARGETS, MainJobConfig, run_evaluation, run_main_job
-from pyro_blora.methods import METHODS, load_training_data, run_training
+from pyro_blora.methods import METHODS, base_model_of, load_training_data, run_training
 from pyro_blora.weights import load_processor
 
 TARGET_PRESETS = {"qk": DEFAULT_TARGETS, "all-linear": ALL_LINEAR_TARGETS}
+
+
+def adapter_config(targets: str, rank: int, alpha: float | None, prior_scale: float, beta: float,
+                   kl_normalization: str) -> BLoRAConfig:
+    """The adapters the command-line options describe (``targets``: a preset name or a regular expression)."""
+    return BLoRAConfig(rank=rank, alpha=alpha, target_modules=TARGET_PRESETS.get(targets, (targets,)),
+                       prior_scale=prior_scale, beta=beta, kl_normalization=kl_normalization)
 
 
 def train(
@@ -38,17 +45,19 @@ def train(
     limit: Optional[int] = typer.Option(None, help="train on the first N utterances only"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
+    init_from: Optional[Path] = typer.Option(None, help="a finished run on the same base whose trained adapter "
+                                             "is the starting point (blora, map, lora)"),
+    prior_from: Optional[Path] = typer.Option(None, help="a finished blora run on the same base whose posterior "
+                                              "becomes the prior, per entry (blora; for map: an L2 penalty towards it)"),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Train one method (blora, lora, map, full) into a run folder."""
+    """Train one method (blora, lora, map, full) into a run folder; --model may be a finished run folder."""
     from pyro_blora.evaluation import load_eval_sets
 
-    patterns = TARGET_PRESETS.get(targets, (targets,))
-    blora = BLoRAConfig(rank=rank, alpha=alpha, target_modules=patterns, prior_scale=prior_scale, beta=beta,
-                        kl_normalization=kl_normalization)
+    blora = adapter_config(targets, rank, alpha, prior_scale, beta, kl_normalization)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
                          seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress)
-    processor = load_processor(model)
+    processor = load_processor(base_model_of(model))
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit)
     curve_sets = None
     if eval_every:
@@ -57,7 +66,8 @@ def train(
         curve_sets = load_eval_sets(eval_testbed, eval_domains, processor, split="dev", limit=eval_utterances,
                                     cache_dir=cache_dir)
     result = run_training(method, model, training, out, blora, config, curve_sets=curve_sets,
-                          curve_options=EvalOptions(decode_limit=eval_decoded, progress=False), resume=resume)
+                          curve_options=EvalOptions(decode_limit=eval_decoded, progress=False), resume=resume,
+                          init_from=init_from, prior_from=prior_from)
     typer.echo(f"{method}: base NLL {result.base_nll:.4f} -> final NLL {result.final_nll:.4f}; run folder {out}")
 
 

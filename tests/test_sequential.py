@@ -1,0 +1,216 @@
+"""Sequential adaptation on a one-layer Whisper: posterior as prior, run chains, the sequence runner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pyro_blora.config import BLoRAConfig, TrainConfig
+from pyro_blora.evaluation import EvalOptions
+from pyro_blora.experiment import ALL_LINEAR_TARGETS
+from pyro_blora.methods import base_model_of, load_run_model, load_training_data, run_training
+from pyro_blora.objective import analytic_kl
+from pyro_blora.posterior import load_posterior
+from pyro_blora.sequential import (
+    STRATEGIES,
+    SequenceConfig,
+    SequenceResult,
+    average_final,
+    backward_transfer,
+    forgetting,
+    plan_sequence,
+    plot_matrix,
+    run_sequence,
+    write_comparison,
+)
+from pyro_blora.weights import load_processor, load_whisper
+from tests.experiment_fixtures import sequence_testbed, small_whisper_folder
+
+ADAPTER = BLoRAConfig(rank=2, target_modules=ALL_LINEAR_TARGETS, kl_normalization="token")
+STEPS = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=1, progress=False)
+EVAL = EvalOptions(batch_size=2, decode_limit=1, extra_new_tokens=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sequential")
+    model = small_whisper_folder(root / "model")
+    testbed = sequence_testbed(root / "testbed")
+    processor = load_processor(model)
+    data = {d: load_training_data(testbed / d, processor, cache_dir=root / "cache") for d in ("zh-en", "es-en")}
+    return {"root": root, "model": model, "testbed": testbed, "processor": processor, "data": data}
+
+
+@pytest.fixture(scope="module")
+def first_blora(workspace):
+    run_dir = workspace["root"] / "first-blora"
+    run_training("blora", workspace["model"], workspace["data"]["zh-en"], run_dir, ADAPTER, STEPS)
+    return run_dir
+
+
+def test_posterior_as_prior_starts_at_zero_kl(workspace, first_blora, tmp_path):
+    data = workspace["data"]["es-en"]
+    # The guide starts at run 1's posterior in both runs; only the prior differs.
+    as_prior = run_training("blora", workspace["model"], data, tmp_path / "prior", ADAPTER, STEPS, prior_from=first_blora)
+    default = run_training("blora", workspace["model"], data, tmp_path / "init", ADAPTER, STEPS, init_from=first_blora)
+    assert as_prior.history[0]["kl"] == 0.0  # Trace_ELBO's estimate at the copied posterior
+    assert default.history[0]["kl"] > 1.0
+    assert as_prior.history[-1]["kl"] > 0.0  # training on the new domain moved the posterior off its prior
+
+    # The closed-form KL: zero for run 1's posterior against the prior run 2 saved, positive against N(0, sigma_p).
+    first_model, first_guide = load_posterior(first_blora / "posterior", load_whisper(workspace["model"])[0])
+    second_model, second_guide = load_posterior(tmp_path / "prior" / "posterior", load_whisper(workspace["model"])[0])
+    def kl(model, guide) -> float:
+        return float(sum(analytic_kl(model, guide).values()).detach())
+
+    assert kl(second_model, first_guide) == 0.0
+    assert kl(first_model, first_guide) > 1.0
+    assert kl(second_model, second_guide) > 0.0
+    site = second_model.site_names()[0]
+    assert torch.equal(second_model.site_prior(site).base_dist.scale, first_guide.stddevs()[site])
+    config = json.loads((tmp_path / "prior" / "config.json").read_text())
+    assert config["run"]["prior_from"] == str(first_blora)
+
+
+def test_prior_from_refuses_unfinished_runs_other_methods_and_other_adapters(workspace, first_blora, tmp_path):
+    data = workspace["data"]["es-en"]
+    with pytest.raises(ValueError, match="not a finished blora run"):
+        run_training("blora", workspace["model"], data, tmp_path / "a", ADAPTER, STEPS, prior_from=tmp_path)
+    with pytest.raises(ValueError, match="other adapters: rank 2 there, 4 here"):
+        run_training("blora", workspace["model"], data, tmp_path / "b", ADAPTER.replace(rank=4), STEPS,
+                     prior_from=first_blora)
+    with pytest.raises(ValueError, match="share their base model"):
+        run_training("blora", "tiny.en", data, tmp_path / "c", ADAPTER, STEPS, prior_from=first_blora)
+    with pytest.raises(ValueError, match="prior_from works with the methods blora, map"):
+        run_training("lora", workspace["model"], data, tmp_path / "d", ADAPTER, STEPS, prior_from=first_blora)
+
+
+def test_map_prior_from_is_a_penalty_towards_the_previous_point(workspace, first_blora, tmp_path):
+    run_training("map", workspace["model"], workspace["data"]["es-en"], tmp_path / "map", ADAPTER,
+                 STEPS.replace(steps=1), prior_from=first_blora)
+    model, guide = load_posterior(tmp_path / "map" / "posterior", load_whisper(workspace["model"])[0])
+    _, first_guide = load_posterior(first_blora / "posterior", load_whisper(workspace["model"])[0])
+    site = model.site_names()[0]
+    prior = model.site_prior(site).base_dist
+    assert torch.equal(prior.loc, first_guide.means()[site])
+    assert torch.allclose(prior.scale, torch.tensor(ADAPTER.prior_scale))
+
+
+def test_a_run_folder_is_a_model_source(workspace, first_blora, tmp_path):
+    # A fresh BLoRA on the first run's posterior mean merged into its base; evaluation loads run -> run -> base.
+    fresh = tmp_path / "fresh"
+    run_training("blora", first_blora, workspace["data"]["es-en"], fresh, ADAPTER, STEPS.replace(steps=1))
+    merged_first, _, _ = load_run_model(first_blora)
+    chained, _, description = load_run_model(fresh)
+    assert "blora run fresh" in description and base_model_of(fresh) == str(workspace["model"])
+    assert any(not torch.equal(p, merged_first.state_dict()[n]) for n, p in chained.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------- sequences
+def sequence_config(workspace, strategy: str, **changes) -> SequenceConfig:
+    values = dict(strategy=strategy, domains=("zh-en", "es-en"), model=str(workspace["model"]), blora=ADAPTER,
+                  train=STEPS, replay_size=2, eval_limit=1, evaluation=EVAL)
+    values.update(changes)
+    return SequenceConfig(**values)
+
+
+def test_metrics_of_a_hand_made_matrix():
+    # Columns: en (original, step 0), d1 (step 1), d2 (step 2); rows: start, after d1, after d2.
+    matrix = [[0.10, 0.80, 0.90],
+              [0.20, 0.30, 0.70],
+              [0.25, 0.50, 0.40]]
+    learned_at = [0, 1, 2]
+    assert average_final(matrix) == pytest.approx((0.25 + 0.50 + 0.40) / 3)
+    assert backward_transfer(matrix, learned_at) == pytest.approx(((0.25 - 0.10) + (0.50 - 0.30)) / 2)
+    assert forgetting(matrix, learned_at) == pytest.approx([0.25 - 0.10, 0.50 - 0.30, None])
+    improving = [[0.5, 0.9], [0.4, 0.3], [0.35, 0.2]]  # en keeps improving; d1 learned at step 2 only
+    assert backward_transfer(improving, [0, 2]) == pytest.approx(0.35 - 0.5)  # negative: later steps helped
+    assert forgetting(improving, [0, 2]) == pytest.approx([0.35 - 0.4, None])
+
+
+def test_matrix_reports_of_a_hand_made_result(tmp_path):
+    result = SequenceResult("blora-prior", ("d1", "d2"), ["start", "step1-d1", "step2-d2"], ["en", "d1", "d2"],
+                            [0, 1, 2], {"error_rate": [[0.1, 0.8, 0.9], [0.2, 0.3, 0.7], [0.25, 0.5, 0.4]]})
+    assert result.to_dict()["metrics"]["error_rate"]["bwt"] == pytest.approx(0.175)
+    figure = plot_matrix(result)
+    assert [t.get_text() for t in figure.axes[0].texts][:3] == ["10.0%", "80.0%", "90.0%"]
+    page = write_comparison([result], tmp_path / "comparison.md").read_text()
+    assert "| blora-prior | error_rate | 38.3% | 17.5% | 15.0% | 20.0% | - |" in page
+
+
+def test_strategies_plan_their_steps_and_share_first_steps(workspace, tmp_path):
+    plans = {s: plan_sequence(sequence_config(workspace, s), tmp_path) for s in STRATEGIES}
+    order = tmp_path / "zh-en_es-en"
+    assert plans["blora-prior"][0] == plans["blora-fresh"][0]
+    assert plans["lora-replay"][0] == plans["lora"][0]
+    assert plans["blora-prior"][1].prior_from == order / "blora-fresh" / "step1-zh-en"
+    assert plans["blora-fresh"][1].model_source == str(order / "blora-fresh" / "step1-zh-en")
+    assert plans["lora"][1].init_from == order / "lora" / "step1-zh-en" and plans["lora"][1].replay == ()
+    assert plans["lora-replay"][1].replay == ("zh-en",)
+    assert plans["lora-replay"][1].run_dir == order / "lora-replay" / "step2-es-en"
+
+
+def test_bad_sequences_are_refused(workspace, tmp_path):
+    with pytest.raises(ValueError, match="unknown strategy 'ewc'"):
+        sequence_config(workspace, "ewc")
+    with pytest.raises(ValueError, match=r"unknown domains \['fr-en'\]"):
+        run_sequence(sequence_config(workspace, "lora", domains=("zh-en", "fr-en")), workspace["testbed"], tmp_path)
+    with pytest.raises(ValueError, match="once"):
+        sequence_config(workspace, "lora", domains=("zh-en", "en"))
+
+
+def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
+    config = sequence_config(workspace, "blora-prior", evaluation=replace(EVAL, decode_limit=0))  # CE only: quicker
+    whole = run_sequence(config, workspace["testbed"], tmp_path / "whole", echo=lambda line: None)
+
+    def kill_after_first(step):
+        if step.number == 1:
+            raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sequence(config, workspace["testbed"], tmp_path / "killed", after_step=kill_after_first, echo=lambda line: None)
+    lines = []
+    resumed = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lines.append)
+    assert not any("step 1/2: blora" in line for line in lines)  # the first step was not trained again
+    assert resumed.matrices == whole.matrices
+    assert set(whole.matrices) == {"ce"} and len(whole.matrices["ce"]) == 3
+    assert whole.columns == ["en", "zh-en", "es-en"] and whole.rows == ["start", "step1-zh-en", "step2-es-en"]
+    # A step killed mid-training resumes from its checkpoint: drop step 2's end and run again.
+    step2 = tmp_path / "killed" / "zh-en_es-en" / "blora-prior" / "step2-es-en"
+    for name in ("result.json", "checkpoints/step-00000002.pt"):
+        (step2 / name).unlink()
+    for stale in list(step2.glob("eval-*.json")):
+        stale.unlink()
+    again = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lambda line: None)
+    assert again.matrices == whole.matrices
+
+
+def test_sequence_command_writes_matrices_markdown_and_heatmaps(workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from pyro_blora.cli import app
+
+    args = ["sequence", "--testbed", workspace["testbed"], "--out", tmp_path, "--domains", "zh-en", "--domains", "es-en",
+            "--strategy", "lora-replay", "--model", workspace["model"], "--rank", "2",
+            "--steps", "1", "--batch-size", "2", "--warmup-steps", "1", "--replay-size", "1", "--eval-limit", "1",
+            "--decode-limit", "0", "--no-progress"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    order = tmp_path / "zh-en_es-en"
+    folder = order / "lora-replay"
+    matrix = json.loads((folder / "matrix.json").read_text())
+    assert matrix["rows"] == ["start", "step1-zh-en", "step2-es-en"] and matrix["columns"] == ["en", "zh-en", "es-en"]
+    assert len(matrix["matrices"]["ce"]) == 3 and "bwt" in matrix["metrics"]["ce"]
+    assert (folder / "heatmap.png").read_bytes().startswith(b"\x89PNG")
+    assert "| after |" in (folder / "matrix.md").read_text()
+    assert json.loads((folder / "sequence.json").read_text())["seed"] == 0
+    assert not (folder / "step1-zh-en").exists() and (order / "lora" / "step1-zh-en" / "adapter").is_dir()
+    replayed = json.loads((folder / "step2-es-en" / "config.json").read_text())["run"]
+    assert "replay(zh-en:1)" in replayed["train_data"]
+    assert replayed["init_from"] == str(order / "lora" / "step1-zh-en")  # the same LoRA adapter, trained on
+    assert "| lora-replay |" in (order / "comparison.md").read_text()
+    bad = CliRunner().invoke(app, [str(a) for a in args[:-1]] + ["--strategy", "ewc"])
+    assert bad.exit_code != 0 and "unknown strategies" in bad.output
