@@ -25,6 +25,7 @@ import torch
 from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
+from pyro_blora import distributed
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset, prepare_dataset
 from pyro_blora.evaluation import EvalOptions, EvalSet, evaluate_whisper
@@ -112,7 +113,8 @@ def _teacher_forced_loss(whisper: WhisperForConditionalGeneration, batch: Mappin
     decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     logits = whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
-    return ElboTerms(loss=nll, nll=nll, kl=torch.zeros(()), num_tokens=int((labels != -100).sum()))
+    num_tokens = int((labels != -100).sum())
+    return ElboTerms(loss=nll, nll=nll, kl=torch.zeros(()), num_tokens=num_tokens, weight=float(num_tokens))
 
 
 def _fingerprint(method: str, model_source: str, data: TrainingData, blora_config: BLoRAConfig,
@@ -135,6 +137,7 @@ def run_training(
     curve_options: EvalOptions = EvalOptions(decode_limit=8),
     resume: bool = False,
     run_info: Mapping[str, Any] | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train ``method`` from ``model_source`` on ``data`` into the run folder ``out_dir``.
 
@@ -142,11 +145,26 @@ def run_training(
     for blora and map. With ``train_config.eval_every`` the ``curve_sets`` are scored every that many
     steps (teacher-forced CE on all, greedy error on ``curve_options.decode_limit`` utterances) and
     the scores go into that step's log record. ``whisper_and_processor`` reuses an already loaded
-    base model (it is modified in place).
+    base model (it is modified in place). ``device`` defaults to this process's GPU when there is one.
+
+    Launched by torchrun (``torchrun --nproc-per-node K -m pyro_blora.cli train ...``) it trains
+    data-parallel: each process scores its share of every batch and rank 0 writes the run folder
+    (gloo on CPUs, NCCL on GPUs; see :mod:`pyro_blora.distributed`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    device = torch.device(device) if device is not None else distributed.default_device()
+    with distributed.distributed_session(device):
+        return _run_training(method, model_source, data, out_dir, blora_config, train_config, device,
+                             whisper_and_processor, curve_sets, curve_options, resume, run_info)
+
+
+def _run_training(method, model_source, data: TrainingData, out_dir, blora_config: BLoRAConfig,
+                  train_config: TrainConfig, device: torch.device, whisper_and_processor, curve_sets,
+                  curve_options, resume, run_info) -> TrainResult:
     whisper, processor = whisper_and_processor or load_whisper(model_source)
+    whisper.to(device)
+    context = distributed.current()
     out = Path(out_dir)
     fingerprint = _fingerprint(method, str(model_source), data, blora_config, train_config, dict(run_info or {}))
     torch.manual_seed(train_config.seed)
@@ -157,7 +175,8 @@ def run_training(
         evaluate = _curve(curve_sets, curve_options, processor, lambda: _means_held(model, guide))
         result = train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
                        run_info=fingerprint["run"], evaluate=evaluate)
-        save_posterior(out / "posterior", model, guide, metadata={"base_model": str(model_source), "method": method})
+        if context.is_main:
+            save_posterior(out / "posterior", model, guide, metadata={"base_model": str(model_source), "method": method})
         return result
     return _train_plain(method, whisper, processor, data, out, blora_config, train_config, fingerprint,
                         curve_sets, curve_options, resume)
@@ -186,7 +205,8 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
             parameter.requires_grad_(True)
         trainable = whisper
     device = next(whisper.parameters()).device
-    run = RunFolder(out, fingerprint, resume, train_config.keep_checkpoints)
+    context = distributed.current()
+    run = context.on_main(lambda: RunFolder(out, fingerprint, resume, train_config.keep_checkpoints))
     eval_batches = [make_batch(data.dataset, data.collate,
                                batch_order(len(data), train_config.batch_size, train_config.seed, 0), device)]
     curve = _curve(curve_sets, curve_options, processor, lambda: nullcontext(whisper))
@@ -208,7 +228,7 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
         desc=method,
     )
     result = TrainResult(run_dir=out)
-    state = run.latest_state()
+    state = context.on_main(run.latest_state)
     start = 0
     if state is not None:
         start = optimization.restore(state)
@@ -219,6 +239,8 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
     run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
               extra_state={"base_nll": result.base_nll})
     result.final_nll = token_nll(whisper, eval_batches)
+    if not context.is_main:
+        return result
     if method == "lora":
         trainable.save_pretrained(str(out / "adapter"))
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -40,7 +41,7 @@ def train(
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
     progress: bool = typer.Option(True),
 ) -> None:
-    """Train one method (blora, lora, map, full) into a run folder."""
+    """Train one method (blora, lora, map, full) into a run folder; under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
 
     patterns = TARGET_PRESETS.get(targets, (targets,))
@@ -58,7 +59,8 @@ def train(
                                     cache_dir=cache_dir)
     result = run_training(method, model, training, out, blora, config, curve_sets=curve_sets,
                           curve_options=EvalOptions(decode_limit=eval_decoded, progress=False), resume=resume)
-    typer.echo(f"{method}: base NLL {result.base_nll:.4f} -> final NLL {result.final_nll:.4f}; run folder {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        typer.echo(f"{method}: base NLL {result.base_nll:.4f} -> final NLL {result.final_nll:.4f}; run folder {out}")
 
 
 def evaluate(
