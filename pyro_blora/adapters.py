@@ -113,6 +113,10 @@ class BayesianLoRALinear(PyroModule):
         """Read A and B at the sample sites (cached within the current root call)."""
         return self.lora_A, self.lora_B
 
+    def values_in_use(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as the next forward pass would use them (the current draw in ``"sample"`` mode)."""
+        return self.draw() if self._mode == "sample" else self._values
+
     @contextlib.contextmanager
     def hold(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> Iterator[None]:
         """Use the given A and B (2-D: fixed; 3-D: stacked samples) instead of sampling."""
@@ -134,7 +138,7 @@ class BayesianLoRALinear(PyroModule):
         return self._mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B = self.draw() if self._mode == "sample" else self._values
+        lora_A, lora_B = self.values_in_use()
         lora_A = lora_A.to(x.dtype)
         lora_B = lora_B.to(x.dtype)
         return self.base(x) + lora_update(x, lora_A, lora_B, self.scaling)

@@ -28,6 +28,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pyro_blora import distributed
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset, prepare_dataset
+from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, set_encoder_window, window_frames
 from pyro_blora.evaluation import EvalOptions, EvalSet, evaluate_whisper
 from pyro_blora.guide import build_guide
 from pyro_blora.inference import posterior_mean_model, token_nll
@@ -35,6 +36,7 @@ from pyro_blora.injection import find_target_modules
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboTerms
 from pyro_blora.posterior import load_posterior, save_posterior
+from pyro_blora.recompute import gradient_checkpointing
 from pyro_blora.training import (
     Optimization,
     RunFolder,
@@ -163,6 +165,8 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
                   train_config: TrainConfig, device: torch.device, whisper_and_processor, curve_sets,
                   curve_options, resume, run_info) -> TrainResult:
     whisper, processor = whisper_and_processor or load_whisper(model_source)
+    set_encoder_window(whisper, train_config.encoder_window_seconds)
+    data = replace(data, collate=replace(data.collate, n_frames=window_frames(train_config.encoder_window_seconds)))
     whisper.to(device)
     context = distributed.current()
     out = Path(out_dir)
@@ -236,8 +240,9 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
     else:
         result.base_nll = token_nll(whisper, eval_batches)
     whisper.eval()  # dropout off, as in SVI
-    run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
-              extra_state={"base_nll": result.base_nll})
+    with gradient_checkpointing(whisper) if train_config.gradient_checkpointing else nullcontext():
+        run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
+                  extra_state={"base_nll": result.base_nll})
     result.final_nll = token_nll(whisper, eval_batches)
     if not context.is_main:
         return result
@@ -264,14 +269,17 @@ def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration,
     if not (folder / "config.json").is_file() or not (folder / "log.jsonl").exists():
         whisper, processor = load_whisper(source)
         return whisper, processor, f"model {source}"
-    run = read_run_config(folder)["run"]
+    config = read_run_config(folder)
+    run = config["run"]
     method, base = run["method"], run["model_source"]
+    window = (config.get("train") or {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS)
     if method == "full":
         if not (folder / "model").is_dir():
             raise FileNotFoundError(f"{folder} has no model/ folder: the full fine-tuning run has not finished")
         whisper, processor = load_whisper(folder / "model")
         return whisper, processor, f"{method} run {folder.name}"
     whisper, processor = load_whisper(base)
+    set_encoder_window(whisper, window)  # the window the run was trained with
     if method == "lora":
         from peft import PeftModel
 

@@ -25,10 +25,12 @@ from tqdm.auto import tqdm
 from pyro_blora import distributed
 from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
 from pyro_blora.config import TrainConfig
+from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, window_frames
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
 from pyro_blora.model import BLoRAWhisper
 from pyro_blora.objective import ElboTerms, elbo_scaling, elbo_terms
+from pyro_blora.recompute import gradient_checkpointing
 
 __all__ = [
     "NonFiniteLossError",
@@ -156,7 +158,7 @@ def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        if saved != json.loads(json.dumps(fingerprint, sort_keys=True, default=str)):
+        if saved != _as_saved_by(saved, json.loads(json.dumps(fingerprint, sort_keys=True, default=str))):
             raise ValueError(
                 f"{run_dir} holds a different run (its config.json differs from this one). "
                 "Choose another output folder, or delete that one to start over."
@@ -169,6 +171,17 @@ def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
     else:
         atomic_write_json(config_path, fingerprint)
     return checkpoints
+
+
+def _as_saved_by(saved: Mapping[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """``fingerprint`` without the training options a folder written before they existed lacks,
+    where they hold their defaults (so such a run still resumes)."""
+    defaults = TrainConfig().to_dict()
+    train = dict(fingerprint.get("train") or {})
+    for name in list(train):
+        if name not in (saved.get("train") or {}) and train[name] == defaults.get(name):
+            del train[name]
+    return {**fingerprint, "train": train} if "train" in fingerprint else fingerprint
 
 
 class RunFolder:
@@ -375,6 +388,12 @@ def train(
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty; check the data report for rows that were filtered out")
+    window = config.encoder_window_seconds
+    if window != FULL_WINDOW_SECONDS and encoder_input_frames(model.whisper) != window_frames(window):
+        raise ValueError(
+            f"the model's encoder takes {encoder_input_frames(model.whisper)} frames but encoder_window_seconds="
+            f"{config.encoder_window_seconds}; cut the model first with pyro_blora.set_encoder_window (run_training does)"
+        )
     device = next(model.whisper.parameters()).device
     num_tokens = num_tokens or count_label_tokens(dataset, collate_fn)
     model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
@@ -420,11 +439,14 @@ def train(
         model.eval()
         result.base_nll = _posterior_nll(model, guide, eval_batches)
     model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
-    run_steps(
-        optimization, dataset, collate_fn, device, result.history, start, run,
-        extra_state={"base_nll": result.base_nll},
-        callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
-    )
+    recompute = gradient_checkpointing(model.whisper, model.adapters().values()) if config.gradient_checkpointing \
+        else nullcontext()
+    with recompute:
+        run_steps(
+            optimization, dataset, collate_fn, device, result.history, start, run,
+            extra_state={"base_nll": result.base_nll},
+            callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
+        )
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:

@@ -40,6 +40,9 @@ def train(
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
     progress: bool = typer.Option(True),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward: less memory, more compute"),
+    encoder_window: float = typer.Option(30.0, help="seconds the encoder reads; < 30 is a speed option that changes "
+                                                     "the model and refuses longer clips (see README)"),
 ) -> None:
     """Train one method (blora, lora, map, full) into a run folder; under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
@@ -48,7 +51,8 @@ def train(
     blora = BLoRAConfig(rank=rank, alpha=alpha, target_modules=patterns, prior_scale=prior_scale, beta=beta,
                         kl_normalization=kl_normalization)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                         seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress)
+                         seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
+                         gradient_checkpointing=gradient_checkpointing, encoder_window_seconds=encoder_window)
     processor = load_processor(model)
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit)
     curve_sets = None
