@@ -36,9 +36,12 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 
     With stacked matrices (A: (S, r, d_in), B: (S, d_out, r)) the leading dimension of ``x`` must be
     S * b, ordered sample-major (rows s*b .. s*b+b-1 belong to sample s).
+    The scaling multiplies the small A rather than the layer's output (one pass less over the
+    activations; exact for the default alpha = 2 * rank).
     """
+    lora_A = scaling * lora_A
     if lora_A.dim() == 2:
-        return scaling * ((x @ lora_A.transpose(0, 1)) @ lora_B.transpose(0, 1))
+        return (x @ lora_A.transpose(0, 1)) @ lora_B.transpose(0, 1)
     num_samples = lora_A.shape[0]
     if x.shape[0] % num_samples:
         raise ValueError(
@@ -47,7 +50,7 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
         )
     lead = x.shape
     xs = x.reshape(num_samples, -1, lead[-1])
-    out = scaling * torch.bmm(torch.bmm(xs, lora_A.transpose(1, 2)), lora_B.transpose(1, 2))
+    out = torch.bmm(torch.bmm(xs, lora_A.transpose(1, 2)), lora_B.transpose(1, 2))
     return out.reshape(*lead[:-1], lora_B.shape[1])
 
 
