@@ -55,8 +55,7 @@ def main() -> None:
     features = log_mel_features(processor.feature_extractor, [load_audio(r["audio"]) for r in rows]).to(device)
     language = rows[0]["language"]
     multilingual = bool(getattr(base.generation_config, "lang_to_id", None))
-    # Exactly max_new_tokens for both (the merged weights may end a transcript earlier or later).
-    kwargs = {"max_new_tokens": args.max_new_tokens, "min_new_tokens": args.max_new_tokens, "do_sample": False, "num_beams": 1,
+    kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": False, "num_beams": 1,
               **({"language": language, "task": "transcribe"} if multilingual else {})}
     models = {"base model": base, "posterior mean, merged": merged}
 
@@ -80,8 +79,8 @@ def main() -> None:
     command = (f"python scripts/bench_inference.py --model {args.model} --testbed testbed --domain {args.domain} "
                f"--clips {args.clips} --repeats {args.repeats}")
     body = f"""
-Greedy decoding of {args.clips} clips of the testbed's `{args.domain}` {args.split} split (exactly
-{args.max_new_tokens} new tokens each) by Whisper `{args.model}` and by the same model with a BLoRA posterior
+Greedy decoding of {args.clips} clips of the testbed's `{args.domain}` {args.split} split (at most
+{args.max_new_tokens} new tokens) by Whisper `{args.model}` and by the same model with a BLoRA posterior
 mean (rank 32, q/k) merged into its weights; alternating, {args.repeats} repeats after a warm-up each, on {device}.
 
 ```
