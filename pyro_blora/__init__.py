@@ -3,6 +3,8 @@
 from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_dataloader, prepare_dataset
+from pyro_blora.distributed import DistributedContext, distributed_session, init_distributed
+from pyro_blora.encoder_window import set_encoder_window
 from pyro_blora.evaluation import EvalOptions, evaluate_whisper, load_eval_sets
 from pyro_blora.experiment import MainJobConfig, run_evaluation, run_main_job
 from pyro_blora.features import log_mel_features
@@ -35,6 +37,7 @@ from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
 from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
+from pyro_blora.recompute import gradient_checkpointing
 from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
 from pyro_blora.sequential import (
     STRATEGIES,
@@ -52,6 +55,11 @@ from pyro_blora.validation import EnglishOnlyModelError, check_language
 from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_processor, load_whisper
 
 __all__ = [
+    "DistributedContext",
+    "distributed_session",
+    "gradient_checkpointing",
+    "init_distributed",
+    "set_encoder_window",
     "BLoRAConfig",
     "BLoRAGuide",
     "BLoRAMAPGuide",

@@ -36,9 +36,12 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
 
     With stacked matrices (A: (S, r, d_in), B: (S, d_out, r)) the leading dimension of ``x`` must be
     S * b, ordered sample-major (rows s*b .. s*b+b-1 belong to sample s).
+    The scaling multiplies the small A rather than the layer's output (one pass less over the
+    activations; exact for the default alpha = 2 * rank).
     """
+    lora_A = scaling * lora_A
     if lora_A.dim() == 2:
-        return scaling * ((x @ lora_A.transpose(0, 1)) @ lora_B.transpose(0, 1))
+        return (x @ lora_A.transpose(0, 1)) @ lora_B.transpose(0, 1)
     num_samples = lora_A.shape[0]
     if x.shape[0] % num_samples:
         raise ValueError(
@@ -47,7 +50,7 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
         )
     lead = x.shape
     xs = x.reshape(num_samples, -1, lead[-1])
-    out = scaling * torch.bmm(torch.bmm(xs, lora_A.transpose(1, 2)), lora_B.transpose(1, 2))
+    out = torch.bmm(torch.bmm(xs, lora_A.transpose(1, 2)), lora_B.transpose(1, 2))
     return out.reshape(*lead[:-1], lora_B.shape[1])
 
 
@@ -128,6 +131,10 @@ class BayesianLoRALinear(PyroModule):
         """Read A and B at the sample sites (cached within the current root call)."""
         return self.lora_A, self.lora_B
 
+    def values_in_use(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B as the next forward pass would use them (the current draw in ``"sample"`` mode)."""
+        return self.draw() if self._mode == "sample" else self._values
+
     @contextlib.contextmanager
     def hold(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> Iterator[None]:
         """Use the given A and B (2-D: fixed; 3-D: stacked samples) instead of sampling."""
@@ -149,7 +156,7 @@ class BayesianLoRALinear(PyroModule):
         return self._mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B = self.draw() if self._mode == "sample" else self._values
+        lora_A, lora_B = self.values_in_use()
         lora_A = lora_A.to(x.dtype)
         lora_B = lora_B.to(x.dtype)
         return self.base(x) + lora_update(x, lora_A, lora_B, self.scaling)

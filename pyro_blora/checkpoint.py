@@ -57,10 +57,12 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    """Every random state a training step touches (Python, NumPy, torch CPU and CUDA)."""
+    """Every random state a training step touches (Python, NumPy, torch CPU, and the CUDA state of
+    the current GPU: under data parallelism each rank draws on its own GPU, so a checkpoint restores
+    into whichever GPU the resuming process uses)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -69,7 +71,10 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if isinstance(state["cuda"], (list, tuple)):  # checkpoints that saved every GPU's state
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class CheckpointDir:

@@ -22,6 +22,7 @@ from transformers import WhisperForConditionalGeneration
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, is_english_only
 from pyro_blora.data import load_speech_dataset, prepare_dataset
 from pyro_blora.decoding import generate, greedy_generate_kwargs
+from pyro_blora.encoder_window import encoder_input_frames
 from pyro_blora.inference import token_nll
 from pyro_blora.metrics import error_rate, scoring_unit
 
@@ -124,7 +125,7 @@ def _language_names(whisper) -> dict[int, str]:
 @torch.no_grad()
 def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: EvalOptions) -> dict[str, Any]:
     """Greedy transcripts with the language forced, and detected languages where asked."""
-    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
+    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer), n_frames=encoder_input_frames(whisper))
     multilingual = not is_english_only(processor.tokenizer)
     names = _language_names(whisper) if multilingual else {}
     hypotheses, detected = [], []
@@ -155,7 +156,7 @@ def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: 
 
 
 def _teacher_forced_ce(whisper, processor, eval_set: EvalSet, options: EvalOptions) -> float:
-    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
+    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer), n_frames=encoder_input_frames(whisper))
     chunks = _batches(list(range(len(eval_set))), options.batch_size)
     bar = tqdm(chunks, desc=f"CE {eval_set.name}", disable=not options.progress, leave=False)
     return token_nll(whisper, (collate([eval_set.dataset[i] for i in chunk]) for chunk in bar))

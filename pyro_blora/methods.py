@@ -35,8 +35,10 @@ import torch
 from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
+from pyro_blora import distributed
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset, prepare_dataset
+from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, set_encoder_window, window_frames
 from pyro_blora.evaluation import EvalOptions, EvalSet, evaluate_whisper
 from pyro_blora.guide import build_guide, guide_kind
 from pyro_blora.inference import posterior_mean_model, token_nll
@@ -44,6 +46,7 @@ from pyro_blora.injection import find_target_modules
 from pyro_blora.model import BLoRAWhisper, wrap_whisper
 from pyro_blora.objective import ElboTerms
 from pyro_blora.posterior import load_posterior, read_posterior_config, save_posterior
+from pyro_blora.recompute import gradient_checkpointing
 from pyro_blora.training import (
     Optimization,
     RunFolder,
@@ -137,7 +140,8 @@ def _teacher_forced_loss(whisper: WhisperForConditionalGeneration, batch: Mappin
     decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
     logits = whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
-    return ElboTerms(loss=nll, nll=nll, kl=torch.zeros(()), num_tokens=int((labels != -100).sum()))
+    num_tokens = int((labels != -100).sum())
+    return ElboTerms(loss=nll, nll=nll, kl=torch.zeros(()), num_tokens=num_tokens, weight=float(num_tokens))
 
 
 def _fingerprint(method: str, model_source: str, data: TrainingData, blora_config: BLoRAConfig,
@@ -162,6 +166,7 @@ def run_training(
     run_info: Mapping[str, Any] | None = None,
     init_from: str | Path | None = None,
     prior_from: str | Path | None = None,
+    device: torch.device | str | None = None,
 ) -> TrainResult:
     """Train ``method`` from ``model_source`` (a model or a finished run folder) on ``data`` into the
     run folder ``out_dir``.
@@ -171,16 +176,35 @@ def run_training(
     steps (teacher-forced CE on all, greedy error on ``curve_options.decode_limit`` utterances) and
     the scores go into that step's log record. ``whisper_and_processor`` reuses an already loaded
     base model (it is modified in place). ``init_from`` and ``prior_from`` name a finished previous
-    run on the same base with the same adapters (see the module's docstring).
+    run on the same base with the same adapters (see the module's docstring). ``device`` defaults to
+    this process's GPU when there is one.
+
+    Launched by torchrun (``torchrun --nproc-per-node K -m pyro_blora.cli train ...``) it trains
+    data-parallel: each process scores its share of every batch and rank 0 writes the run folder
+    (gloo on CPUs, NCCL on GPUs; see :mod:`pyro_blora.distributed`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     previous = _previous_run(method, model_source, blora_config, init_from, prior_from)
+    device = torch.device(device) if device is not None else distributed.default_device()
+    with distributed.distributed_session(device):
+        return _run_training(method, model_source, data, out_dir, blora_config, train_config, device,
+                             whisper_and_processor, curve_sets, curve_options, resume, run_info,
+                             previous, prior_from is not None)
+
+
+def _run_training(method, model_source, data: TrainingData, out_dir, blora_config: BLoRAConfig,
+                  train_config: TrainConfig, device: torch.device, whisper_and_processor, curve_sets,
+                  curve_options, resume, run_info, previous: Path | None, as_prior: bool) -> TrainResult:
     whisper, processor = whisper_and_processor or load_run_model(model_source)[:2]
+    set_encoder_window(whisper, train_config.encoder_window_seconds)
+    data = replace(data, collate=replace(data.collate, n_frames=window_frames(train_config.encoder_window_seconds)))
+    whisper.to(device)
+    context = distributed.current()
     out = Path(out_dir)
     extra = dict(run_info or {})
     if previous is not None:
-        extra["prior_from" if prior_from is not None else "init_from"] = str(previous)
+        extra["prior_from" if as_prior else "init_from"] = str(previous)
     fingerprint = _fingerprint(method, str(model_source), data, blora_config, train_config, extra)
     torch.manual_seed(train_config.seed)
     pyro.set_rng_seed(train_config.seed)
@@ -188,13 +212,14 @@ def run_training(
         model = wrap_whisper(whisper, blora_config)
         guide = build_guide(model, "normal" if method == "blora" else "delta")
         if previous is not None:
-            _start_at_posterior(model, guide, previous / "posterior", as_prior=prior_from is not None)
+            _start_at_posterior(model, guide, previous / "posterior", as_prior=as_prior)
         evaluate = _curve(curve_sets, curve_options, processor, lambda: _means_held(model, guide))
         result = train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
                        run_info=fingerprint["run"], evaluate=evaluate)
-        metadata = {"base_model": str(model_source), "method": method}
-        metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
-        save_posterior(out / "posterior", model, guide, metadata=metadata)
+        if context.is_main:
+            metadata = {"base_model": str(model_source), "method": method}
+            metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
+            save_posterior(out / "posterior", model, guide, metadata=metadata)
         return result
     return _train_plain(method, whisper, processor, data, out, blora_config, train_config, fingerprint,
                         curve_sets, curve_options, resume, previous)
@@ -301,7 +326,8 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
             parameter.requires_grad_(True)
         trainable = whisper
     device = next(whisper.parameters()).device
-    run = RunFolder(out, fingerprint, resume, train_config.keep_checkpoints)
+    context = distributed.current()
+    run = context.on_main(lambda: RunFolder(out, fingerprint, resume, train_config.keep_checkpoints))
     eval_batches = [make_batch(data.dataset, data.collate,
                                batch_order(len(data), train_config.batch_size, train_config.seed, 0), device)]
     curve = _curve(curve_sets, curve_options, processor, lambda: nullcontext(whisper))
@@ -323,7 +349,7 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
         desc=method,
     )
     result = TrainResult(run_dir=out)
-    state = run.latest_state()
+    state = context.on_main(run.latest_state)
     start = 0
     if state is not None:
         start = optimization.restore(state)
@@ -331,9 +357,12 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
     else:
         result.base_nll = token_nll(whisper, eval_batches)
     whisper.eval()  # dropout off, as in SVI
-    run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
-              extra_state={"base_nll": result.base_nll})
+    with gradient_checkpointing(whisper) if train_config.gradient_checkpointing else nullcontext():
+        run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
+                  extra_state={"base_nll": result.base_nll})
     result.final_nll = token_nll(whisper, eval_batches)
+    if not context.is_main:
+        return result
     if method == "lora":
         trainable.save_pretrained(str(out / "adapter"))
     else:
@@ -373,15 +402,18 @@ def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration,
     if not _is_run_folder(folder):
         whisper, processor = load_whisper(source)
         return whisper, processor, f"model {source}"
-    run = read_run_config(folder)["run"]
+    config = read_run_config(folder)
+    run = config["run"]
     method, base = run["method"], run["model_source"]
     weights = folder / WEIGHT_FOLDERS[method]
     if not weights.is_dir():
         raise FileNotFoundError(f"{folder} has no {weights.name}/ folder: the {method} run has not finished")
+    window = (config.get("train") or {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS)
     if method == "full":
         whisper, processor = load_whisper(weights)
         return whisper, processor, f"{method} run {folder.name}"
     whisper, processor, _ = load_run_model(base)
+    set_encoder_window(whisper, window)  # the window the run was trained with
     if method == "lora":
         from peft import PeftModel
 

@@ -77,6 +77,9 @@ class ElboTerms:
     nll: torch.Tensor
     kl: torch.Tensor
     num_tokens: int
+    # What the loss is an average over (utterances for the ELBO, label tokens for a mean
+    # cross-entropy): data-parallel ranks weight their gradients by it (pyro_blora.distributed).
+    weight: float = 1.0
 
     def detached(self) -> dict[str, float]:
         return {name: float(torch.as_tensor(getattr(self, name)).detach()) for name in ("loss", "nll", "kl")}
@@ -129,4 +132,4 @@ def elbo_terms(
         kl = model.elbo_scaling.kl * sum(analytic_kl(model, guide).values())
     elif estimator != "trace":
         raise ValueError(f"estimator must be 'trace' or 'analytic', got {estimator!r}")
-    return ElboTerms(loss=nll + kl, nll=nll, kl=kl, num_tokens=num_tokens)
+    return ElboTerms(loss=nll + kl, nll=nll, kl=kl, num_tokens=num_tokens, weight=float(batch["labels"].shape[0]))

@@ -22,12 +22,15 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyro_blora import distributed
 from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
 from pyro_blora.config import TrainConfig
+from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, window_frames
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
 from pyro_blora.model import BLoRAWhisper
 from pyro_blora.objective import ElboTerms, elbo_scaling, elbo_terms
+from pyro_blora.recompute import gradient_checkpointing
 
 __all__ = [
     "NonFiniteLossError",
@@ -155,7 +158,7 @@ def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
     checkpoints = CheckpointDir(run_dir / "checkpoints")
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        if saved != json.loads(json.dumps(fingerprint, sort_keys=True, default=str)):
+        if saved != _as_saved_by(saved, json.loads(json.dumps(fingerprint, sort_keys=True, default=str))):
             raise ValueError(
                 f"{run_dir} holds a different run (its config.json differs from this one). "
                 "Choose another output folder, or delete that one to start over."
@@ -168,6 +171,17 @@ def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> 
     else:
         atomic_write_json(config_path, fingerprint)
     return checkpoints
+
+
+def _as_saved_by(saved: Mapping[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """``fingerprint`` without the training options a folder written before they existed lacks,
+    where they hold their defaults (so such a run still resumes)."""
+    defaults = TrainConfig().to_dict()
+    train = dict(fingerprint.get("train") or {})
+    for name in list(train):
+        if name not in (saved.get("train") or {}) and train[name] == defaults.get(name):
+            del train[name]
+    return {**fingerprint, "train": train} if "train" in fingerprint else fingerprint
 
 
 class RunFolder:
@@ -254,53 +268,78 @@ def run_steps(
     callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
 ) -> list[dict[str, Any]]:
     """The optimisation loop every method shares: the project's batch order, LR schedule, gradient
-    clipping, bf16 autocast, JSONL log, checkpoints and checkpoint-on-signal."""
+    clipping, bf16 autocast, JSONL log, checkpoints and checkpoint-on-signal.
+
+    Under torchrun (a process group is initialised) each rank scores its shard of every global
+    batch and the gradients are averaged before clipping (:mod:`pyro_blora.distributed`); rank 0
+    alone evaluates, calls ``callbacks``, logs and writes checkpoints."""
     config = optimization.config
+    context = distributed.current()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
     params = optimization.parameters()
-    if run is not None:
-        run.rewrite_log(history)
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, disable=not config.progress,
-               desc=optimization.desc)
+    context.broadcast_parameters(params)
+    writer = run if context.is_main else None
+    if writer is not None:
+        writer.rewrite_log(history)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               disable=not (config.progress and context.is_main), desc=optimization.desc)
     with _stop_on_signals() as stop:
         for step in bar:
-            batch = make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, step), device)
-            try:
-                with autocast:
-                    terms = optimization.objective(batch)
-                finite = bool(torch.isfinite(terms.loss))
-                detail = ", ".join(f"{k}={v}" for k, v in terms.detached().items())
-            except ValueError as error:  # Pyro's validation refuses NaN logits or parameters
-                if "nan" not in str(error).lower() and "constraint" not in str(error):
-                    raise
-                finite, detail = False, f"a distribution got invalid values ({str(error).splitlines()[0]})"
-            if not finite:
-                raise _non_finite(step, detail, optimization, batch)
+            indices = context.shard(batch_order(len(dataset), config.batch_size, config.seed, step))
+            batch = make_batch(dataset, collate_fn, indices, device)
             optimization.optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
+            terms, problem = _loss_and_gradients(optimization, batch, autocast)
+            local = terms.detached() if terms is not None else dict.fromkeys(("loss", "nll", "kl"), math.nan)
+            reduced = context.combine(params, terms.weight if terms is not None else 1.0, list(local.values()))
+            if problem is not None:
+                raise _non_finite(step, problem, optimization, batch)
+            values = dict(zip(local, reduced))
+            if not math.isfinite(values["loss"]):  # another rank's loss was not finite
+                raise _non_finite(step, ", ".join(f"{k}={v}" for k, v in values.items()), optimization, batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a step would write NaN into the trained parameters
+                detail = ", ".join(f"{k}={v}" for k, v in values.items())
                 raise _non_finite(step, f"{detail}, gradient norm={float(grad_norm)}", optimization, batch)
             optimization.optimizer.step()
             optimization.scheduler.step()
-            record = {"step": step + 1, **terms.detached(), "grad_norm": float(grad_norm),
+            record = {"step": step + 1, **values, "grad_norm": float(grad_norm),
                       "lr": optimization.scheduler.get_last_lr()[0]}
             if optimization.evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0:
-                record.update(optimization.evaluate())
+                if context.is_main:
+                    record.update(optimization.evaluate())
+                context.barrier()
             history.append(record)
-            for callback in callbacks:
-                callback(record)
-            if run is not None:
-                run.log(record)
+            if context.is_main:
+                for callback in callbacks:
+                    callback(record)
+            if writer is not None:
+                writer.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3g}", nll=f"{record['nll']:.3g}", kl=f"{record['kl']:.3g}")
             done = step + 1 == config.steps
-            if run is not None and (
-                (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop["signal"]
+            stopping = context.any(bool(stop["signal"]))  # every rank stops after the same step
+            if writer is not None and (
+                (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stopping
             ):
-                run.checkpoints.save(step + 1, optimization.state(step + 1, history, extra_state or {}))
-            if stop["signal"] and not done:
-                raise TrainingInterrupted(stop["signal"], step + 1)
+                writer.checkpoints.save(step + 1, optimization.state(step + 1, history, extra_state or {}))
+            if stopping and not done:
+                raise TrainingInterrupted(stop["signal"] or signal.SIGTERM, step + 1)
     return history
+
+
+def _loss_and_gradients(optimization: Optimization, batch: Mapping, autocast) -> tuple[ElboTerms | None, str | None]:
+    """The objective on this rank's batch and its gradients; or what made it non-finite (then no
+    gradients: the caller stops, after taking part in the step's collectives)."""
+    try:
+        with autocast:
+            terms = optimization.objective(batch)
+    except ValueError as error:  # Pyro's validation refuses NaN logits or parameters
+        if "nan" not in str(error).lower() and "constraint" not in str(error):
+            raise
+        return None, f"a distribution got invalid values ({str(error).splitlines()[0]})"
+    if not bool(torch.isfinite(terms.loss)):
+        return terms, ", ".join(f"{k}={v}" for k, v in terms.detached().items())
+    terms.loss.backward()
+    return terms, None
 
 
 def _non_finite(step: int, detail: str, optimization: Optimization, batch: Mapping) -> NonFiniteLossError:
@@ -349,16 +388,23 @@ def train(
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty; check the data report for rows that were filtered out")
+    window = config.encoder_window_seconds
+    if window != FULL_WINDOW_SECONDS and encoder_input_frames(model.whisper) != window_frames(window):
+        raise ValueError(
+            f"the model's encoder takes {encoder_input_frames(model.whisper)} frames but encoder_window_seconds="
+            f"{config.encoder_window_seconds}; cut the model first with pyro_blora.set_encoder_window (run_training does)"
+        )
     device = next(model.whisper.parameters()).device
     num_tokens = num_tokens or count_label_tokens(dataset, collate_fn)
     model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
     guide.setup()
     guide.to(device)
     result = TrainResult(run_dir=Path(run_dir) if run_dir else None)
+    context = distributed.current()
     run = None
     if run_dir is not None:
         fingerprint = {"blora": model.config.to_dict(), "train": config.to_dict(), "run": dict(run_info or {})}
-        run = RunFolder(run_dir, fingerprint, resume, config.keep_checkpoints)
+        run = context.on_main(lambda: RunFolder(run_dir, fingerprint, resume, config.keep_checkpoints))
     if eval_batches is None:
         eval_batches = [make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
 
@@ -382,7 +428,7 @@ def train(
         ),
         desc="SVI",
     )
-    state = run.latest_state() if run is not None else None
+    state = context.on_main(run.latest_state) if run is not None else None
     start = 0
     if state is not None:
         start = optimization.restore(state)
@@ -393,11 +439,14 @@ def train(
         model.eval()
         result.base_nll = _posterior_nll(model, guide, eval_batches)
     model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
-    run_steps(
-        optimization, dataset, collate_fn, device, result.history, start, run,
-        extra_state={"base_nll": result.base_nll},
-        callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
-    )
+    recompute = gradient_checkpointing(model.whisper, model.adapters().values()) if config.gradient_checkpointing \
+        else nullcontext()
+    with recompute:
+        run_steps(
+            optimization, dataset, collate_fn, device, result.history, start, run,
+            extra_state={"base_nll": result.base_nll},
+            callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
+        )
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:
@@ -408,7 +457,7 @@ def train(
             PosteriorCollapseWarning,
             stacklevel=2,
         )
-    if run is not None:
+    if run is not None and context.is_main:
         run.write_result({k: v for k, v in vars(result).items() if k != "history"})
     return result
 

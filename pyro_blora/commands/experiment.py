@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
@@ -50,13 +51,18 @@ def train(
     prior_from: Optional[Path] = typer.Option(None, help="a finished blora run on the same base whose posterior "
                                               "becomes the prior, per entry (blora; for map: an L2 penalty towards it)"),
     progress: bool = typer.Option(True),
+    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward: less memory, more compute"),
+    encoder_window: float = typer.Option(30.0, help="seconds the encoder reads; < 30 is a speed option that changes "
+                                                     "the model and refuses longer clips (see README)"),
 ) -> None:
-    """Train one method (blora, lora, map, full) into a run folder; --model may be a finished run folder."""
+    """Train one method (blora, lora, map, full) into a run folder; --model may be a finished run folder;
+    under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
 
     blora = adapter_config(targets, rank, alpha, prior_scale, beta, kl_normalization)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                         seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress)
+                         seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
+                         gradient_checkpointing=gradient_checkpointing, encoder_window_seconds=encoder_window)
     processor = load_processor(base_model_of(model))
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit)
     curve_sets = None
@@ -68,7 +74,8 @@ def train(
     result = run_training(method, model, training, out, blora, config, curve_sets=curve_sets,
                           curve_options=EvalOptions(decode_limit=eval_decoded, progress=False), resume=resume,
                           init_from=init_from, prior_from=prior_from)
-    typer.echo(f"{method}: base NLL {result.base_nll:.4f} -> final NLL {result.final_nll:.4f}; run folder {out}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
+        typer.echo(f"{method}: base NLL {result.base_nll:.4f} -> final NLL {result.final_nll:.4f}; run folder {out}")
 
 
 def evaluate(

@@ -56,7 +56,11 @@ class SpeechCollator:
         for row, item in enumerate(items):
             frames = torch.as_tensor(np.asarray(item["input_features"], dtype=np.float32))
             if frames.shape[0] > self.n_frames:
-                raise ValueError(f"item {item.get('id')!r} has {frames.shape[0]} frames; at most {self.n_frames} fit")
+                raise ValueError(
+                    f"item {item.get('id')!r} is {frames.shape[0] / 100:.2f} s long ({frames.shape[0]} frames); the "
+                    f"encoder window takes at most {self.n_frames / 100:.2f} s ({self.n_frames} frames). Train with a "
+                    "longer encoder_window_seconds, or leave such clips out of the data"
+                )
             features[row, :, : frames.shape[0]] = frames.T
         labels = [torch.as_tensor(np.asarray(item["labels"]), dtype=torch.long) for item in items]
         if all(len(row) > 0 and row[0] == self.decoder_start_token_id for row in labels):
