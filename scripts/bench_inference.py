@@ -60,23 +60,29 @@ def main() -> None:
     models = {"base model": base, "posterior mean, merged": merged}
 
     @torch.no_grad()
-    def decode(whisper) -> float:
+    def decode(whisper) -> tuple[float, float, int]:
+        """Wall seconds, process CPU seconds and generated tokens of one batched greedy decode."""
         if device.type == "cuda":
             torch.cuda.synchronize()
-        start = time.perf_counter()
-        whisper.generate(features, **kwargs)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        ids = whisper.generate(features, **kwargs)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu, int(ids.numel())
 
     for whisper in models.values():
         decode(whisper)
     times = {name: [] for name in models}
+    per_token = {name: [] for name in models}  # CPU milliseconds per generated token
+    tokens = {}
     for repeat in range(args.repeats):
         for name in (list(models) if repeat % 2 == 0 else list(reversed(models))):
-            times[name].append(decode(models[name]))
+            wall, cpu, tokens[name] = decode(models[name])
+            times[name].append(wall)
+            per_token[name].append(1000 * cpu / tokens[name])
     ratio = spread(times["posterior mean, merged"])["median"] / spread(times["base model"])["median"]
-    command = (f"python scripts/bench_inference.py --model {args.model} --testbed testbed --domain {args.domain} "
+    token_ratio = spread(per_token["posterior mean, merged"])["median"] / spread(per_token["base model"])["median"]
+    command = (f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/bench_inference.py --model {args.model} --testbed testbed --domain {args.domain} "
                f"--clips {args.clips} --repeats {args.repeats}")
     body = f"""
 Greedy decoding of {args.clips} clips of the testbed's `{args.domain}` {args.split} split (at most
@@ -91,8 +97,16 @@ Machine: {machine()}.
 
 {table(times, "s")}
 
-**Ratio merged / base (medians): {ratio:.3f}** (target <= 1.01). The merged model has the base model's
-architecture and shapes, so any difference is noise from other processes on the machine.
+**Ratio merged / base (medians): {ratio:.3f}** (target <= 1.01).
+
+The two models need not write transcripts of the same length ({tokens["base model"]} vs
+{tokens["posterior mean, merged"]} token positions in the batch here), so the fair comparison is the cost per
+generated token. Process CPU time per token position (ms; less sensitive to other load than wall time):
+
+{table(per_token, "ms")}
+
+**Ratio merged / base, CPU time per token (medians): {token_ratio:.3f}** (target <= 1.01). The merged
+model has the base model's architecture and shapes; what remains is measurement noise.
 GPU numbers are not measured yet (no GPU was available for these runs).
 """
     print(body)

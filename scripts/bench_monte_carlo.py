@@ -1,4 +1,5 @@
-"""Time Monte Carlo transcription: S samples in one batched pass (S x B rows) against S passes.
+"""Time Monte Carlo transcription: S samples in one batched pass (S x B rows) against S passes,
+and against one posterior-mean pass.
 
 A real Whisper checkpoint gets Bayesian adapters whose posterior is the guide's start (B = 0 means,
 so the hypotheses have the base model's lengths) with the given standard deviation. Both paths
@@ -20,6 +21,7 @@ import pyro
 import torch
 
 from pyro_blora import BLoRAConfig, build_guide, load_audio, load_speech_dataset, load_whisper, log_mel_features, monte_carlo_transcribe, wrap_whisper
+from pyro_blora.inference import point_transcribe
 
 
 def main() -> None:
@@ -46,21 +48,27 @@ def main() -> None:
     features = log_mel_features(processor.feature_extractor, [load_audio(row["audio"]) for row in rows])
     language = rows[0]["language"]
 
-    def run(vectorized: bool):
+    generate_kwargs = {"max_new_tokens": args.max_new_tokens}
+
+    def run(path: str):
         pyro.set_rng_seed(args.seed)
         start = time.perf_counter()
+        if path == "posterior_mean":  # one deterministic pass with the means held
+            results = point_transcribe(model, guide.means(), features, processor.tokenizer, language=language,
+                                       generate_kwargs=generate_kwargs)
+            return time.perf_counter() - start, [[r.text] for r in results]
         results = monte_carlo_transcribe(
             model, guide, features, processor.tokenizer, num_samples=args.samples, choose="mbr",
-            vectorized=vectorized, language=language, generate_kwargs={"max_new_tokens": args.max_new_tokens},
+            vectorized=path == "vectorized", language=language, generate_kwargs=generate_kwargs,
         )
         return time.perf_counter() - start, [r.hypotheses for r in results]
 
-    run(True)  # warm-up: first-call allocations and lazy initialisation
-    times: dict[str, list[float]] = {"vectorized": [], "sequential": []}
+    run("vectorized")  # warm-up: first-call allocations and lazy initialisation
+    times: dict[str, list[float]] = {"vectorized": [], "sequential": [], "posterior_mean": []}
     outputs = {}
     for _ in range(args.repeats):
-        for name in ("vectorized", "sequential"):
-            seconds, hypotheses = run(name == "vectorized")
+        for name in times:
+            seconds, hypotheses = run(name)
             times[name].append(seconds)
             outputs[name] = hypotheses
     same = outputs["vectorized"] == outputs["sequential"]
@@ -76,6 +84,7 @@ def main() -> None:
         "same_hypotheses": same,
         **{f"{name}_s": {"min": min(v), "median": statistics.median(v), "max": max(v)} for name, v in times.items()},
         "speedup_median": statistics.median(times["sequential"]) / statistics.median(times["vectorized"]),
+        "vectorized_over_posterior_mean_median": statistics.median(times["vectorized"]) / statistics.median(times["posterior_mean"]),
         "distinct_hypotheses_per_clip": [len(set(h)) for h in outputs["vectorized"]],
     }
     print(json.dumps(summary, indent=2))

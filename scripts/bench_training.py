@@ -93,14 +93,29 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
 STEPS = {"BLoRA": blora_step, "LoRA (peft)": lora_step}
 
 
-def timed(step, device) -> float:
+def timed(step, device) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds of one step (CPU time is less sensitive to other
+    processes on the machine; with several torch threads it also counts their spinning)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def op_profile(step) -> dict[str, float]:
+    """torch.profiler view of one step: the time inside torch operators and how many were called."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    heavy = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")
+                or "scaled_dot_product" in e.key)
+    return {"op_seconds": sum(e.self_cpu_time_total for e in events) / 1e6, "op_calls": sum(e.count for e in events),
+            "matmul_attention_seconds": heavy / 1e6}
 
 
 def resident_mb() -> float:
@@ -173,11 +188,15 @@ def main() -> None:
     for step in steps.values():
         step()  # warm-up
     times = {name: [] for name in steps}
+    cpu_times = {name: [] for name in steps}
     for repeat in range(args.repeats):
         order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
         for name in order:
-            times[name].append(timed(steps[name], device))
+            wall, cpu = timed(steps[name], device)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
     profiles = {name: profile(step) for name, step in steps.items()}
+    ops = {name: op_profile(step) for name, step in steps.items()}
     del steps
     memory = {}
     for name in STEPS:
@@ -187,8 +206,9 @@ def main() -> None:
 
     blora, lora = (spread(times[name]) for name in STEPS)
     ratio = blora["median"] / lora["median"]
+    cpu_ratio = spread(cpu_times["BLoRA"])["median"] / spread(cpu_times["LoRA (peft)"])["median"]
     memory_ratio = memory["BLoRA"] / memory["LoRA (peft)"]
-    command = f"python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
+    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
         f" --precision {args.precision}" if args.precision != "fp32" else "")
     profile_rows = "\n".join(
         f"| {category} | {profiles['BLoRA'][category]:.3f} | {profiles['LoRA (peft)'][category]:.3f} |"
@@ -209,6 +229,17 @@ Machine: {machine()}.
 {table(times, "s")}
 
 **Step time ratio BLoRA / LoRA (medians): {ratio:.3f}** (target <= 1.05).
+
+CPU time of this process per step (the same steps):
+
+{table(cpu_times, "s")}
+
+**CPU time ratio BLoRA / LoRA (medians): {cpu_ratio:.3f}.**
+
+Inside torch's operators (torch.profiler, one step each): BLoRA {ops['BLoRA']['op_seconds']:.2f} s in
+{ops['BLoRA']['op_calls']} operator calls, of which {ops['BLoRA']['matmul_attention_seconds']:.2f} s in matrix
+products and attention; LoRA {ops['LoRA (peft)']['op_seconds']:.2f} s in {ops['LoRA (peft)']['op_calls']} calls,
+{ops['LoRA (peft)']['matmul_attention_seconds']:.2f} s in matrix products and attention.
 
 Peak memory of two steps above the memory after loading (each method in a fresh process; on CPU the
 resident set sampled every 2 ms, on CUDA `max_memory_allocated`): BLoRA {memory['BLoRA']:.0f} MiB, LoRA
