@@ -1,16 +1,19 @@
-"""A grid over BLoRA's prior (β, σp, KL normalisation) and the adapter rank, resumable.
+"""A grid over BLoRA's prior (β, σp, KL normalisation), the adapter rank and the seed, resumable.
 
 Every grid point is one run folder ``<out>/runs/<point name>``, trained and evaluated with the
 experiment's own functions (:func:`~pyro_blora.methods.run_training`,
 :func:`~pyro_blora.experiment.run_evaluation`). A point with ``result.json`` and ``eval.json`` is
 finished and skipped on a rerun; an interrupted one resumes from its last checkpoint. After every
-point ``results.csv`` and ``results.json`` are rewritten with one row per finished point.
+point ``results.csv`` and ``results.json`` are rewritten with one row per finished point, and
+``by-setting.csv`` / ``by-setting.json`` / ``by-setting.md`` with the mean and standard deviation over
+seeds of each setting, plus the paper's two comparisons of BLoRA against LoRA.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,7 +26,10 @@ from pyro_blora.experiment import read_eval, run_evaluation
 from pyro_blora.methods import METHODS, TrainingData, run_training
 from pyro_blora.report import write_rows
 
-__all__ = ["PRIOR_METHODS", "SweepConfig", "SweepPoint", "read_results", "run_sweep", "sweep_points"]
+__all__ = [
+    "PRIOR_METHODS", "SweepConfig", "SweepPoint", "paper_comparisons", "read_results", "run_sweep", "summarize_seeds",
+    "sweep_points",
+]
 
 # Methods whose objective has the prior: β, σp and the KL normalisation act only on these.
 PRIOR_METHODS = ("blora", "map")
@@ -38,13 +44,20 @@ class SweepPoint:
     beta: float | None = None
     prior_scale: float | None = None
     kl_normalization: str | None = None
+    seed: int = 0
 
     @property
-    def name(self) -> str:
+    def setting(self) -> str:
+        """The name without the seed: the runs of one setting over several seeds share it."""
         parts = [self.method, f"r{self.rank}"]
         if self.method in PRIOR_METHODS:
             parts += [f"beta{self.beta:g}", f"sp{self.prior_scale:g}", str(self.kl_normalization)]
         return "-".join(parts)
+
+    @property
+    def name(self) -> str:
+        """Seed 0 carries no suffix, so a sweep widened to more seeds reuses its seed-0 runs."""
+        return self.setting + (f"-s{self.seed}" if self.seed else "")
 
     def adapter(self, template: BLoRAConfig) -> BLoRAConfig:
         """``template`` (targets, alpha, init scales) with this point's settings."""
@@ -63,9 +76,10 @@ class SweepConfig:
     ranks: tuple[int, ...] = (32,)
     kl_normalizations: tuple[str, ...] = ("parameter",)
     methods: tuple[str, ...] = ("blora",)
+    seeds: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
-        for name in ("betas", "prior_scales", "ranks", "kl_normalizations", "methods"):
+        for name in ("betas", "prior_scales", "ranks", "kl_normalizations", "methods", "seeds"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
             if not getattr(self, name):
                 raise ValueError(f"{name} is empty; give at least one value")
@@ -76,6 +90,7 @@ class SweepConfig:
             (set(self.kl_normalizations) <= set(KL_NORMALIZATIONS),
              f"kl_normalizations must be among {KL_NORMALIZATIONS}, got {self.kl_normalizations}"),
             (set(self.methods) <= set(METHODS), f"methods must be among {METHODS}, got {self.methods}"),
+            (all(isinstance(x, int) and x >= 0 for x in self.seeds), f"seeds must be integers >= 0, got {self.seeds}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -83,14 +98,15 @@ class SweepConfig:
 
 
 def sweep_points(config: SweepConfig) -> list[SweepPoint]:
-    """Every distinct point of the grid, in a stable order (methods, then ranks, then the prior)."""
+    """Every distinct point of the grid, in a stable order (seeds, then methods, ranks and the prior):
+    the first seed's whole grid finishes before the next seed starts."""
     points: list[SweepPoint] = []
-    for method, rank in itertools.product(config.methods, config.ranks):
+    for seed, method, rank in itertools.product(config.seeds, config.methods, config.ranks):
         if method in PRIOR_METHODS:
-            points += [SweepPoint(method, rank, beta, scale, norm) for beta, scale, norm in
+            points += [SweepPoint(method, rank, beta, scale, norm, seed) for beta, scale, norm in
                        itertools.product(config.betas, config.prior_scales, config.kl_normalizations)]
         else:
-            points.append(SweepPoint(method, rank))
+            points.append(SweepPoint(method, rank, seed=seed))
     return list(dict.fromkeys(points))
 
 
@@ -113,8 +129,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished point into ``<out>/runs``; return the results rows.
 
-    ``adapter`` and ``train`` are the settings every point shares; each point overrides the rank and
-    the prior. The base model is evaluated once (``<out>/base/eval.json``) and every point's changes
+    ``adapter`` and ``train`` are the settings every point shares; each point overrides the rank,
+    the prior and the seed (the point's seed replaces ``train.seed``). The base model is evaluated once (``<out>/base/eval.json``) and every point's changes
     are relative to it. ``in_domain`` names the trained domain among ``eval_sets`` (default: the
     training data folder's name)."""
     out = Path(out)
@@ -136,14 +152,91 @@ def run_sweep(
         else:
             if not (run_dir / "result.json").is_file():
                 echo(f"{prefix}: training")
-                run_training(point.method, model, data, run_dir, point.adapter(adapter), train,
+                run_training(point.method, model, data, run_dir, point.adapter(adapter), train.replace(seed=point.seed),
                              resume=(run_dir / "checkpoints").is_dir(), run_info={"sweep": str(out), "point": asdict(point)})
             echo(f"{prefix}: evaluating")
             run_evaluation(run_dir, eval_sets, options=eval_options, base=base)
-        rows.append({"point": point.name, **run_summary(run_dir, base=base, in_domain=domain)})
+        rows.append({"point": point.name, "setting": point.setting, "seed": point.seed,
+                     **run_summary(run_dir, base=base, in_domain=domain)})
         write_rows(rows, out / "results")
-    echo(f"results: {out / 'results.csv'} ({len(rows)} points)")
+        _write_by_setting(rows, out)
+    echo(f"results: {out / 'results.csv'} ({len(rows)} points), {out / 'by-setting.md'}")
     return rows
+
+
+# Columns summarised over seeds: errors, CE, their changes against the base model, sparsity of dW.
+SUMMARY_COLUMNS = (
+    "in_domain_error", "backward_error", "in_domain_error_change", "backward_error_change",
+    "in_domain_ce", "backward_ce", "dW_thresh_fraction", "dW_hoyer_index",
+)
+
+
+def summarize_seeds(rows: list[Mapping[str, Any]], columns: tuple[str, ...] = SUMMARY_COLUMNS) -> list[dict[str, Any]]:
+    """One row per setting: ``<column>_mean``, ``<column>_std`` (sample standard deviation; 0 for one
+    seed) and the seeds it covers."""
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["setting"], []).append(row)
+    summary = []
+    for setting, members in groups.items():
+        entry: dict[str, Any] = {"setting": setting, "method": members[0]["method"], "rank": members[0]["rank"],
+                                 "seeds": ",".join(str(m["seed"]) for m in members)}
+        for column in columns:
+            values = [float(m[column]) for m in members if m.get(column) is not None]
+            if values:
+                entry[f"{column}_mean"] = statistics.fmean(values)
+                entry[f"{column}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        summary.append(entry)
+    return summary
+
+
+def paper_comparisons(summary: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The paper's two numbers for every BLoRA setting against the LoRA baseline of the same rank, on
+    the means over seeds: backward gain = (LoRA's backward error - BLoRA's) / LoRA's (positive: BLoRA
+    forgets less) and in-domain drop = (BLoRA's in-domain error - LoRA's) / LoRA's (positive: BLoRA
+    adapts less)."""
+    lora = {row["rank"]: row for row in summary if row["method"] == "lora"}
+    out = []
+    for row in summary:
+        baseline = lora.get(row["rank"])
+        if row["method"] != "blora" or baseline is None:
+            continue
+        if "backward_error_mean" not in row or "backward_error_mean" not in baseline:
+            continue
+        out.append({
+            "setting": row["setting"], "against": baseline["setting"],
+            "backward_gain": (baseline["backward_error_mean"] - row["backward_error_mean"]) / baseline["backward_error_mean"],
+            "in_domain_drop": (row["in_domain_error_mean"] - baseline["in_domain_error_mean"]) / baseline["in_domain_error_mean"],
+        })
+    return out
+
+
+def _mean_std(row: Mapping[str, Any], column: str, percent: bool = True) -> str:
+    if f"{column}_mean" not in row:
+        return "-"
+    mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+    return f"{100 * mean:.1f} ± {100 * std:.1f}%" if percent else f"{mean:.3f} ± {std:.3f}"
+
+
+def by_setting_markdown(summary: list[Mapping[str, Any]], comparisons: list[Mapping[str, Any]]) -> str:
+    """The table of :func:`summarize_seeds` (mean ± std over seeds) and the paper's comparisons."""
+    columns = ("in_domain_error", "backward_error", "in_domain_error_change", "backward_error_change", "dW_thresh_fraction")
+    lines = ["| setting | seeds | in-domain error | backward error | in-domain change | backward change "
+             "| dW below 1e-3 | dW Hoyer |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary:
+        cells = [_mean_std(row, column) for column in columns] + [_mean_std(row, "dW_hoyer_index", percent=False)]
+        lines.append(f"| {row['setting']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    if comparisons:
+        lines += ["", "| BLoRA setting | against | backward gain | in-domain drop |", "|---|---|---|---|"]
+        lines += [f"| {c['setting']} | {c['against']} | {100 * c['backward_gain']:+.1f}% | {100 * c['in_domain_drop']:+.1f}% |"
+                  for c in comparisons]
+    return "\n".join(lines) + "\n"
+
+
+def _write_by_setting(rows: list[Mapping[str, Any]], out: Path) -> None:
+    summary = summarize_seeds(rows)
+    write_rows(summary, out / "by-setting")
+    (out / "by-setting.md").write_text(by_setting_markdown(summary, paper_comparisons(summary)))
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:

@@ -146,6 +146,7 @@ def test_sweep_skips_finished_points_on_rerun(workspace):
     assert (out / "runs" / names[0] / "result.json").stat().st_mtime_ns == stamp
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
+    assert "blora-r2-beta2-sp0.01-parameter | 0 |" in (out / "by-setting.md").read_text()
 
 
 def test_sweep_grid_points():
@@ -171,3 +172,32 @@ def test_bad_inputs_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="pyro-blora train"):
         find_runs([tmp_path])
     assert markdown_table([{"a": 1.23456, "b": None}]) == "| a | b |\n|---|---|\n| 1.235 | - |"
+
+
+def test_sweep_seeds_multiply_the_grid_and_keep_seed_zero_names():
+    points = sweep_points(SweepConfig(betas=(0.5,), methods=("blora", "lora"), seeds=(0, 1, 2)))
+    assert [p.name for p in points[:2]] == ["blora-r32-beta0.5-sp0.01-parameter", "lora-r32"]
+    assert "blora-r32-beta0.5-sp0.01-parameter-s2" in {p.name for p in points} and len(points) == 6
+    assert {p.setting for p in points} == {"blora-r32-beta0.5-sp0.01-parameter", "lora-r32"}
+    with pytest.raises(ValueError, match="seeds must be integers"):
+        SweepConfig(seeds=(-1,))
+
+
+def test_seed_summary_and_the_papers_two_comparisons():
+    from pyro_blora.sweep import by_setting_markdown, paper_comparisons, summarize_seeds
+
+    def row(method, setting, seed, in_domain, backward):
+        return {"method": method, "setting": setting, "seed": seed, "rank": 32,
+                "in_domain_error": in_domain, "backward_error": backward}
+
+    rows = [row("lora", "lora-r32", 0, 0.10, 0.30), row("lora", "lora-r32", 1, 0.14, 0.50),
+            row("blora", "blora-x", 0, 0.11, 0.20), row("blora", "blora-x", 1, 0.13, 0.20)]
+    summary = summarize_seeds(rows)
+    lora = next(s for s in summary if s["setting"] == "lora-r32")
+    assert lora["seeds"] == "0,1"
+    assert lora["backward_error_mean"] == pytest.approx(0.40) and lora["backward_error_std"] == pytest.approx(0.1414, abs=1e-4)
+    (comparison,) = paper_comparisons(summary)
+    # Backward: LoRA 0.40 vs BLoRA 0.20 -> gain 50%; in-domain: 0.12 vs 0.12 -> drop 0%.
+    assert comparison["backward_gain"] == pytest.approx(0.5) and comparison["in_domain_drop"] == pytest.approx(0.0)
+    page = by_setting_markdown(summary, [comparison])
+    assert "| blora-x | 0,1 | 12.0 ± 1.4% | 20.0 ± 0.0% |" in page and "+50.0%" in page
