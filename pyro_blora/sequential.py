@@ -236,6 +236,13 @@ class SequenceResult:
         return {**asdict(self), "metric": self.metric, "metrics": self.metrics()}
 
     @classmethod
+    def load(cls, path: str | Path) -> "SequenceResult":
+        """A result from its ``matrix.json`` (e.g. to compare strategies run by separate processes)."""
+        data = json.loads(Path(path).read_text())
+        return cls(data["strategy"], tuple(data["domains"]), data["rows"], data["columns"], data["learned_at"],
+                   data["matrices"], data.get("runs", []))
+
+    @classmethod
     def from_evaluations(cls, config: SequenceConfig, evaluations: Sequence[Mapping[str, Any]],
                          rows: Sequence[str], runs: Sequence[str]) -> "SequenceResult":
         columns = list(config.columns)

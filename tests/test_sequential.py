@@ -139,6 +139,8 @@ def test_matrix_reports_of_a_hand_made_result(tmp_path):
     assert [t.get_text() for t in figure.axes[0].texts][:3] == ["10.0%", "80.0%", "90.0%"]
     page = write_comparison([result], tmp_path / "comparison.md").read_text()
     assert "| blora-prior | error_rate | 38.3% | 17.5% | 15.0% | 20.0% | - |" in page
+    (tmp_path / "matrix.json").write_text(json.dumps(result.to_dict()))
+    assert SequenceResult.load(tmp_path / "matrix.json") == result
 
 
 def test_strategies_plan_their_steps_and_share_first_steps(workspace, tmp_path):
