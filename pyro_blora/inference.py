@@ -187,7 +187,9 @@ def monte_carlo_transcribe(
 
     ``choose="mean"`` returns the posterior-mean hypothesis; ``"mbr"`` the sample hypothesis with the
     lowest mean error rate against the others (minimum Bayes risk). ``vectorized`` decodes all S
-    samples in one batched pass (batch S * B, each slice with its own adapter sample).
+    samples in one batched pass (batch S * B, each slice with its own adapter sample): the same
+    hypotheses as S passes; it pays on accelerators, while on a CPU it costs about what S passes cost
+    (BENCHMARKS.md).
     """
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
