@@ -24,10 +24,10 @@ from pyro_blora.config import KL_NORMALIZATIONS, BLoRAConfig, TrainConfig
 from pyro_blora.evaluation import EvalOptions, EvalSet
 from pyro_blora.experiment import read_eval, run_evaluation
 from pyro_blora.methods import METHODS, TrainingData, run_training
-from pyro_blora.report import write_rows
+from pyro_blora.report import markdown_table, write_rows
 
 __all__ = [
-    "PRIOR_METHODS", "SweepConfig", "SweepPoint", "paper_comparisons", "read_results", "run_sweep", "summarize_seeds",
+    "PRIOR_METHODS", "SweepConfig", "SweepPoint", "by_setting_markdown", "paper_comparisons", "read_results", "run_sweep", "summarize_seeds",
     "sweep_points",
 ]
 
@@ -220,17 +220,18 @@ def _mean_std(row: Mapping[str, Any], column: str, percent: bool = True) -> str:
 
 def by_setting_markdown(summary: list[Mapping[str, Any]], comparisons: list[Mapping[str, Any]]) -> str:
     """The table of :func:`summarize_seeds` (mean ± std over seeds) and the paper's comparisons."""
-    columns = ("in_domain_error", "backward_error", "in_domain_error_change", "backward_error_change", "dW_thresh_fraction")
-    lines = ["| setting | seeds | in-domain error | backward error | in-domain change | backward change "
-             "| dW below 1e-3 | dW Hoyer |", "|---|---|---|---|---|---|---|---|"]
-    for row in summary:
-        cells = [_mean_std(row, column) for column in columns] + [_mean_std(row, "dW_hoyer_index", percent=False)]
-        lines.append(f"| {row['setting']} | {row['seeds']} | " + " | ".join(cells) + " |")
+    headers = {"in_domain_error": "in-domain error", "backward_error": "backward error",
+               "in_domain_error_change": "in-domain change", "backward_error_change": "backward change",
+               "dW_thresh_fraction": "dW below 1e-3"}
+    rows = [{"setting": row["setting"], "seeds": row["seeds"],
+             **{header: _mean_std(row, column) for column, header in headers.items()},
+             "dW Hoyer": _mean_std(row, "dW_hoyer_index", percent=False)} for row in summary]
+    page = markdown_table(rows) + "\n"
     if comparisons:
-        lines += ["", "| BLoRA setting | against | backward gain | in-domain drop |", "|---|---|---|---|"]
-        lines += [f"| {c['setting']} | {c['against']} | {100 * c['backward_gain']:+.1f}% | {100 * c['in_domain_drop']:+.1f}% |"
-                  for c in comparisons]
-    return "\n".join(lines) + "\n"
+        page += "\n" + markdown_table([
+            {"BLoRA setting": c["setting"], "against": c["against"], "backward gain": f"{100 * c['backward_gain']:+.1f}%",
+             "in-domain drop": f"{100 * c['in_domain_drop']:+.1f}%"} for c in comparisons]) + "\n"
+    return page
 
 
 def _write_by_setting(rows: list[Mapping[str, Any]], out: Path) -> None:
