@@ -14,7 +14,6 @@ import argparse
 import copy
 import os
 import sys
-import time
 from pathlib import Path
 
 import pyro
@@ -23,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_report import machine, spread, table, write_section  # noqa: E402
+from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, build_guide, load_audio, load_speech_dataset, load_whisper, log_mel_features, wrap_whisper  # noqa: E402
 from pyro_blora.distributed import default_device  # noqa: E402
 
@@ -62,13 +61,8 @@ def main() -> None:
     @torch.no_grad()
     def decode(whisper) -> tuple[float, float, int]:
         """Wall seconds, process CPU seconds and generated tokens of one batched greedy decode."""
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start, start_cpu = time.perf_counter(), time.process_time()
-        ids = whisper.generate(features, **kwargs)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, time.process_time() - start_cpu, int(ids.numel())
+        ids, wall, cpu = timed(lambda: whisper.generate(features, **kwargs), device)
+        return wall, cpu, int(ids.numel())
 
     for whisper in models.values():
         decode(whisper)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchmark_report import machine, spread, table, write_section  # noqa: E402
+from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
 from pyro_blora.distributed import default_device  # noqa: E402
 from pyro_blora.injection import find_target_modules  # noqa: E402
@@ -91,18 +91,6 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
 
 
 STEPS = {"BLoRA": blora_step, "LoRA (peft)": lora_step}
-
-
-def timed(step, device) -> tuple[float, float]:
-    """Wall seconds and this process's CPU seconds of one step (CPU time is less sensitive to other
-    processes on the machine; with several torch threads it also counts their spinning)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start, start_cpu = time.perf_counter(), time.process_time()
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def op_profile(step) -> dict[str, float]:
@@ -192,7 +180,7 @@ def main() -> None:
     for repeat in range(args.repeats):
         order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
         for name in order:
-            wall, cpu = timed(steps[name], device)
+            _, wall, cpu = timed(steps[name], device)
             times[name].append(wall)
             cpu_times[name].append(cpu)
     profiles = {name: profile(step) for name, step in steps.items()}

@@ -8,12 +8,25 @@ import os
 import platform
 import re
 import statistics
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def timed(call: Callable[[], Any], device: torch.device) -> tuple[Any, float, float]:
+    """``call()``'s result, its wall seconds and this process's CPU seconds (CPU time is less sensitive
+    to other processes on the machine; with several torch threads it also counts their spinning)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
