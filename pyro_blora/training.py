@@ -295,11 +295,10 @@ def run_steps(
                 raise _non_finite(step, problem, optimization, batch)
             values = dict(zip(local, reduced))
             if not math.isfinite(values["loss"]):  # another rank's loss was not finite
-                raise _non_finite(step, ", ".join(f"{k}={v}" for k, v in values.items()), optimization, batch)
+                raise _non_finite(step, _described(values), optimization, batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
             if not torch.isfinite(grad_norm):  # a step would write NaN into the trained parameters
-                detail = ", ".join(f"{k}={v}" for k, v in values.items())
-                raise _non_finite(step, f"{detail}, gradient norm={float(grad_norm)}", optimization, batch)
+                raise _non_finite(step, f"{_described(values)}, gradient norm={float(grad_norm)}", optimization, batch)
             optimization.optimizer.step()
             optimization.scheduler.step()
             record = {"step": step + 1, **values, "grad_norm": float(grad_norm),
@@ -326,6 +325,11 @@ def run_steps(
     return history
 
 
+def _described(values: Mapping[str, float]) -> str:
+    """Loss terms as the error messages show them: ``loss=..., nll=..., kl=...``."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
 def _loss_and_gradients(optimization: Optimization, batch: Mapping, autocast) -> tuple[ElboTerms | None, str | None]:
     """The objective on this rank's batch and its gradients; or what made it non-finite (then no
     gradients: the caller stops, after taking part in the step's collectives)."""
@@ -337,7 +341,7 @@ def _loss_and_gradients(optimization: Optimization, batch: Mapping, autocast) ->
             raise
         return None, f"a distribution got invalid values ({str(error).splitlines()[0]})"
     if not bool(torch.isfinite(terms.loss)):
-        return terms, ", ".join(f"{k}={v}" for k, v in terms.detached().items())
+        return terms, _described(terms.detached())
     terms.loss.backward()
     return terms, None
 
