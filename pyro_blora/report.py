@@ -31,9 +31,11 @@ from pyro_blora.analysis import (
 from pyro_blora.metrics import energy_curve, flatten_weights
 
 __all__ = [
+    "BASE_CURVE_FILE",
     "SPARSITY_COLUMNS",
     "markdown_table",
     "plot_energy_curves",
+    "plot_forgetting_curves",
     "plot_frontier",
     "plot_layer_posterior",
     "plot_magnitude_histograms",
@@ -64,6 +66,10 @@ AXIS_LABELS = {
     "in_domain_error": "in-domain error rate",
     "in_domain_ce": "in-domain CE (nats/token)",
 }
+# A sweep's base model scored on its dev-curve sets (``<sweep>/base/dev-curves.json``, an eval
+# result): step 0 of the forgetting curves, since every method starts from the base model.
+BASE_CURVE_FILE = "dev-curves.json"
+CURVE_METRIC_LABELS = {"ce": "CE (nats/token)", "error_rate": "error rate", "language_id": "language-ID accuracy"}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -273,6 +279,47 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Figur
     return figure
 
 
+def curve_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The ``<domain>/<metric>`` fields a run logged during training (its dev curves)."""
+    return sorted({key for record in records for key in record if "/" in key})
+
+
+def plot_forgetting_curves(runs: Mapping[str, str | Path], start: Mapping[str, Mapping[str, float]] | None = None) -> Figure:
+    """Every logged dev metric over training steps, one panel per ``<domain>/<metric>`` and one line
+    per run (``runs`` maps labels to run folders), so methods are compared on the same axes.
+    ``start`` (eval results of the base model on the same dev sets) gives step 0."""
+    logs = {label: read_log(path) for label, path in runs.items()}
+    keys = sorted({key for records in logs.values() for key in curve_keys(records)})
+    if not keys:
+        raise ValueError("no run logged dev curves: train with eval_every > 0 and curve sets (--eval-every)")
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    figure = Figure(figsize=(4.2 * columns, 3.2 * rows))
+    for position, key in enumerate(keys, 1):
+        domain, metric = key.split("/", 1)
+        axes = figure.add_subplot(rows, columns, position)
+        for label, records in logs.items():
+            points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+            if start is not None and start.get(domain, {}).get(metric) is not None:
+                points.insert(0, (0, start[domain][metric]))
+            if points:
+                axes.plot(*zip(*points), marker=".", label=label)
+        axes.set(title=f"{domain}: {CURVE_METRIC_LABELS.get(metric, metric)}", xlabel="step")
+        axes.legend(fontsize=7)
+    figure.suptitle("Dev metrics during training" + (" (step 0: base model)" if start is not None else ""))
+    figure.tight_layout()
+    return figure
+
+
+def _curve_start(runs: Sequence[str | Path]) -> dict[str, Any] | None:
+    """The base model's dev-curve scores of the first given sweep folder that has them."""
+    for folder in runs:
+        path = Path(folder) / "base" / BASE_CURVE_FILE
+        if path.is_file():
+            return json.loads(path.read_text())["results"]
+    return None
+
+
 # ----------------------------------------------------------------------------------- pages
 SPARSITY_COLUMNS = ("run", "method", "matrix", "n", *STATISTICS)
 
@@ -333,7 +380,13 @@ def write_report(runs: Sequence[str | Path], out: str | Path, *, base: Mapping[s
     else:
         lines += ["No run has an eval.json yet (`pyro-blora evaluate <run>`): no frontier.", ""]
     save_figure(plot_sparsity_bars(summaries), out / "sparsity.png")
-    lines += ["## Sparsity of dW by method", "", "![sparsity](sparsity.png)", "", "## Training curves", ""]
+    lines += ["## Sparsity of dW by method", "", "![sparsity](sparsity.png)", ""]
+    with_curves = {label: path for label, path in zip(_labels(paths), paths) if curve_keys(read_log(path))}
+    if with_curves:
+        save_figure(plot_forgetting_curves(with_curves, _curve_start(runs)), out / "forgetting.png")
+        lines += ["## Forgetting curves", "", "Dev metrics scored during training (`--eval-every`), one line per run.",
+                  "", "![forgetting curves](forgetting.png)", ""]
+    lines += ["## Training curves", ""]
     for label, path in zip(_labels(paths), paths):
         name = f"curves-{_file_stem(label)}.png"
         save_figure(plot_training_curves(path, title=label), out / name)

@@ -16,7 +16,7 @@ import json
 import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from pyro_blora.analysis import run_summary
 from pyro_blora.checkpoint import atomic_write_json
@@ -24,10 +24,10 @@ from pyro_blora.config import KL_NORMALIZATIONS, BLoRAConfig, TrainConfig
 from pyro_blora.evaluation import EvalOptions, EvalSet
 from pyro_blora.experiment import read_eval, run_evaluation
 from pyro_blora.methods import METHODS, TrainingData, run_training
-from pyro_blora.report import markdown_table, write_rows
+from pyro_blora.report import BASE_CURVE_FILE, markdown_table, write_rows
 
 __all__ = [
-    "PRIOR_METHODS", "SweepConfig", "SweepPoint", "by_setting_markdown", "paper_comparisons", "read_results", "run_sweep", "summarize_seeds",
+    "PRIOR_METHODS", "SweepConfig", "SweepPoint", "by_setting_markdown", "domain_table", "write_domain_table", "paper_comparisons", "read_results", "run_sweep", "summarize_seeds",
     "sweep_points",
 ]
 
@@ -125,6 +125,9 @@ def run_sweep(
     train: TrainConfig = TrainConfig(),
     eval_options: EvalOptions = EvalOptions(),
     in_domain: str | None = None,
+    full_lr: float | None = None,
+    curve_sets: Mapping[str, EvalSet] | None = None,
+    curve_options: EvalOptions = EvalOptions(decode_limit=4, progress=False),
     echo: Callable[[str], Any] = print,
 ) -> list[dict[str, Any]]:
     """Train and evaluate every unfinished point into ``<out>/runs``; return the results rows.
@@ -132,16 +135,23 @@ def run_sweep(
     ``adapter`` and ``train`` are the settings every point shares; each point overrides the rank,
     the prior and the seed (the point's seed replaces ``train.seed``). The base model is evaluated once (``<out>/base/eval.json``) and every point's changes
     are relative to it. ``in_domain`` names the trained domain among ``eval_sets`` (default: the
-    training data folder's name)."""
+    training data folder's name). ``full_lr`` replaces ``train.lr`` for full fine-tuning, which
+    diverges at the learning rates adapters take (Whisper's own recipe fine-tunes at 1e-5). With
+    ``train.eval_every`` every point scores ``curve_sets`` (dev sets) during training: the
+    forgetting curves of :func:`pyro_blora.report.write_report`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     points = sweep_points(config)
     atomic_write_json(out / "sweep-config.json", {
         "grid": asdict(config), "model": str(model), "train_data": data.source, "domains": list(eval_sets),
-        "adapter": adapter.to_dict(), "train": train.to_dict(), "points": [p.name for p in points]})
+        "adapter": adapter.to_dict(), "train": train.to_dict(), "full_lr": full_lr,
+        "curve_domains": list(curve_sets or {}), "points": [p.name for p in points]})
     base_path = out / "base" / "eval.json"
     base = read_eval(base_path) if base_path.is_file() else run_evaluation(model, eval_sets, options=eval_options,
                                                                             out=base_path)
+    curve_start = out / "base" / BASE_CURVE_FILE
+    if curve_sets and train.eval_every and not curve_start.is_file():
+        run_evaluation(model, curve_sets, options=curve_options, out=curve_start)  # step 0 of the curves
     domain = in_domain or (Path(data.source).name if Path(data.source).name in eval_sets else next(iter(eval_sets)))
     rows: list[dict[str, Any]] = []
     for number, point in enumerate(points, 1):
@@ -152,7 +162,11 @@ def run_sweep(
         else:
             if not (run_dir / "result.json").is_file():
                 echo(f"{prefix}: training")
-                run_training(point.method, model, data, run_dir, point.adapter(adapter), train.replace(seed=point.seed),
+                settings = train.replace(seed=point.seed)
+                if point.method == "full" and full_lr is not None:
+                    settings = settings.replace(lr=full_lr)
+                run_training(point.method, model, data, run_dir, point.adapter(adapter), settings,
+                             curve_sets=curve_sets if train.eval_every else None, curve_options=curve_options,
                              resume=(run_dir / "checkpoints").is_dir(), run_info={"sweep": str(out), "point": asdict(point)})
             echo(f"{prefix}: evaluating")
             run_evaluation(run_dir, eval_sets, options=eval_options, base=base)
@@ -246,3 +260,60 @@ def read_results(out: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `pyro-blora sweep --out {out}` first")
     return json.loads(path.read_text())
+
+
+def _change(value: float | None, sign: float = 1.0) -> str:
+    return "-" if value is None else f"{100 * sign * value:+.0f}%"
+
+
+def _base_mean(results: Mapping[str, Mapping[str, Any]], domains: Sequence[str], metric: str, style: str) -> str:
+    values = [results[d][metric] for d in domains if results[d].get(metric) is not None]
+    return style.format(statistics.fmean(values)) if values else "-"
+
+
+def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """The paper's table over domains: for every sweep folder (one trained domain each) a base row and
+    one row per setting with the mean ± std over its seeds: in-domain and backward error, their
+    relative changes against the base model (improvement: positive = better; degradation: positive =
+    worse), backward CE, BLoRA's backward gain / in-domain drop against LoRA, and dW's sparsity."""
+    rows: list[dict[str, Any]] = []
+    for folder in map(Path, sweeps):
+        results = read_results(folder)
+        if not results:
+            continue
+        domain = results[0]["in_domain"]
+        base = read_eval(folder / "base" / "eval.json")["results"]
+        backward = [d for d in base if d != domain]
+        rows.append({"domain": domain, "method": "base", "seeds": "-",
+                     "in-domain error": _base_mean(base, [domain], "error_rate", "{:.1%}"),
+                     "backward error": _base_mean(base, backward, "error_rate", "{:.1%}"),
+                     "backward CE": _base_mean(base, backward, "ce", "{:.3f}")})
+        summary = summarize_seeds(results)
+        comparisons = {c["setting"]: c for c in paper_comparisons(summary)}
+        for row in summary:
+            comparison = comparisons.get(row["setting"], {})
+            rows.append({
+                "domain": domain, "method": row["setting"], "seeds": row["seeds"],
+                "in-domain error": _mean_std(row, "in_domain_error"),
+                "backward error": _mean_std(row, "backward_error"),
+                "in-domain improvement vs base": _change(row.get("in_domain_error_change_mean"), -1.0),
+                "backward degradation vs base": _change(row.get("backward_error_change_mean")),
+                "backward CE": _mean_std(row, "backward_ce", percent=False),
+                "backward gain vs LoRA": _change(comparison.get("backward_gain")),
+                "in-domain drop vs LoRA": _change(comparison.get("in_domain_drop")),
+                "dW below 1e-3": _mean_std(row, "dW_thresh_fraction"),
+                "dW Hoyer": _mean_std(row, "dW_hoyer_index", percent=False),
+            })
+    return rows
+
+
+def write_domain_table(sweeps: Sequence[str | Path], out: str | Path) -> Path:
+    """:func:`domain_table` as ``<out>.md``, ``<out>.csv`` and ``<out>.json``; returns the Markdown file."""
+    rows = domain_table(sweeps)
+    if not rows:
+        raise ValueError(f"none of {[str(s) for s in sweeps]} has finished points; run `pyro-blora sweep` first")
+    out = Path(out)
+    write_rows(rows, out)
+    page = out.with_suffix(".md")
+    page.write_text(markdown_table(rows) + "\n")
+    return page

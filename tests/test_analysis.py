@@ -19,7 +19,7 @@ from pyro_blora.commands.analysis import _values
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.methods import load_run_model
 from pyro_blora.metrics import sparsity_report
-from pyro_blora.report import markdown_table
+from pyro_blora.report import markdown_table, read_log
 from pyro_blora.sweep import SweepConfig, SweepPoint, sweep_points
 from pyro_blora.weights import load_whisper
 from tests.experiment_fixtures import fake_testbed, small_whisper_folder
@@ -111,7 +111,7 @@ def test_report_writes_markdown_plots_and_summary(workspace):
     invoke("report", workspace["root"] / "runs", "--out", out)
     page = (out / "report.md").read_text()
     images = re.findall(r"\]\(([^)]+\.png)\)", page)
-    assert set(images) == {"frontier.png", "sparsity.png", "curves-blora.png", "curves-lora.png"}
+    assert set(images) == {"frontier.png", "sparsity.png", "forgetting.png", "curves-blora.png", "curves-lora.png"}
     for name in images:
         assert_png(out / name)
     with (out / "summary.csv").open() as handle:
@@ -147,6 +147,48 @@ def test_sweep_skips_finished_points_on_rerun(workspace):
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
     assert "blora-r2-beta2-sp0.01-parameter | 0 |" in (out / "by-setting.md").read_text()
+
+
+@pytest.mark.slow
+def test_sweep_with_baselines_curves_and_the_domain_table(workspace):
+    out = workspace["root"] / "sweep-table"
+    invoke("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--out", out,
+           "--model", workspace["model"], "--domains", "zh-en", "--domains", "en", "--methods", "blora,lora,full",
+           "--betas", "0.5", "--ranks", "2", "--seeds", "0,1", "--steps", "2", "--batch-size", "2",
+           "--warmup-steps", "0", "--full-lr", "3e-5", "--eval-every", "1", "--curve-utterances", "2",
+           "--curve-decoded", "1", "--decode-limit", "1", "--cache-dir", workspace["cache"], "--no-progress")
+    runs = out / "runs"
+    assert json.loads((runs / "full-r2" / "config.json").read_text())["train"]["lr"] == 3e-5
+    assert json.loads((runs / "lora-r2-s1" / "config.json").read_text())["train"]["lr"] == 1e-3
+    start = json.loads((out / "base" / "dev-curves.json").read_text())["results"]
+    assert set(start) == {"zh-en", "en"} and start["en"]["ce"] > 0
+    log = read_log(runs / "blora-r2-beta0.5-sp0.01-parameter")
+    assert [r["step"] for r in log if "en/ce" in r] == [1, 2] and all("zh-en/error_rate" in r for r in log)
+
+    result = invoke("table", out, "--out", workspace["root"] / "table")
+    rows = json.loads((workspace["root"] / "table.json").read_text())
+    assert [r["method"] for r in rows] == ["base", "blora-r2-beta0.5-sp0.01-parameter", "lora-r2", "full-r2"]
+    assert all(r["domain"] == "zh-en" for r in rows) and rows[1]["seeds"] == "0,1"
+    base = json.loads((out / "base" / "eval.json").read_text())["results"]
+    assert rows[0]["backward error"] == f"{100 * base['en']['error_rate']:.1f}%"
+    assert rows[1]["backward gain vs LoRA"].endswith("%") and rows[2]["backward gain vs LoRA"] == "-"
+    assert "| zh-en | base |" in result.output
+
+    invoke("report", out, "--out", out / "report")
+    assert "![forgetting curves](forgetting.png)" in (out / "report" / "report.md").read_text()
+    assert_png(out / "report" / "forgetting.png")
+
+
+def test_forgetting_curves_start_at_the_base_model(workspace):
+    from pyro_blora.report import plot_forgetting_curves
+
+    runs = {m: workspace["root"] / "runs" / m for m in ("blora", "lora")}
+    figure = plot_forgetting_curves(runs, start={"backward-es": {"ce": 9.0}})
+    ce_panel = next(a for a in figure.axes if a.get_title() == "backward-es: CE (nats/token)")
+    for line in ce_panel.get_lines():
+        assert line.get_xdata()[0] == 0 and line.get_ydata()[0] == 9.0 and list(line.get_xdata()[1:]) == [2]
+    with pytest.raises(ValueError, match="eval_every"):
+        plot_forgetting_curves({}, None)
 
 
 def test_sweep_grid_points():

@@ -53,6 +53,10 @@ def sweep(
     warmup_steps: int = typer.Option(10), precision: str = typer.Option("fp32", help="fp32 or bf16"),
     seeds: str = typer.Option("0", help="comma-separated seeds; every setting is trained once per seed"),
     checkpoint_every: int = typer.Option(50),
+    full_lr: float = typer.Option(1e-5, help="learning rate of full fine-tuning (--lr is for adapters)"),
+    eval_every: int = typer.Option(0, help="score dev curves every N steps (0: never): the forgetting curves"),
+    curve_utterances: int = typer.Option(8, help="dev utterances per domain for the curves' CE"),
+    curve_decoded: int = typer.Option(4, help="of those, greedily decoded for the curves' error and language ID"),
     limit: Optional[int] = typer.Option(None, help="train on the first N utterances only"),
     eval_limit: Optional[int] = typer.Option(None, help="test utterances per domain (default: all)"),
     decode_limit: Optional[int] = typer.Option(None, help="greedy decoding on the first N only (default: all)"),
@@ -74,11 +78,15 @@ def sweep(
     )
     adapter = BLoRAConfig(target_modules=TARGET_PRESETS.get(targets, (targets,)))
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                        checkpoint_every=checkpoint_every, progress=progress)
+                        checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress)
     processor = load_processor(model)
     training = load_training_data(data, processor, cache_dir=cache_dir, limit=limit)
     sets = load_eval_sets(testbed, domains, processor, limit=eval_limit, cache_dir=cache_dir)
-    run_sweep(grid, model, training, sets, out, adapter=adapter, train=train,
+    curve_domains = [d for d in domains if not d.startswith("backward-")]
+    curves = load_eval_sets(testbed, curve_domains, processor, split="dev", limit=curve_utterances,
+                            cache_dir=cache_dir) if eval_every else None
+    run_sweep(grid, model, training, sets, out, adapter=adapter, train=train, full_lr=full_lr,
+              curve_sets=curves, curve_options=EvalOptions(decode_limit=curve_decoded, progress=False),
               eval_options=EvalOptions(decode_limit=decode_limit, progress=progress), echo=typer.echo)
 
 
@@ -95,7 +103,21 @@ def report(
     typer.echo(f"report: {page}")
 
 
+def table(
+    sweeps: list[Path] = typer.Argument(..., help="sweep folders, one per trained domain"),
+    out: Path = typer.Option(Path("table"), help="stem of table.md, table.csv and table.json"),
+) -> None:
+    """The paper's table over domains: base and every method, mean ± std over seeds, changes against
+    the base model, BLoRA against LoRA, sparsity."""
+    from pyro_blora.sweep import write_domain_table
+
+    page = write_domain_table(sweeps, out)
+    typer.echo(page.read_text())
+    typer.echo(f"table: {page}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("inspect")(inspect)
     app.command("sweep")(sweep)
+    app.command("table")(table)
     app.command("report")(report)
