@@ -8,6 +8,7 @@ over the vocabulary at every decoding step; on a CPU that costs more than the de
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -84,10 +85,27 @@ def _model_suppression_cleared(whisper) -> Iterator[None]:
         config.suppress_tokens, config.begin_suppress_tokens = saved
 
 
+class _LengthNoticeFilter(logging.Filter):
+    """Drops transformers' notice that ``max_new_tokens`` overrides the model's own ``max_length``:
+    our generation config sets the former on purpose, and the notice came once per decoded batch."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("max_new_tokens" in message and "max_length" in message)
+
+
+_GENERATION_LOGGER = logging.getLogger("transformers.generation.utils")
+
+
 def generate(whisper, input_features, **generate_kwargs: Any):
     """``whisper.generate`` with :class:`IndexedSuppression` doing Whisper's token suppression alone
     (unless the caller brought their own generation config or logits processors without it)."""
     kwargs = with_fast_suppression(whisper, generate_kwargs)
     ours = any(isinstance(p, IndexedSuppression) for p in kwargs.get("logits_processor") or ())
-    with _model_suppression_cleared(whisper) if ours else nullcontext():
-        return whisper.generate(input_features, **kwargs)
+    notice = _LengthNoticeFilter()
+    _GENERATION_LOGGER.addFilter(notice)
+    try:
+        with _model_suppression_cleared(whisper) if ours else nullcontext():
+            return whisper.generate(input_features, **kwargs)
+    finally:
+        _GENERATION_LOGGER.removeFilter(notice)

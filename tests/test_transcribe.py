@@ -265,3 +265,20 @@ def test_indexed_suppression_decodes_as_transformers_own_suppression(monkeypatch
     assert not torch.isin(generated[:, 0], torch.tensor([EOT, 41, 42])).any()
     # Not vacuous: without suppression the model picks some of those tokens.
     assert not torch.equal(free.sequences, fast.sequences)
+
+
+def test_greedy_decoding_does_not_repeat_the_length_notice(caplog):
+    """Our config sets max_new_tokens on purpose; transformers' notice about it is dropped for our calls only."""
+    import logging
+
+    from pyro_blora.decoding import generate, greedy_generate_kwargs
+
+    model, _ = noisy_posterior(stddev=0.05)
+    features = torch.randn(2, MELS, FRAMES, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.WARNING):
+        generate(model.whisper, features, **greedy_generate_kwargs(model.whisper, None, 5))
+        assert not [r for r in caplog.records if "max_length" in r.getMessage()]
+    logger = logging.getLogger("transformers.generation.utils")
+    assert not logger.filters  # the filter is gone after the call
+    logger.warning("Both `max_new_tokens` and `max_length` are set")
+    assert [r for r in caplog.records if "max_length" in r.getMessage()]
