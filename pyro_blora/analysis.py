@@ -218,6 +218,8 @@ def _evaluation_fields(results: Mapping[str, Mapping], in_domain: str,
         if changes is not None:
             fields[f"in_domain_{name}_change"] = _mean_of([changes.get(in_domain, {})], metric)
             fields[f"backward_{name}_change"] = _mean_of([changes.get(d, {}) for d in backward], metric)
+    # Unforced language identification of the backward sets: the first thing adapters break.
+    fields["backward_language_id"] = _mean_of([results[d] for d in backward], "language_id")
     return fields
 
 

@@ -181,7 +181,7 @@ def run_sweep(
 # Columns summarised over seeds: errors, CE, their changes against the base model, sparsity of dW.
 SUMMARY_COLUMNS = (
     "in_domain_error", "backward_error", "in_domain_error_change", "backward_error_change",
-    "in_domain_ce", "backward_ce", "dW_thresh_fraction", "dW_hoyer_index",
+    "in_domain_ce", "backward_ce", "backward_language_id", "dW_thresh_fraction", "dW_hoyer_index",
 )
 
 
@@ -287,7 +287,8 @@ def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
         rows.append({"domain": domain, "method": "base", "seeds": "-",
                      "in-domain error": _base_mean(base, [domain], "error_rate", "{:.1%}"),
                      "backward error": _base_mean(base, backward, "error_rate", "{:.1%}"),
-                     "backward CE": _base_mean(base, backward, "ce", "{:.3f}")})
+                     "backward CE": _base_mean(base, backward, "ce", "{:.3f}"),
+                     "backward language ID": _base_mean(base, backward, "language_id", "{:.0%}")})
         summary = summarize_seeds(results)
         comparisons = {c["setting"]: c for c in paper_comparisons(summary)}
         for row in summary:
@@ -299,6 +300,7 @@ def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
                 "in-domain improvement vs base": _change(row.get("in_domain_error_change_mean"), -1.0),
                 "backward degradation vs base": _change(row.get("backward_error_change_mean")),
                 "backward CE": _mean_std(row, "backward_ce", percent=False),
+                "backward language ID": _mean_std(row, "backward_language_id"),
                 "backward gain vs LoRA": _change(comparison.get("backward_gain")),
                 "in-domain drop vs LoRA": _change(comparison.get("in_domain_drop")),
                 "dW below 1e-3": _mean_std(row, "dW_thresh_fraction"),

@@ -173,6 +173,7 @@ def test_sweep_with_baselines_curves_and_the_domain_table(workspace):
     assert rows[0]["backward error"] == f"{100 * base['en']['error_rate']:.1f}%"
     assert rows[1]["backward gain vs LoRA"].endswith("%") and rows[2]["backward gain vs LoRA"] == "-"
     assert "| zh-en | base |" in result.output
+    assert rows[0]["backward language ID"] == f"{base['en']['language_id']:.0%}"
 
     invoke("report", out, "--out", out / "report")
     assert "![forgetting curves](forgetting.png)" in (out / "report" / "report.md").read_text()
