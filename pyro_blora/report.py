@@ -135,9 +135,14 @@ def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _labels(paths: Sequence[Path]) -> list[str]:
-    """Folder names, with the parent's name added where two runs share one."""
+    """Folder names, with the parent's name added where two runs share one (the sweep's name for
+    runs of a sweep's ``runs/`` folder)."""
     names = [p.name for p in paths]
-    return [f"{p.parent.name}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
+
+    def owner(path: Path) -> str:
+        return path.parent.parent.name if path.parent.name == "runs" else path.parent.name
+
+    return [f"{owner(p)}/{p.name}" if names.count(p.name) > 1 else p.name for p in paths]
 
 
 # ----------------------------------------------------------------------------------- inspect plots

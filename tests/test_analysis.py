@@ -244,3 +244,11 @@ def test_seed_summary_and_the_papers_two_comparisons():
     assert comparison["backward_gain"] == pytest.approx(0.5) and comparison["in_domain_drop"] == pytest.approx(0.0)
     page = by_setting_markdown(summary, [comparison])
     assert "| blora-x | 0,1 | 12.0 ± 1.4% | 20.0 ± 0.0% |" in page and "+50.0%" in page
+
+
+def test_report_labels_name_the_sweep_where_run_names_collide(tmp_path):
+    from pyro_blora.report import _labels
+
+    paths = [tmp_path / "zh-en" / "runs" / "full-r32", tmp_path / "zh-en-lr" / "runs" / "full-r32",
+             tmp_path / "a" / "lora", tmp_path / "b" / "lora", tmp_path / "runs" / "blora"]
+    assert _labels(paths) == ["zh-en/full-r32", "zh-en-lr/full-r32", "a/lora", "b/lora", "blora"]
