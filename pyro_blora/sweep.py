@@ -229,6 +229,8 @@ def _mean_std(row: Mapping[str, Any], column: str, percent: bool = True) -> str:
     if f"{column}_mean" not in row:
         return "-"
     mean, std = row[f"{column}_mean"], row[f"{column}_std"]
+    if len(str(row.get("seeds", "")).split(",")) == 1:  # one seed: no spread to show
+        return f"{100 * mean:.1f}%" if percent else f"{mean:.3f}"
     return f"{100 * mean:.1f} ± {100 * std:.1f}%" if percent else f"{mean:.3f} ± {std:.3f}"
 
 

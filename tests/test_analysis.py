@@ -244,6 +244,8 @@ def test_seed_summary_and_the_papers_two_comparisons():
     assert comparison["backward_gain"] == pytest.approx(0.5) and comparison["in_domain_drop"] == pytest.approx(0.0)
     page = by_setting_markdown(summary, [comparison])
     assert "| blora-x | 0,1 | 12.0 ± 1.4% | 20.0 ± 0.0% |" in page and "+50.0%" in page
+    single = by_setting_markdown(summarize_seeds(rows[:1]), [])
+    assert "| lora-r32 | 0 | 10.0% | 30.0% |" in single  # one seed: no ± 0.0
 
 
 def test_report_labels_name_the_sweep_where_run_names_collide(tmp_path):
