@@ -28,6 +28,7 @@ __all__ = [
     "MATRICES",
     "STATISTICS",
     "RunWeights",
+    "evaluation_fields",
     "find_runs",
     "layer_table",
     "load_run_weights",
@@ -208,8 +209,10 @@ def _mean_of(entries: Iterable[Mapping[str, Any]], metric: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _evaluation_fields(results: Mapping[str, Mapping], in_domain: str,
-                       changes: Mapping[str, Mapping] | None) -> dict[str, Any]:
+def evaluation_fields(results: Mapping[str, Mapping], in_domain: str,
+                      changes: Mapping[str, Mapping] | None = None) -> dict[str, Any]:
+    """In-domain and backward (every other domain) error, CE and language ID of an eval result, with
+    their relative changes when ``changes`` is given."""
     backward = [d for d in results if d != in_domain]
     fields: dict[str, Any] = {"in_domain": in_domain, "backward_domains": ",".join(backward)}
     for metric, name in (("error_rate", "error"), ("ce", "ce")):
@@ -262,7 +265,7 @@ def run_summary(
             changes = relative_changes(results, reference["results"])
         else:
             changes = evaluation.get("relative_to_base")
-        row.update(_evaluation_fields(results, domain, changes))
+        row.update(evaluation_fields(results, domain, changes))
     if sparsity:
         stats = (weights or load_run_weights(run_dir)).sparsity()["dW"]
         row.update({f"dW_{name}": getattr(stats, name) for name in STATISTICS})

@@ -28,6 +28,7 @@ __all__ = [
     "MAIN_TESTBED",
     "MainJobConfig",
     "ensure_testbed",
+    "load_curve_sets",
     "read_eval",
     "run_evaluation",
     "run_main_job",
@@ -153,9 +154,12 @@ class MainJobConfig:
         return json.loads(json.dumps(values, default=str))
 
 
-def _curve_sets(testbed: Path, config: MainJobConfig, processor, cache: Path) -> dict[str, EvalSet]:
-    curve_domains = [d for d in config.eval_domains if not d.startswith("backward-")]
-    return load_eval_sets(testbed, curve_domains, processor, split="dev", limit=config.curve_utterances, cache_dir=cache)
+def load_curve_sets(testbed: str | Path, domains: Sequence[str], processor, limit: int,
+                    cache_dir: str | Path | None = None) -> dict[str, EvalSet]:
+    """The dev sets of the forgetting curves: every domain of ``domains`` with a dev split (backward
+    sets have only a test split), ``limit`` utterances each."""
+    curve_domains = [d for d in domains if not d.startswith("backward-")]
+    return load_eval_sets(testbed, curve_domains, processor, split="dev", limit=limit, cache_dir=cache_dir)
 
 
 def run_main_job(config: MainJobConfig = MainJobConfig(), echo=print) -> dict[str, Any]:
@@ -170,7 +174,7 @@ def run_main_job(config: MainJobConfig = MainJobConfig(), echo=print) -> dict[st
     echo(f"[2/4] base model {config.model!r}: evaluation on {', '.join(config.eval_domains)}")
     processor = load_processor(config.model)
     sets = load_eval_sets(testbed, config.eval_domains, processor, limit=config.eval_limit, cache_dir=cache)
-    curve_sets = _curve_sets(testbed, config, processor, cache)
+    curve_sets = load_curve_sets(testbed, config.eval_domains, processor, config.curve_utterances, cache)
     base_path = out / "base" / "eval.json"
     base = read_eval(base_path) if base_path.is_file() else run_evaluation(config.model, sets, out=base_path)
     evaluations = {"base": base}

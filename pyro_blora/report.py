@@ -263,7 +263,7 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Figur
     records = read_log(run_dir)
     if not records:
         raise ValueError(f"{run_dir}/log.jsonl is empty: the run has not taken a step")
-    metrics = sorted({key.split("/", 1)[1] for r in records for key in r if "/" in key})
+    metrics = sorted({key.split("/", 1)[1] for key in curve_keys(records)})
     panels = ["loss", "nll", "kl"] + (["eval_nll"] if any("eval_nll" in r for r in records) else []) + metrics
     columns = min(3, len(panels))
     rows = math.ceil(len(panels) / columns)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from pyro_blora.analysis import run_summary
+from pyro_blora.analysis import evaluation_fields, run_summary
 from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import KL_NORMALIZATIONS, BLoRAConfig, TrainConfig
 from pyro_blora.evaluation import EvalOptions, EvalSet
@@ -166,7 +166,7 @@ def run_sweep(
                 if point.method == "full" and full_lr is not None:
                     settings = settings.replace(lr=full_lr)
                 run_training(point.method, model, data, run_dir, point.adapter(adapter), settings,
-                             curve_sets=curve_sets if train.eval_every else None, curve_options=curve_options,
+                             curve_sets=curve_sets, curve_options=curve_options,
                              resume=(run_dir / "checkpoints").is_dir(), run_info={"sweep": str(out), "point": asdict(point)})
             echo(f"{prefix}: evaluating")
             run_evaluation(run_dir, eval_sets, options=eval_options, base=base)
@@ -268,9 +268,8 @@ def _change(value: float | None, sign: float = 1.0) -> str:
     return "-" if value is None else f"{100 * sign * value:+.0f}%"
 
 
-def _base_mean(results: Mapping[str, Mapping[str, Any]], domains: Sequence[str], metric: str, style: str) -> str:
-    values = [results[d][metric] for d in domains if results[d].get(metric) is not None]
-    return style.format(statistics.fmean(values)) if values else "-"
+def _formatted(value: float | None, style: str) -> str:
+    return "-" if value is None else style.format(value)
 
 
 def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -284,13 +283,12 @@ def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
         if not results:
             continue
         domain = results[0]["in_domain"]
-        base = read_eval(folder / "base" / "eval.json")["results"]
-        backward = [d for d in base if d != domain]
+        base = evaluation_fields(read_eval(folder / "base" / "eval.json")["results"], domain)
         rows.append({"domain": domain, "method": "base", "seeds": "-",
-                     "in-domain error": _base_mean(base, [domain], "error_rate", "{:.1%}"),
-                     "backward error": _base_mean(base, backward, "error_rate", "{:.1%}"),
-                     "backward CE": _base_mean(base, backward, "ce", "{:.3f}"),
-                     "backward language ID": _base_mean(base, backward, "language_id", "{:.0%}")})
+                     "in-domain error": _formatted(base["in_domain_error"], "{:.1%}"),
+                     "backward error": _formatted(base["backward_error"], "{:.1%}"),
+                     "backward CE": _formatted(base["backward_ce"], "{:.3f}"),
+                     "backward language ID": _formatted(base["backward_language_id"], "{:.0%}")})
         summary = summarize_seeds(results)
         comparisons = {c["setting"]: c for c in paper_comparisons(summary)}
         for row in summary:

@@ -67,6 +67,7 @@ def sweep(
     by-setting.md gives mean ± std over seeds and BLoRA's backward gain / in-domain drop against LoRA."""
     from pyro_blora.config import BLoRAConfig, TrainConfig
     from pyro_blora.evaluation import EvalOptions, load_eval_sets
+    from pyro_blora.experiment import load_curve_sets
     from pyro_blora.methods import load_training_data
     from pyro_blora.sweep import SweepConfig, run_sweep
     from pyro_blora.weights import load_processor
@@ -82,9 +83,7 @@ def sweep(
     processor = load_processor(model)
     training = load_training_data(data, processor, cache_dir=cache_dir, limit=limit)
     sets = load_eval_sets(testbed, domains, processor, limit=eval_limit, cache_dir=cache_dir)
-    curve_domains = [d for d in domains if not d.startswith("backward-")]
-    curves = load_eval_sets(testbed, curve_domains, processor, split="dev", limit=curve_utterances,
-                            cache_dir=cache_dir) if eval_every else None
+    curves = load_curve_sets(testbed, domains, processor, curve_utterances, cache_dir) if eval_every else None
     run_sweep(grid, model, training, sets, out, adapter=adapter, train=train, full_lr=full_lr,
               curve_sets=curves, curve_options=EvalOptions(decode_limit=curve_decoded, progress=False),
               eval_options=EvalOptions(decode_limit=decode_limit, progress=progress), echo=typer.echo)
