@@ -20,6 +20,8 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 from torch import nn
 
+from pyro_blora.noise import active_noise
+
 __all__ = ["BayesianLoRALinear", "lora_delta_weight", "lora_update"]
 
 
@@ -87,6 +89,9 @@ class BayesianLoRALinear(PyroModule):
         self.lora_B = PyroSample(lambda self: self.prior("B"))
         self._mode = "sample"
         self._values: tuple[torch.Tensor, torch.Tensor] | None = None
+        # The Pyro path of this adapter (its sites are "<site>.lora_A" / "<site>.lora_B"), set by
+        # the model that owns it; estimators such as flipout look the posterior up by it.
+        self.site: str | None = None
 
     @property
     def shape_A(self) -> tuple[int, int]:
@@ -156,6 +161,10 @@ class BayesianLoRALinear(PyroModule):
         return self._mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        noise = active_noise()
+        if self._mode == "sample" and noise is not None and noise.covers(f"{self.site}.lora_A"):
+            self.draw()  # the sites are still drawn (the KL is estimated at them)
+            return self.base(x) + noise.lora_update(x, self.site, self.scaling)
         lora_A, lora_B = self.values_in_use()
         lora_A = lora_A.to(x.dtype)
         lora_B = lora_B.to(x.dtype)

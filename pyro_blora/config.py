@@ -13,6 +13,7 @@ from typing import Any, Literal
 __all__ = [
     "DEFAULT_TARGETS",
     "KL_NORMALIZATIONS",
+    "WEIGHT_NOISES",
     "BLoRAConfig",
     "TrainConfig",
 ]
@@ -21,8 +22,9 @@ __all__ = [
 # self-attention and decoder cross-attention (the paper's choice).
 DEFAULT_TARGETS: tuple[str, ...] = (r".*\.q_proj$", r".*\.k_proj$")
 
-KL_NORMALIZATIONS = ("dataset", "token", "parameter")
-KLNormalization = Literal["dataset", "token", "parameter"]
+KL_NORMALIZATIONS = ("dataset", "token", "parameter", "matrix")
+KLNormalization = Literal["dataset", "token", "parameter", "matrix"]
+WEIGHT_NOISES = ("shared", "flipout", "lrt")
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,20 @@ class BLoRAConfig:
     # How the likelihood and the KL are normalised (see pyro_blora.objective):
     #   "dataset"   textbook ELBO: sum of token NLL over the data set + beta * KL;
     #   "token"     the same divided by the number of training tokens (identical optimum);
-    #   "parameter" mean token NLL + beta * KL / (number of adapter parameters).
+    #   "parameter" mean token NLL + beta * KL / (number of adapter parameters);
+    #   "matrix"    mean token NLL + beta * sum over adapter matrices of KL(matrix) / entries(matrix)
+    #               (the paper's authors' code: at the same beta, M times stronger per entry than
+    #               "parameter", with M the number of adapter matrices).
     kl_normalization: KLNormalization = "parameter"
-    # Initial posterior standard deviation of the entries of A and of B. B starts nearly
-    # deterministic (its mean is zero, so the adapted model starts at the base model).
-    init_scale_A: float = 1e-3
-    init_scale_B: float = 1e-4
+    # Initial posterior standard deviation of the entries of A and of B. None draws each entry's
+    # scale as softplus(rho), rho ~ U(init_rho_range) (the authors' start, near sigma_p). The
+    # default starts B nearly deterministic (its mean is zero, so the adapted model starts at the
+    # base model); a tiny init_scale_B (e.g. 1e-8) keeps it so.
+    init_scale_A: float | None = 1e-3
+    init_scale_B: float | None = 1e-4
+    # Range of rho for the scales left at None above: sigma = softplus(rho), rho ~ U(low, high).
+    # The authors' (-5.5, -4.5) gives sigma in about [4e-3, 1.1e-2].
+    init_rho_range: tuple[float, float] = (-5.5, -4.5)
     # How the guide keeps its scales positive: "softplus" (AutoNormal's default) or "exp"
     # (a log-sigma parameterisation: every Adam step moves log sigma by about the learning rate).
     scale_parameterization: Literal["softplus", "exp"] = "exp"
@@ -68,8 +78,13 @@ class BLoRAConfig:
         if self.kl_normalization not in KL_NORMALIZATIONS:
             raise ValueError(f"kl_normalization must be one of {KL_NORMALIZATIONS}, got {self.kl_normalization!r}")
         for name in ("init_scale_A", "init_scale_B"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or None for softplus(rho), rho ~ U(init_rho_range)), got {value!r}")
+        low, high = (float(v) for v in self.init_rho_range)
+        if not low <= high:
+            raise ValueError(f"init_rho_range must be (low, high) with low <= high, got {self.init_rho_range!r}")
+        object.__setattr__(self, "init_rho_range", (low, high))
         if self.scale_parameterization not in ("softplus", "exp"):
             raise ValueError(f"scale_parameterization must be 'softplus' or 'exp', got {self.scale_parameterization!r}")
         if isinstance(self.target_modules, str):
@@ -87,6 +102,18 @@ class BLoRAConfig:
     def replace(self, **changes: Any) -> "BLoRAConfig":
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def paper(cls, **changes: Any) -> "BLoRAConfig":
+        """The paper's BLoRA as its authors' code runs it (README: "The paper preset"): rank 32,
+        alpha 64, q/k targets, sigma_p 0.01, beta 0.5 on the KL normalised per adapter matrix, and
+        both A and B starting at softplus(rho), rho ~ U(-5.5, -4.5), kept positive by softplus."""
+        settings: dict[str, Any] = dict(
+            rank=32, alpha=64.0, target_modules=DEFAULT_TARGETS, prior_scale=0.01, beta=0.5,
+            kl_normalization="matrix", init_scale_A=None, init_scale_B=None, init_rho_range=(-5.5, -4.5),
+            scale_parameterization="softplus",
+        )
+        return cls(**{**settings, **changes})
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -94,6 +121,8 @@ class BLoRAConfig:
     def from_dict(cls, data: dict[str, Any]) -> "BLoRAConfig":
         data = dict(data)
         data["target_modules"] = tuple(data.get("target_modules", DEFAULT_TARGETS))
+        if "init_rho_range" in data:
+            data["init_rho_range"] = tuple(data["init_rho_range"])
         return cls(**data)
 
 
@@ -119,6 +148,13 @@ class TrainConfig:
     num_particles: int = 1
     # "trace": Trace_ELBO (Monte Carlo KL); "analytic": closed-form Gaussian KL (mean-field).
     estimator: Literal["trace", "analytic"] = "trace"
+    # How the likelihood sees the posterior's noise (pyro_blora.noise): "shared" draws one A and B
+    # per batch (plain reparameterisation); "flipout" gives every utterance its own sign-flipped
+    # perturbation of that draw; "lrt" samples every layer output from its Gaussian (local
+    # reparameterisation). The KL is estimated the same way under all three.
+    weight_noise: Literal["shared", "flipout", "lrt"] = "shared"
+    # Decoupled weight decay (AdamW) on every trained parameter; 0 is plain Adam.
+    weight_decay: float = 0.0
     # "bf16" runs the forward pass under bfloat16 autocast (about 2x faster on CPUs with AMX and on
     # GPUs); the guide's parameters and the ELBO stay in float32.
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -151,6 +187,8 @@ class TrainConfig:
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),
             (self.num_particles >= 1, f"num_particles must be >= 1, got {self.num_particles}"),
             (self.estimator in ("trace", "analytic"), f"estimator must be 'trace' or 'analytic', got {self.estimator!r}"),
+            (self.weight_noise in WEIGHT_NOISES, f"weight_noise must be one of {WEIGHT_NOISES}, got {self.weight_noise!r}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
@@ -163,6 +201,14 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def paper(cls, **changes: Any) -> "TrainConfig":
+        """The optimiser of the authors' code where it fits a short run: AdamW at lr 1e-3 with weight
+        decay 5e-4 on means and scales alike (no larger scale learning rate), flipout noise. Steps,
+        batch size and schedule stay ours (README: "The paper preset")."""
+        settings: dict[str, Any] = dict(lr=1e-3, weight_decay=5e-4, scale_lr_multiplier=1.0, weight_noise="flipout")
+        return cls(**{**settings, **changes})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

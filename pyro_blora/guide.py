@@ -8,12 +8,9 @@ from operator import attrgetter
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
 from pyro.distributions import constraints
 from torch.distributions import transform_to
 from pyro.infer.autoguide import AutoDelta, AutoNormal
-from pyro.nn.module import PyroParam
-from pyro.infer.autoguide.utils import deep_setattr
 
 from pyro_blora.model import BLoRAWhisper
 
@@ -24,9 +21,11 @@ class BLoRAGuide(AutoNormal):
     """AutoNormal over the adapter sites of a :class:`BLoRAWhisper`.
 
     * Locations start as LoRA does: A Kaiming-uniform, B zero, so training starts at the base model.
-    * Scales start at ``init_scale_A`` / ``init_scale_B`` and are kept positive by softplus or exp.
-    * Every site is weighted by the model's ``elbo_scaling.kl`` (beta / Z), the same weight the
-      model puts on the prior sites, so the KL part of the ELBO is scaled by exactly that factor.
+    * Scales start at ``init_scale_A`` / ``init_scale_B`` (or softplus(rho), rho ~ U(init_rho_range),
+      per entry where those are None) and are kept positive by softplus or exp.
+    * Every site is weighted by the model's KL weight of that site (beta / Z, per matrix under the
+      "matrix" normalisation), the same weight the model puts on its prior site, so the KL part of
+      the ELBO is weighted by exactly that factor.
     * It is built over ``model.adapter_prior``, which needs no data: the guide is ready (and can
       load saved parameters) before any batch is seen.
     """
@@ -36,7 +35,7 @@ class BLoRAGuide(AutoNormal):
         config = model.config
         if config.scale_parameterization == "exp":
             self.scale_constraint = constraints.positive
-        super().__init__(model.adapter_prior, init_loc_fn=self._init_loc, init_scale=float(config.init_scale_A))
+        super().__init__(model.adapter_prior, init_loc_fn=self._init_loc)
 
     @property
     def blora(self) -> BLoRAWhisper:
@@ -52,26 +51,33 @@ class BLoRAGuide(AutoNormal):
             return torch.empty(shape, dtype=template.dtype, device=template.device).uniform_(-bound, bound)
         return torch.zeros(shape, dtype=template.dtype, device=template.device)
 
-    def _setup_prototype(self, *args, **kwargs) -> None:
-        super()._setup_prototype(*args, **kwargs)
-        scale_B = float(self.blora.config.init_scale_B)
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            if name.endswith("lora_B"):
-                loc, _ = self._get_loc_and_scale(name)
-                deep_setattr(
-                    self.scales,
-                    name,
-                    PyroParam(torch.full_like(loc, scale_B), self.scale_constraint, self._event_dims[name]),
-                )
+    def initial_stddevs(self) -> dict[str, torch.Tensor]:
+        """The configured starting scales: ``init_scale_A`` / ``init_scale_B``, or softplus(rho) with
+        rho ~ U(init_rho_range) per entry where the scale is None (drawn from the torch RNG)."""
+        config = self.blora.config
+        low, high = config.init_rho_range
+        scales = {}
+        for name in self.blora.site_names():
+            shape = self.blora.site_prior(name).event_shape
+            fixed = config.init_scale_A if name.endswith("lora_A") else config.init_scale_B
+            if fixed is None:
+                scales[name] = torch.nn.functional.softplus(torch.empty(shape).uniform_(low, high))
+            else:
+                scales[name] = torch.full(shape, float(fixed))
+        return scales
 
     def setup(self) -> "BLoRAGuide":
-        """Create the parameters now (they are otherwise made lazily at the first call)."""
+        """Create the parameters now (they are otherwise made lazily at the first call) and put the
+        scales at their configured start. The prototype is made by one call of the guide, which
+        needs no data since it is built over ``model.adapter_prior``."""
         if self.prototype_trace is None:
-            self._setup_prototype()
+            with torch.no_grad():
+                self()
+            self.set_stddevs(self.initial_stddevs())
         return self
 
     def forward(self, *args, **kwargs):
-        with poutine.scale(scale=self.blora.elbo_scaling.kl):
+        with self.blora.weigh_kl():
             return super().forward(*args, **kwargs)
 
     def posterior(self, site: str) -> dist.Distribution:
@@ -137,7 +143,13 @@ class BLoRAMAPGuide(AutoDelta):
         super().__init__(model.adapter_prior, init_loc_fn=BLoRAGuide._init_loc)
 
     blora = BLoRAGuide.blora
-    setup = BLoRAGuide.setup
+
+    def setup(self) -> "BLoRAMAPGuide":
+        """Create the point values now, by one call of the guide (it needs no data)."""
+        if self.prototype_trace is None:
+            with torch.no_grad():
+                self()
+        return self
 
     def means(self) -> dict[str, torch.Tensor]:
         """The point estimates of every site (detached)."""

@@ -49,6 +49,7 @@ from pyro_blora.posterior import load_posterior, read_posterior_config, save_pos
 from pyro_blora.recompute import gradient_checkpointing
 from pyro_blora.training import (
     Optimization,
+    make_optimizer,
     RunFolder,
     TrainResult,
     batch_order,
@@ -342,7 +343,7 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
     optimization = Optimization(
         objective=lambda batch: _teacher_forced_loss(whisper, batch),
         stateful={"trainable": _TrainableState(trainable)},
-        optimizer=torch.optim.Adam(params, lr=train_config.lr),
+        optimizer=make_optimizer(params, train_config),
         config=train_config,
         evaluate=periodic_eval,
         failure_hint=f"Likely cause: a learning rate too high ({train_config.lr}).",

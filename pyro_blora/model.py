@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Mapping
 
 import pyro
@@ -17,7 +18,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.injection import inject_adapters
-from pyro_blora.objective import ElboScaling
+from pyro_blora.objective import ElboScaling, KLWeights
 
 __all__ = ["BLoRAWhisper", "wrap_whisper"]
 
@@ -41,7 +42,10 @@ class BLoRAWhisper(PyroModule):
         to_pyro_module_(whisper)
         self.whisper = whisper
         self._adapter_paths = {f"whisper.{path}": adapter for path, adapter in adapters.items()}
-        self.elbo_scaling = ElboScaling(num_utterances=1, likelihood=1.0, kl=self.config.beta)
+        for path, adapter in self._adapter_paths.items():
+            adapter.site = path
+        self.configure_objective(ElboScaling(num_utterances=1, likelihood=1.0, kl=self.config.beta,
+                                             per_matrix=self.config.kl_normalization == "matrix"))
 
     # ----------------------------------------------------------------- sites
     def adapters(self) -> dict[str, BayesianLoRALinear]:
@@ -85,8 +89,20 @@ class BLoRAWhisper(PyroModule):
         return sum(a.rank * (a.base.in_features + a.base.out_features) for a in self._adapter_paths.values())
 
     def configure_objective(self, scaling: ElboScaling) -> None:
-        """Set the factors of the ELBO; the guide reads the KL weight from here too."""
+        """Set the factors of the ELBO; the guide reads the KL weights from here too."""
         self.elbo_scaling = scaling
+        self._kl_weights = {
+            f"{path}.lora_{which}": scaling.site_weight(math.prod(adapter.shape_A if which == "A" else adapter.shape_B))
+            for path, adapter in self._adapter_paths.items() for which in ("A", "B")
+        }
+
+    def kl_weights(self) -> dict[str, float]:
+        """The KL weight of every adapter site (beta / Z, divided by the matrix's entries under "matrix")."""
+        return dict(self._kl_weights)
+
+    def weigh_kl(self) -> KLWeights:
+        """The handler that puts these weights on the adapter sites (model and guide alike)."""
+        return KLWeights(self._kl_weights)
 
     # ----------------------------------------------------------------- model
     @pyro_method
@@ -94,7 +110,7 @@ class BLoRAWhisper(PyroModule):
         """Draw every adapter site (once per root call). Extra arguments are ignored, so the
         guide can be built over this function without data."""
         values = {}
-        with poutine.scale(scale=self.elbo_scaling.kl):
+        with self.weigh_kl():
             for path, adapter in self._adapter_paths.items():
                 if adapter.mode == "sample":
                     lora_A, lora_B = adapter.draw()

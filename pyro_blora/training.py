@@ -29,6 +29,7 @@ from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames,
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
 from pyro_blora.model import BLoRAWhisper
+from pyro_blora.noise import local_noise
 from pyro_blora.objective import ElboTerms, elbo_scaling, elbo_terms
 from pyro_blora.recompute import gradient_checkpointing
 
@@ -43,6 +44,7 @@ __all__ = [
     "count_label_tokens",
     "lr_schedule",
     "make_batch",
+    "make_optimizer",
     "run_steps",
     "svi_parameter_groups",
     "train",
@@ -365,6 +367,20 @@ def svi_parameter_groups(guide, config: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW when ``config.weight_decay`` is set: every method's optimiser."""
+    if config.weight_decay:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr)
+
+
+def _noisy_elbo_terms(model: BLoRAWhisper, guide, batch: Mapping, config: TrainConfig) -> ElboTerms:
+    """One ELBO estimate under the configured weight noise (pyro_blora.noise)."""
+    handler = local_noise(config.weight_noise)
+    with handler if handler is not None else nullcontext():
+        return elbo_terms(model, guide, batch, config.estimator, config.num_particles)
+
+
 def train(
     model: BLoRAWhisper,
     guide: BLoRAGuide,
@@ -398,6 +414,11 @@ def train(
             f"the model's encoder takes {encoder_input_frames(model.whisper)} frames but encoder_window_seconds="
             f"{config.encoder_window_seconds}; cut the model first with pyro_blora.set_encoder_window (run_training does)"
         )
+    if config.gradient_checkpointing and config.weight_noise != "shared":
+        raise ValueError(
+            f"gradient checkpointing recomputes layers with the batch's shared adapter draw, so it cannot be combined "
+            f"with weight_noise={config.weight_noise!r}; use weight_noise='shared' or turn gradient checkpointing off"
+        )
     device = next(model.whisper.parameters()).device
     num_tokens = num_tokens or count_label_tokens(dataset, collate_fn)
     model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
@@ -419,9 +440,9 @@ def train(
         return fields
 
     optimization = Optimization(
-        objective=lambda batch: elbo_terms(model, guide, batch, config.estimator, config.num_particles),
+        objective=lambda batch: _noisy_elbo_terms(model, guide, batch, config),
         stateful={"guide": guide},
-        optimizer=torch.optim.Adam(svi_parameter_groups(guide, config)),
+        optimizer=make_optimizer(svi_parameter_groups(guide, config), config),
         config=config,
         evaluate=periodic_eval,
         failure_hint=(

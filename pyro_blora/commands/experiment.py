@@ -18,6 +18,30 @@ from pyro_blora.weights import load_processor
 TARGET_PRESETS = {"qk": DEFAULT_TARGETS, "all-linear": ALL_LINEAR_TARGETS}
 
 
+PRESETS = ("default", "paper")
+
+
+def preset_configs(preset: str, adapter: dict, train: dict) -> tuple[BLoRAConfig, TrainConfig]:
+    """The configs of ``preset`` (``default``: the dataclasses' defaults; ``paper``: BLoRAConfig.paper()
+    and TrainConfig.paper()) with every option that was given (not None) put over them; ``targets``
+    in ``adapter`` is a preset name (qk, all-linear) or a regular expression."""
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    adapter = {k: v for k, v in adapter.items() if v is not None}
+    train = {k: v for k, v in train.items() if v is not None}
+    if "targets" in adapter:
+        targets = adapter.pop("targets")
+        adapter["target_modules"] = TARGET_PRESETS.get(targets, (targets,))
+    for name in ("init_scale_A", "init_scale_B"):  # "rho" on the command line: softplus(rho), rho ~ U(range)
+        if adapter.get(name) == "rho":
+            adapter[name] = None
+        elif name in adapter:
+            adapter[name] = float(adapter[name])
+    if preset == "paper":
+        return BLoRAConfig.paper(**adapter), TrainConfig.paper(**train)
+    return BLoRAConfig(**adapter), TrainConfig(**train)
+
+
 def adapter_config(targets: str, rank: int, alpha: float | None, prior_scale: float, beta: float,
                    kl_normalization: str) -> BLoRAConfig:
     """The adapters the command-line options describe (``targets``: a preset name or a regular expression)."""
@@ -31,10 +55,21 @@ def train(
     out: Path = typer.Option(..., help="run folder"),
     model: str = typer.Option("base", help="base model: bundled name (base, tiny.en), folder or hub id"),
     split: str = typer.Option("train", help="split of --data to train on"),
-    targets: str = typer.Option("qk", help="adapted layers: qk, all-linear, or a regular expression"),
-    rank: int = typer.Option(32), alpha: Optional[float] = typer.Option(None, help="default 2 * rank"),
-    prior_scale: float = typer.Option(0.01), beta: float = typer.Option(0.5),
-    kl_normalization: str = typer.Option("parameter", help="dataset, token or parameter"),
+    preset: str = typer.Option("default", help="default, or paper: the paper's BLoRA as its authors' code runs it "
+                               "(README: the paper preset); the options below override it"),
+    targets: Optional[str] = typer.Option(None, help="adapted layers: qk, all-linear, or a regular expression [qk]"),
+    rank: Optional[int] = typer.Option(None, help="[32]"),
+    alpha: Optional[float] = typer.Option(None, help="[2 * rank]"),
+    prior_scale: Optional[float] = typer.Option(None, help="[0.01]"), beta: Optional[float] = typer.Option(None, help="[0.5]"),
+    kl_normalization: Optional[str] = typer.Option(None, help="dataset, token, parameter or matrix [parameter; paper: matrix]"),
+    init_scale_a: Optional[str] = typer.Option(None, help="initial posterior std of A, or 'rho' for softplus(rho), "
+                                               "rho ~ U(--init-rho-range) [1e-3; paper: rho]"),
+    init_scale_b: Optional[str] = typer.Option(None, help="the same for B [1e-4; paper: rho]"),
+    init_rho_range: Optional[tuple[float, float]] = typer.Option(None, help="low high [-5.5 -4.5]"),
+    scale_parameterization: Optional[str] = typer.Option(None, help="softplus or exp [exp; paper: softplus]"),
+    weight_noise: Optional[str] = typer.Option(None, help="shared, flipout or lrt [shared; paper: flipout]"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay [0; paper: 5e-4]"),
+    scale_lr_multiplier: Optional[float] = typer.Option(None, help="learning rate of the scales / lr [10; paper: 1]"),
     steps: int = typer.Option(200), batch_size: int = typer.Option(4), lr: float = typer.Option(1e-3),
     warmup_steps: int = typer.Option(10), precision: str = typer.Option("fp32", help="fp32 or bf16"),
     seed: int = typer.Option(0), checkpoint_every: int = typer.Option(50),
@@ -59,10 +94,16 @@ def train(
     under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
 
-    blora = adapter_config(targets, rank, alpha, prior_scale, beta, kl_normalization)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                         seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
-                         gradient_checkpointing=gradient_checkpointing, encoder_window_seconds=encoder_window)
+    blora, config = preset_configs(
+        preset,
+        dict(targets=targets, rank=rank, alpha=alpha, prior_scale=prior_scale, beta=beta,
+             kl_normalization=kl_normalization, init_scale_A=init_scale_a, init_scale_B=init_scale_b,
+             init_rho_range=init_rho_range, scale_parameterization=scale_parameterization),
+        dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision, seed=seed,
+             checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
+             gradient_checkpointing=gradient_checkpointing, encoder_window_seconds=encoder_window,
+             weight_noise=weight_noise, weight_decay=weight_decay, scale_lr_multiplier=scale_lr_multiplier),
+    )
     processor = load_processor(base_model_of(model))
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit)
     curve_sets = None
