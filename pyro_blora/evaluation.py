@@ -1,9 +1,11 @@
 """Forward and backward evaluation of a Whisper model on the testbed's domains.
 
 For every domain: greedy error rate with the language forced (WER, or the mixed error rate for CJK
-text), teacher-forced cross-entropy per label token (a finer measure of forgetting than error
+text), teacher-forced cross-entropy per transcript token (a finer measure of forgetting than error
 rates), and for the backward sets language-ID accuracy with the language *not* forced (the model's
-own detection). Any model is evaluated as a plain ``WhisperForConditionalGeneration``: the base
+own detection). Each domain's entry keeps per-utterance records (``per_utterance``) from which
+every aggregate is a ratio of sums, so that paired bootstrap intervals
+(:mod:`pyro_blora.metrics.bootstrap`) can compare two models on the same utterances. Any model is evaluated as a plain ``WhisperForConditionalGeneration``: the base
 model, a merged posterior mean, a merged peft adapter or a fully fine-tuned model.
 """
 
@@ -23,18 +25,26 @@ from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start
 from pyro_blora.data import load_speech_dataset, prepare_dataset
 from pyro_blora.decoding import generate, greedy_generate_kwargs
 from pyro_blora.encoder_window import encoder_input_frames
-from pyro_blora.inference import token_nll
-from pyro_blora.metrics import error_rate, scoring_unit
+from pyro_blora.inference import UtteranceNLL, token_nll_per_utterance
+from pyro_blora.metrics import corpus_rate, language_error_counts
 
 __all__ = [
+    "CE_SCOPE",
     "EvalOptions",
     "EvalSet",
+    "all_token_ce",
+    "ce_scope",
     "evaluate_whisper",
     "format_table",
     "load_eval_sets",
     "relative_changes",
     "detects_language",
 ]
+
+# What ``ce`` covers in results written now: the transcript tokens (text and end of text). Results
+# without ``ce_scope`` were written before it and their ``ce`` covered every label token ("all").
+CE_SCOPE = "transcript"
+OLD_CE_SCOPE = "all"
 
 # Decoder positions Whisper has; the forced prompt takes a few of them.
 _MAX_DECODER_POSITIONS = 448
@@ -155,11 +165,25 @@ def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: 
     return {"hypotheses": hypotheses, "references": list(texts), "languages": list(languages), "detected": detected}
 
 
-def _teacher_forced_ce(whisper, processor, eval_set: EvalSet, options: EvalOptions) -> float:
+def _teacher_forced_ce(whisper, processor, eval_set: EvalSet, options: EvalOptions) -> UtteranceNLL:
     collate = SpeechCollator(decoder_start_token_id(processor.tokenizer), n_frames=encoder_input_frames(whisper))
     chunks = _batches(list(range(len(eval_set))), options.batch_size)
     bar = tqdm(chunks, desc=f"CE {eval_set.name}", disable=not options.progress, leave=False)
-    return token_nll(whisper, (collate([eval_set.dataset[i] for i in chunk]) for chunk in bar))
+    return token_nll_per_utterance(whisper, (collate([eval_set.dataset[i] for i in chunk]) for chunk in bar))
+
+
+def _ce_fields(scored: UtteranceNLL) -> dict[str, Any]:
+    """``ce`` per transcript token, ``prompt_ce`` per prompt token and ``ce_all_tokens`` over both."""
+    transcript, prompt = sum(scored.ce_tokens), sum(scored.prompt_tokens)
+    if transcript + prompt == 0:
+        raise ValueError("no label tokens to score: every label is padding (-100)")
+    fields: dict[str, Any] = {"ce_scope": CE_SCOPE,
+                              "ce_all_tokens": (sum(scored.ce_sum) + sum(scored.prompt_ce_sum)) / (transcript + prompt)}
+    if transcript:
+        fields["ce"] = sum(scored.ce_sum) / transcript
+    if prompt:
+        fields["prompt_ce"] = sum(scored.prompt_ce_sum) / prompt
+    return fields
 
 
 def evaluate_whisper(
@@ -169,29 +193,39 @@ def evaluate_whisper(
     options: EvalOptions = EvalOptions(),
     keep_transcripts: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Per domain: ``ce`` (teacher-forced, nats per token), ``error_rate`` with its ``unit`` and the
-    number of ``decoded`` utterances, and ``language_id`` accuracy where the set asks for it."""
+    """Per domain: ``ce`` (teacher-forced, nats per transcript token; ``ce_all_tokens`` and
+    ``prompt_ce`` beside it), ``error_rate`` with its ``unit`` and the number of ``decoded``
+    utterances, ``language_id`` accuracy where the set asks for it, and ``per_utterance`` records:
+    ``ids``, ``ce_sum``/``ce_tokens`` and ``prompt_ce_sum``/``prompt_tokens`` for every utterance,
+    ``errors``/``ref_tokens`` and ``language_id_hit`` (0/1) for the first ``decoded`` ones."""
     was_training = whisper.training
     whisper.eval()
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, eval_set in sets.items():
-            entry: dict[str, Any] = {"utterances": len(eval_set), "ce": _teacher_forced_ce(whisper, processor, eval_set, options)}
+            scored = _teacher_forced_ce(whisper, processor, eval_set, options)
+            entry: dict[str, Any] = {"utterances": len(eval_set), **_ce_fields(scored)}
+            records: dict[str, list] = {"ids": scored.ids, "ce_sum": scored.ce_sum, "ce_tokens": scored.ce_tokens,
+                                        "prompt_ce_sum": scored.prompt_ce_sum, "prompt_tokens": scored.prompt_tokens}
             limit = len(eval_set) if options.decode_limit is None else min(options.decode_limit, len(eval_set))
             if limit:
                 decoded = _decode(whisper, processor, eval_set, list(range(limit)), options)
                 language = decoded["languages"][0]
-                entry["error_rate"] = error_rate(decoded["references"], decoded["hypotheses"], language)
-                entry["unit"] = scoring_unit(language, decoded["references"])
+                counts, entry["unit"] = language_error_counts(decoded["references"], decoded["hypotheses"], language)
+                entry["error_rate"] = corpus_rate(counts)
                 entry["decoded"] = limit
+                records["errors"] = [c.errors for c in counts]
+                records["ref_tokens"] = [c.reference_length for c in counts]
                 if decoded["detected"]:
-                    hits = sum(d == ref for d, ref in zip(decoded["detected"], decoded["languages"]))
-                    entry["language_id"] = hits / len(decoded["detected"])
+                    hits = [int(d == ref) for d, ref in zip(decoded["detected"], decoded["languages"])]
+                    entry["language_id"] = sum(hits) / len(hits)
                     entry["detected"] = dict(sorted(_count(decoded["detected"]).items(), key=lambda kv: -kv[1]))
+                    records["language_id_hit"] = hits
                 if keep_transcripts:
                     entry["transcripts"] = [
                         {"reference": r, "hypothesis": h} for r, h in zip(decoded["references"], decoded["hypotheses"])
                     ]
+            entry["per_utterance"] = records
             results[name] = entry
     finally:
         whisper.train(was_training)
@@ -205,32 +239,57 @@ def _count(values: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-METRICS = ("error_rate", "ce", "language_id")
+METRICS = ("error_rate", "ce", "ce_all_tokens", "language_id")
+
+
+def ce_scope(entry: Mapping) -> str:
+    """What an entry's ``ce`` covers: "transcript", or "all" (every label token) for older results."""
+    return entry.get("ce_scope", OLD_CE_SCOPE)
+
+
+def all_token_ce(entry: Mapping) -> float | None:
+    """CE over every label token, which results of either scope have."""
+    if "ce_all_tokens" in entry:
+        return float(entry["ce_all_tokens"])
+    return float(entry["ce"]) if "ce" in entry and ce_scope(entry) == OLD_CE_SCOPE else None
+
+
+def _metric(entry: Mapping, metric: str) -> float | None:
+    if metric == "ce_all_tokens":
+        return all_token_ce(entry)
+    return float(entry[metric]) if metric in entry else None
 
 
 def relative_changes(result: Mapping[str, Mapping], reference: Mapping[str, Mapping]) -> dict[str, dict[str, float]]:
-    """(value - reference) / reference for every metric both results have, per domain."""
+    """(value - reference) / reference for every metric both results have, per domain. ``ce`` is
+    compared only between results of the same CE scope; ``ce_all_tokens`` between any two."""
     changes: dict[str, dict[str, float]] = {}
     for domain, entry in result.items():
         other = reference.get(domain, {})
         for metric in METRICS:
-            if metric in entry and metric in other:
-                base = float(other[metric])
-                change = (float(entry[metric]) - base) / base if base else (0.0 if entry[metric] == base else math.inf)
+            if metric == "ce" and ce_scope(entry) != ce_scope(other):
+                continue
+            value, base = _metric(entry, metric), _metric(other, metric)
+            if value is not None and base is not None:
+                change = (value - base) / base if base else (0.0 if value == base else math.inf)
                 changes.setdefault(domain, {})[metric] = change
     return changes
 
 
-def _cell(entry: Mapping, metric: str) -> str:
+def _cell(entry: Mapping, metric: str, mixed_scopes: bool = False) -> str:
     if metric not in entry:
         return "-"
     value = float(entry[metric])
-    return f"{value:.3f}" if metric == "ce" else f"{100 * value:.1f}%"
+    if metric != "ce":
+        return f"{100 * value:.1f}%"
+    return f"{value:.3f}" + (f" ({ce_scope(entry)})" if mixed_scopes else "")
 
 
 def format_table(results: Mapping[str, Mapping[str, Mapping]], baseline: str | None = None) -> str:
     """A plain-text table: one row per (model, domain), error rate / CE / language ID, and the change
-    of each against the ``baseline`` model's row (relative, in percent)."""
+    of each against the ``baseline`` model's row (relative, in percent). Where the results mix CE
+    scopes, each CE cell names its scope."""
+    mixed = len({ce_scope(entry) for domains in results.values() for entry in domains.values()}) > 1
     header = ["model", "domain", "error rate", "CE", "LID", "Δ error", "Δ CE"]
     rows = []
     for model, domains in results.items():
@@ -238,7 +297,7 @@ def format_table(results: Mapping[str, Mapping[str, Mapping]], baseline: str | N
         for domain, entry in domains.items():
             delta = changes.get(domain, {})
             rows.append([
-                model, domain, _cell(entry, "error_rate"), _cell(entry, "ce"), _cell(entry, "language_id"),
+                model, domain, _cell(entry, "error_rate"), _cell(entry, "ce", mixed), _cell(entry, "language_id"),
                 f"{100 * delta['error_rate']:+.0f}%" if "error_rate" in delta else "",
                 f"{100 * delta['ce']:+.0f}%" if "ce" in delta else "",
             ])

@@ -30,7 +30,9 @@ __all__ = [
     "posterior_mean_model",
     "sample_posterior",
     "monte_carlo_transcribe",
+    "UtteranceNLL",
     "token_nll",
+    "token_nll_per_utterance",
 ]
 
 
@@ -232,22 +234,52 @@ def monte_carlo_transcribe(
     return results
 
 
+@dataclass(frozen=True)
+class UtteranceNLL:
+    """Teacher-forced NLL per utterance, split into transcript and prompt tokens.
+
+    Transcript tokens are the text and the end-of-text token; prompt tokens are the forced special
+    tokens before the text (language, task, no-timestamps). Evaluation reports the transcript part,
+    which adaptation and forgetting change; the prompt is near-certain and dilutes the mean."""
+
+    ids: list[str]
+    ce_sum: list[float]
+    ce_tokens: list[int]
+    prompt_ce_sum: list[float]
+    prompt_tokens: list[int]
+
+
 @torch.no_grad()
-def token_nll(whisper: WhisperForConditionalGeneration, batches: Iterable[Mapping]) -> float:
-    """Teacher-forced cross-entropy per label token (nats), a finer measure than error rates."""
-    total, count = 0.0, 0
+def token_nll_per_utterance(whisper: WhisperForConditionalGeneration, batches: Iterable[Mapping]) -> UtteranceNLL:
+    """Summed cross-entropy (nats) and token counts of every label row, transcript and prompt apart.
+
+    Prompt tokens are the label ids above the end-of-text id (Whisper's special tokens follow it in
+    the vocabulary); ``-100`` is padding. Rows are named by the batch's ``ids`` (their positions
+    when it has none)."""
     cfg = whisper.config
     device = next(whisper.parameters()).device
+    out = UtteranceNLL([], [], [], [], [])
     for batch in batches:
         labels = batch["labels"].to(device)
         decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
         logits = whisper(input_features=batch["input_features"].to(device), decoder_input_ids=decoder_input_ids).logits
         loss = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="sum"
-        )
-        total += float(loss)
-        count += int((labels != -100).sum())
+            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
+        ).double()
+        prompt = labels > cfg.eos_token_id
+        transcript = (labels != -100) & ~prompt
+        out.ids.extend(batch.get("ids") or [str(len(out.ids) + row) for row in range(labels.shape[0])])
+        out.ce_sum.extend((loss * transcript).sum(1).tolist())
+        out.ce_tokens.extend(transcript.sum(1).tolist())
+        out.prompt_ce_sum.extend((loss * prompt).sum(1).tolist())
+        out.prompt_tokens.extend(prompt.sum(1).tolist())
+    return out
+
+
+def token_nll(whisper: WhisperForConditionalGeneration, batches: Iterable[Mapping]) -> float:
+    """Teacher-forced cross-entropy per label token (nats), every label token counted (prompt too)."""
+    scored = token_nll_per_utterance(whisper, batches)
+    count = sum(scored.ce_tokens) + sum(scored.prompt_tokens)
     if count == 0:
         raise ValueError("no label tokens to score: every label is padding (-100)")
-    return total / count
-
+    return (sum(scored.ce_sum) + sum(scored.prompt_ce_sum)) / count

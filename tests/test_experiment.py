@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyro_blora.config import BLoRAConfig, TrainConfig
-from pyro_blora.evaluation import EvalOptions, format_table, load_eval_sets, relative_changes
+from pyro_blora.evaluation import EvalOptions, evaluate_whisper, format_table, load_eval_sets, relative_changes
 from pyro_blora.experiment import ALL_LINEAR_TARGETS, ensure_testbed, read_eval, run_evaluation
 from pyro_blora.guide import BLoRAMAPGuide, build_guide
 from pyro_blora.injection import find_target_modules
@@ -157,10 +157,40 @@ def test_evaluation_writes_eval_json_with_relative_changes(workspace, runs):
     assert against["against_source"] == str(runs["lora"])
 
 
+def test_per_utterance_records_add_up_to_the_aggregates(workspace):
+    from pyro_blora.data import SpeechCollator, decoder_start_token_id
+    from pyro_blora.inference import token_nll
+
+    whisper, processor = load_whisper(workspace["model"])
+    options = EvalOptions(batch_size=2, extra_new_tokens=2, progress=False)
+    results = evaluate_whisper(whisper, processor, workspace["sets"], options)
+    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
+    for domain, entry in results.items():
+        records, prepared = entry["per_utterance"], workspace["sets"][domain].prepared
+        assert records["ids"] == prepared["id"] and entry["ce_scope"] == "transcript"
+        assert sum(records["errors"]) / sum(records["ref_tokens"]) == pytest.approx(entry["error_rate"])
+        assert sum(records["ce_sum"]) / sum(records["ce_tokens"]) == pytest.approx(entry["ce"])
+        assert sum(records["prompt_ce_sum"]) / sum(records["prompt_tokens"]) == pytest.approx(entry["prompt_ce"])
+        # Multilingual labels: <|sot|> (dropped), language, task, no-timestamps, then the transcript.
+        assert records["prompt_tokens"] == [3] * len(prepared)
+        assert [c + 3 for c in records["ce_tokens"]] == [len(labels) - 1 for labels in prepared["labels"]]
+        dataset = workspace["sets"][domain].dataset
+        everything = token_nll(whisper, [collate([dataset[i] for i in range(len(dataset))])])
+        assert entry["ce_all_tokens"] == pytest.approx(everything, rel=1e-5)
+        if "language_id" in entry:
+            assert sum(records["language_id_hit"]) / len(records["language_id_hit"]) == entry["language_id"]
+    old = {domain: {"ce": entry["ce_all_tokens"]} for domain, entry in results.items()}  # before ce_scope
+    changes = relative_changes(results, old)["en"]
+    assert "ce" not in changes and changes["ce_all_tokens"] == pytest.approx(0.0, abs=1e-12)
+    assert "(all)" in format_table({"old": old, "new": results}) and "(all)" not in format_table({"new": results})
+
+
 def test_relative_changes_and_table():
     result = {"en": {"error_rate": 0.2, "ce": 0.3}, "es": {"language_id": 0.5}}
     reference = {"en": {"error_rate": 0.1, "ce": 0.3}, "es": {"language_id": 1.0}}
-    assert relative_changes(result, reference) == {"en": {"error_rate": 1.0, "ce": 0.0}, "es": {"language_id": -0.5}}
+    # Results without ce_scope are older ones: their ce covered every label token.
+    assert relative_changes(result, reference) == {"en": {"error_rate": 1.0, "ce": 0.0, "ce_all_tokens": 0.0},
+                                                   "es": {"language_id": -0.5}}
     table = format_table({"base": reference, "lora": result}, baseline="base")
     assert "+100%" in table and "50.0%" in table
 

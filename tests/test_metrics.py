@@ -363,3 +363,80 @@ def test_energy_curve_of_zeros_is_nan_and_max_points_is_checked():
     assert fractions.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and np.isnan(shares).all()
     with pytest.raises(ValueError, match="max_points"):
         energy_curve(torch.ones(4), max_points=1)
+
+
+# ----------------------------------------------------------------------------------- paired bootstrap
+from pyro_blora.metrics import (  # noqa: E402
+    backward_gain,
+    bootstrap_evals,
+    compare_evals,
+    degradation_reduction,
+    paired_bootstrap,
+)
+
+
+def _eval(ids, errors, ref_tokens, ce_sum=None, ce_tokens=None, domain="d"):
+    """An eval result with per-utterance records, as evaluate_whisper writes them."""
+    ce_sum = errors if ce_sum is None else ce_sum
+    ce_tokens = ref_tokens if ce_tokens is None else ce_tokens
+    records = {"ids": list(ids), "errors": list(errors), "ref_tokens": list(ref_tokens), "ce_sum": list(ce_sum),
+               "ce_tokens": list(ce_tokens), "language_id_hit": [int(e == 0) for e in errors]}
+    return {"results": {domain: {"per_utterance": records}}}
+
+
+def test_bootstrap_interval_covers_the_true_difference():
+    rng = np.random.default_rng(1)
+    ref = rng.integers(5, 30, size=400)
+    rate_a, rate_b = 0.2, 0.3
+    a, b = rng.binomial(ref, rate_a), rng.binomial(ref, rate_b)
+    interval = paired_bootstrap(a, ref, b, ref, samples=1000)
+    assert interval.estimate == pytest.approx(b.sum() / ref.sum() - a.sum() / ref.sum())
+    assert interval.contains(rate_b - rate_a) and interval.contains(interval.estimate)
+    assert interval.low < interval.estimate < interval.high
+    wider = paired_bootstrap(a, ref, b, ref, samples=1000, level=0.99)
+    assert wider.low <= interval.low and wider.high >= interval.high
+
+
+def test_identical_systems_give_a_degenerate_interval_at_zero():
+    rng = np.random.default_rng(2)
+    ref = rng.integers(1, 20, size=50)
+    errors = rng.binomial(ref, 0.4)
+    interval = paired_bootstrap(errors, ref, errors, ref)
+    assert (interval.estimate, interval.low, interval.high) == (0.0, 0.0, 0.0)
+    hits = rng.integers(0, 2, size=50)
+    assert paired_bootstrap(hits, None, hits, None).high == 0.0
+
+
+def test_eval_comparison_matches_utterances_by_id_and_refuses_other_sets():
+    ids, errors, ref = ["u0", "u1", "u2", "u3"], [0, 2, 1, 3], [4, 5, 3, 6]
+    a = _eval(ids, errors, ref)
+    shuffled = _eval(ids[::-1], [e + 1 for e in errors][::-1], ref[::-1])
+    interval = compare_evals(a, shuffled, "d", "error_rate", samples=200)
+    assert interval.estimate == pytest.approx(len(ids) / sum(ref))
+    with pytest.raises(ValueError, match="same utterances"):
+        compare_evals(a, _eval(["u0", "u1", "u2", "x"], errors, ref), "d", "error_rate")
+    with pytest.raises(ValueError, match="evaluate the model again"):
+        compare_evals(a, {"results": {"d": {"error_rate": 0.1}}}, "d", "error_rate")
+
+
+def test_degradation_reduction_and_backward_gain_point_estimates_follow_their_formulas():
+    rng = np.random.default_rng(3)
+    ids, ref = [f"u{i}" for i in range(60)], rng.integers(3, 15, size=60)
+    base, lora, method = (rng.binomial(ref, p) for p in (0.1, 0.5, 0.25))
+    evals = [_eval(ids, e, ref) for e in (base, lora, method)]
+    rate = {name: e.sum() / ref.sum() for name, e in (("base", base), ("lora", lora), ("method", method))}
+    reduction = bootstrap_evals([[e] for e in evals], ["d"], "error_rate", degradation_reduction, samples=300)
+    assert reduction.estimate == pytest.approx(1 - (rate["method"] - rate["base"]) / (rate["lora"] - rate["base"]))
+    assert reduction.low <= reduction.estimate <= reduction.high
+    gain = bootstrap_evals([[evals[1]], [evals[2]]], ["d"], "error_rate", backward_gain, samples=300)
+    assert gain.estimate == pytest.approx((rate["lora"] - rate["method"]) / rate["lora"])
+
+
+def test_pooling_seeds_concatenates_their_utterances():
+    rng = np.random.default_rng(4)
+    ids, ref = [f"u{i}" for i in range(20)], rng.integers(3, 15, size=20)
+    seeds = [[_eval(ids, rng.binomial(ref, p), ref) for p in (0.2, 0.3)] for _ in range(2)]  # [seed][system]
+    pooled = bootstrap_evals([[s[0] for s in seeds], [s[1] for s in seeds]], ["d"], "error_rate",
+                             lambda v: v[..., 1] - v[..., 0], samples=200)
+    per_seed = [compare_evals(a, b, "d", "error_rate", samples=10).estimate for a, b in seeds]
+    assert pooled.estimate == pytest.approx(sum(per_seed) / len(per_seed))  # same references in every seed

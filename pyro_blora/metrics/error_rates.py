@@ -44,8 +44,10 @@ __all__ = [
     "Unit",
     "cer",
     "contains_cjk",
+    "corpus_rate",
     "error_counts",
     "error_rate",
+    "language_error_counts",
     "mer",
     "mixed_error_rate",
     "mixed_tokens",
@@ -189,14 +191,19 @@ def utterance_error_rates(
     return [counts.rate for counts in utterance_error_counts(references, hypotheses, unit)]
 
 
-def _corpus_rate(references, hypotheses, unit: Unit) -> float:
-    counts = error_counts(references, hypotheses, unit)
-    if counts.reference_length == 0:
+def corpus_rate(counts: Sequence[ErrorCounts]) -> float:
+    """Summed errors over summed reference tokens of per-utterance counts."""
+    total = sum(counts, ErrorCounts(0, 0, 0, 0))
+    if total.reference_length == 0:
         raise ValueError(
             "every reference is empty, so the error rate is undefined; score non-empty references "
             "(use error_counts to count the insertions)"
         )
-    return counts.rate
+    return total.rate
+
+
+def _corpus_rate(references, hypotheses, unit: Unit) -> float:
+    return corpus_rate(utterance_error_counts(references, hypotheses, unit))
 
 
 def wer(references: str | Sequence[str], hypotheses: str | Sequence[str]) -> float:
@@ -231,6 +238,24 @@ def scoring_unit(language: str, references: str | Sequence[str] = ()) -> Unit:
     return "word"
 
 
+def language_error_counts(
+    references: str | Sequence[str],
+    hypotheses: str | Sequence[str],
+    language: str,
+    *,
+    normalize: bool = True,
+) -> tuple[list[ErrorCounts], Unit]:
+    """Per-utterance edit counts as a language is reported (normalised; MER for CJK text, else WER),
+    and the unit: their sums make :func:`error_rate`, so per-utterance records add up to it exactly."""
+    references = _as_utterances(references, "references")
+    hypotheses = _as_utterances(hypotheses, "hypotheses")
+    if normalize:
+        references = [normalize_text(text, language) for text in references]
+        hypotheses = [normalize_text(text, language) for text in hypotheses]
+    unit = scoring_unit(language, references)
+    return utterance_error_counts(references, hypotheses, unit), unit
+
+
 def error_rate(
     references: str | Sequence[str],
     hypotheses: str | Sequence[str],
@@ -239,9 +264,5 @@ def error_rate(
     normalize: bool = True,
 ) -> float:
     """The error rate a language is reported with: normalise, then MER for CJK text and WER otherwise."""
-    references = _as_utterances(references, "references")
-    hypotheses = _as_utterances(hypotheses, "hypotheses")
-    if normalize:
-        references = [normalize_text(text, language) for text in references]
-        hypotheses = [normalize_text(text, language) for text in hypotheses]
-    return _corpus_rate(references, hypotheses, scoring_unit(language, references))
+    counts, _ = language_error_counts(references, hypotheses, language, normalize=normalize)
+    return corpus_rate(counts)
