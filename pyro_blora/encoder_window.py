@@ -16,7 +16,7 @@ from transformers import WhisperForConditionalGeneration
 
 from pyro_blora.features import HOP_LENGTH, SAMPLING_RATE
 
-__all__ = ["FULL_WINDOW_SECONDS", "encoder_input_frames", "set_encoder_window", "window_frames"]
+__all__ = ["FULL_WINDOW_SECONDS", "encoder_input_frames", "encoder_window_seconds", "set_encoder_window", "window_frames"]
 
 FULL_WINDOW_SECONDS = 30.0
 # Two mel frames per encoder position (the second convolution has stride 2).
@@ -38,6 +38,11 @@ def window_frames(seconds: float) -> int:
 def encoder_input_frames(whisper: WhisperForConditionalGeneration) -> int:
     """How many mel frames the model's encoder takes (3000 for Whisper as released)."""
     return int(whisper.config.max_source_positions) * FRAMES_PER_POSITION
+
+
+def encoder_window_seconds(whisper: WhisperForConditionalGeneration) -> float:
+    """Seconds of audio the model's encoder reads (30 for Whisper as released)."""
+    return encoder_input_frames(whisper) * HOP_LENGTH / SAMPLING_RATE
 
 
 @torch.no_grad()

@@ -19,15 +19,18 @@ import torch
 from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.evaluation import EvalOptions, EvalSet, evaluate_whisper, format_table, load_eval_sets, relative_changes
-from pyro_blora.methods import METHODS, load_run_model, load_training_data, run_training
+from pyro_blora.encoder_window import encoder_window_seconds as window_of
+from pyro_blora.encoder_window import set_encoder_window
+from pyro_blora.methods import METHODS, load_run_model, load_training_data, read_run_config, run_training
 from pyro_blora.testbed import TestbedConfig, build_testbed
-from pyro_blora.weights import load_processor
+from pyro_blora.weights import interpolate_weights, load_processor
 
 __all__ = [
     "ALL_LINEAR_TARGETS",
     "MAIN_TESTBED",
     "MainJobConfig",
     "ensure_testbed",
+    "eval_file_name",
     "load_curve_sets",
     "read_eval",
     "run_evaluation",
@@ -73,6 +76,23 @@ def read_eval(path: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def eval_file_name(delta_scale: float | None = None) -> str:
+    """``eval.json`` for the run as trained, ``eval-scale<λ>.json`` for its update scaled by λ."""
+    return "eval.json" if delta_scale is None or delta_scale == 1 else f"eval-scale{delta_scale:g}.json"
+
+
+def _run_folder(source: str | Path) -> Path | None:
+    folder = Path(source)
+    return folder if (folder / "log.jsonl").exists() and (folder / "config.json").is_file() else None
+
+
+def _scaled_update(run_dir: Path, whisper, scale: float):
+    """The run's model with its update scaled: W0 + λ (W_run − W0), W0 from the base the run records."""
+    base, _, _ = load_run_model(read_run_config(run_dir)["run"]["model_source"])
+    set_encoder_window(base, window_of(whisper))
+    return interpolate_weights(base, whisper, scale)
+
+
 def run_evaluation(
     source: str | Path,
     sets: Mapping[str, EvalSet] | None = None,
@@ -86,13 +106,31 @@ def run_evaluation(
     against: Mapping[str, Any] | str | Path | None = None,
     out: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    delta_scale: float | None = None,
+    encoder_window_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``source`` (a run folder or a model) and write ``eval.json``.
 
     The sets are ``sets`` or the ``domains`` of ``testbed``. ``base`` and ``against`` are eval
     results (or their files / run folders) to report relative changes against. ``out`` defaults to
-    the run folder's ``eval.json`` (for a run) and is not written for a bare model without ``out``."""
+    the run folder's ``eval.json`` (for a run) and is not written for a bare model without ``out``.
+    ``delta_scale`` λ evaluates a run with its update scaled, W0 + λ (W_run − W0), into
+    ``eval-scale<λ>.json`` (λ = 1: the run as trained). ``encoder_window_seconds`` cuts a model's
+    encoder to that window (a base model scored beside windowed runs); a run keeps the window it
+    was trained with and refuses another."""
+    run_dir = _run_folder(source)
     whisper, processor, description = load_run_model(source)
+    if encoder_window_seconds is not None:
+        if run_dir is not None and encoder_window_seconds != window_of(whisper):
+            raise ValueError(f"{source} was trained with a {window_of(whisper):g} s encoder window; evaluate it "
+                             f"without an encoder window (it uses its own), not {encoder_window_seconds:g} s")
+        set_encoder_window(whisper, encoder_window_seconds)
+    if delta_scale is not None and delta_scale != 1:
+        if run_dir is None:
+            raise ValueError(f"a delta scale scales a run's update against its base model; {source} is not a run "
+                             "folder (give one trained with `pyro-blora train`)")
+        whisper = _scaled_update(run_dir, whisper, delta_scale)
+        description += f", update scaled by {delta_scale:g}"
     if sets is None:
         if testbed is None:
             raise ValueError("give the evaluation sets or a testbed folder (--testbed) to take them from")
@@ -103,15 +141,18 @@ def run_evaluation(
         "model": description,
         "source": str(source),
         "options": asdict(options),
+        "encoder_window_seconds": window_of(whisper),
         "results": results,
         "seconds": round(time.perf_counter() - start, 1),
     }
+    if delta_scale is not None:
+        report["delta_scale"] = delta_scale
     for name, reference in (("relative_to_base", base), ("relative_to_against", against)):
         if reference is not None:
             other = reference if isinstance(reference, Mapping) else read_eval(reference)
             report[name] = relative_changes(results, other["results"])
             report[name.replace("relative_to_", "") + "_source"] = other.get("source")
-    target = Path(out) if out else (Path(source) / "eval.json" if (Path(source) / "log.jsonl").exists() else None)
+    target = Path(out) if out else (run_dir / eval_file_name(delta_scale) if run_dir is not None else None)
     if target is not None:
         atomic_write_json(target, report)
     return report

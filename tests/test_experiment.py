@@ -234,3 +234,44 @@ def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
     assert "backward-es" in report and "Dev curves during training: blora" in report
     assert json.loads((tmp_path / "comparison.json").read_text())["lora"]["zh-en"]["ce"] > 0
     assert any("[3/4] training lora" in line for line in lines)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_interpolation_scales_the_update_of_every_method(workspace, runs, method):
+    from pyro_blora.weights import interpolate_weights
+
+    trained, _, _ = load_run_model(runs[method])
+    base, _ = load_whisper(workspace["model"])
+    before = {name: value.clone() for name, value in trained.state_dict().items()}
+    scaled = interpolate_weights(base, trained, 0.25)
+    changed = [name for name, value in before.items() if not torch.equal(value, base.state_dict()[name])]
+    assert changed
+    for name in changed:
+        start = base.state_dict()[name]
+        torch.testing.assert_close(scaled.state_dict()[name], start + 0.25 * (before[name] - start))
+    for name, value in interpolate_weights(base, trained, 0.0).state_dict().items():
+        torch.testing.assert_close(value, base.state_dict()[name])
+
+
+def test_delta_scale_writes_its_own_eval_file_and_zero_is_the_base_model(workspace, runs):
+    ce_only = EvalOptions(batch_size=2, decode_limit=0, progress=False)
+    base = run_evaluation(workspace["model"], workspace["sets"], options=ce_only)
+    zero = run_evaluation(runs["blora"], workspace["sets"], options=ce_only, delta_scale=0.0)
+    half = run_evaluation(runs["blora"], workspace["sets"], options=ce_only, delta_scale=0.5)
+    assert read_eval(runs["blora"] / "eval-scale0.5.json")["results"] == half["results"]
+    assert half["delta_scale"] == 0.5 and "scaled by 0.5" in half["model"]
+    assert (runs["blora"] / "eval-scale0.json").is_file() and zero["results"] != half["results"]
+    for domain, entry in base["results"].items():
+        assert zero["results"][domain]["ce"] == pytest.approx(entry["ce"], rel=1e-5)
+    with pytest.raises(ValueError, match="not a run folder"):
+        run_evaluation(workspace["model"], workspace["sets"], options=ce_only, delta_scale=0.5)
+
+
+def test_a_base_model_is_scored_with_the_runs_encoder_window(workspace, runs):
+    ce_only = EvalOptions(batch_size=2, decode_limit=0, progress=False)
+    windowed = run_evaluation(workspace["model"], workspace["sets"], options=ce_only, encoder_window_seconds=10)
+    full = run_evaluation(workspace["model"], workspace["sets"], options=ce_only)
+    assert (windowed["encoder_window_seconds"], full["encoder_window_seconds"]) == (10, 30)
+    assert windowed["results"]["en"]["ce"] != full["results"]["en"]["ce"]
+    with pytest.raises(ValueError, match="trained with a 30 s encoder window"):
+        run_evaluation(runs["lora"], workspace["sets"], options=ce_only, encoder_window_seconds=10)

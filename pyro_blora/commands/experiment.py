@@ -132,15 +132,31 @@ def evaluate(
     out: Optional[Path] = typer.Option(None, help="where to write eval.json (default: <run>/eval.json)"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
     progress: bool = typer.Option(True),
+    delta_scale: Optional[str] = typer.Option(None, help="comma-separated λ: evaluate the run with its update scaled, "
+                                              "W0 + λ (W_run - W0), into <run>/eval-scale<λ>.json (1: eval.json)"),
+    encoder_window: Optional[float] = typer.Option(None, help="seconds the encoder of a model reads (a base model "
+                                                   "scored beside windowed runs); a run uses its own window"),
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
+    from pyro_blora.commands.analysis import _values
+    from pyro_blora.evaluation import load_eval_sets
+
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
-    report = run_evaluation(source, testbed=testbed, domains=domains, split=split, limit=limit, options=options,
-                            base=base, against=against, out=out, cache_dir=cache_dir)
-    tables = {report["model"]: report["results"]}
-    for name in ("base", "against"):
-        if report.get(f"relative_to_{name}"):
-            typer.echo(f"relative change against {name} ({report[f'{name}_source']}): {report[f'relative_to_{name}']}")
+    scales = (None,) if delta_scale is None else _values(delta_scale, float, "--delta-scale")
+    if out is not None and len(scales) > 1:
+        raise typer.BadParameter("--out names one file; leave it out with several --delta-scale values (each "
+                                 "writes <run>/eval-scale<λ>.json)")
+    sets = load_eval_sets(testbed, domains, load_processor(base_model_of(source)), split=split, limit=limit,
+                          cache_dir=cache_dir)
+    tables = {}
+    for scale in scales:
+        report = run_evaluation(source, sets, options=options, base=base, against=against, out=out,
+                                delta_scale=scale, encoder_window_seconds=encoder_window)
+        tables[report["model"]] = report["results"]
+        for name in ("base", "against"):
+            if report.get(f"relative_to_{name}"):
+                typer.echo(f"{report['model']}: relative change against {name} ({report[f'{name}_source']}): "
+                           f"{report[f'relative_to_{name}']}")
     typer.echo(format_table(tables))
 
 
