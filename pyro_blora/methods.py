@@ -201,7 +201,6 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
     set_encoder_window(whisper, train_config.encoder_window_seconds)
     data = replace(data, collate=replace(data.collate, n_frames=window_frames(train_config.encoder_window_seconds)))
     whisper.to(device)
-    context = distributed.current()
     out = Path(out_dir)
     extra = dict(run_info or {})
     if previous is not None:
@@ -215,13 +214,11 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
         if previous is not None:
             _start_at_posterior(model, guide, previous / "posterior", as_prior=as_prior)
         evaluate = _curve(curve_sets, curve_options, processor, lambda: _means_held(model, guide))
-        result = train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
-                       run_info=fingerprint["run"], evaluate=evaluate)
-        if context.is_main:
-            metadata = {"base_model": str(model_source), "method": method}
-            metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
-            save_posterior(out / "posterior", model, guide, metadata=metadata)
-        return result
+        metadata = {"base_model": str(model_source), "method": method}
+        metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
+        return train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
+                     run_info=fingerprint["run"], evaluate=evaluate,
+                     save=lambda: save_posterior(out / "posterior", model, guide, metadata=metadata))
     return _train_plain(method, whisper, processor, data, out, blora_config, train_config, fingerprint,
                         curve_sets, curve_options, resume, previous)
 

@@ -394,6 +394,7 @@ def train(
     run_info: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callable[[dict[str, Any], BLoRAWhisper, BLoRAGuide], None]] = (),
     evaluate: Callable[[], Mapping[str, float]] | None = None,
+    save: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Fit ``guide`` to the posterior of ``model`` on ``dataset`` by SVI.
 
@@ -403,8 +404,9 @@ def train(
     and at the end; the first score is the base model's, since B starts at zero. Each callback
     gets every step's record (step, loss, nll, kl, grad_norm, lr, eval_nll when evaluated) with the
     model and guide, e.g. for experiment trackers. ``evaluate`` adds its fields to the records of
-    evaluated steps. Any guide with ``setup()`` and ``means()`` works: :class:`BLoRAGuide` (SVI)
-    or :class:`~pyro_blora.guide.BLoRAMAPGuide` (MAP: the prior as an L2 penalty).
+    evaluated steps. ``save`` writes the trained weights (on the main process) before ``result.json``,
+    so a run with a result always has its weights. Any guide with ``setup()`` and ``means()`` works:
+    :class:`BLoRAGuide` (SVI) or :class:`~pyro_blora.guide.BLoRAMAPGuide` (MAP: the prior as an L2 penalty).
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty; check the data report for rows that were filtered out")
@@ -482,8 +484,11 @@ def train(
             PosteriorCollapseWarning,
             stacklevel=2,
         )
-    if run is not None and context.is_main:
-        run.write_result({k: v for k, v in vars(result).items() if k != "history"})
+    if context.is_main:
+        if save is not None:  # the weights first: result.json, written last, marks a finished run
+            save()
+        if run is not None:
+            run.write_result({k: v for k, v in vars(result).items() if k != "history"})
     return result
 
 

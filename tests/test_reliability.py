@@ -219,3 +219,29 @@ def test_an_empty_training_set_is_refused():
     model, guide = make()
     with pytest.raises(ValueError, match="the training set is empty; check the data report"):
         train(model, guide, TinyTask(0), collate, train_config(2))
+
+
+def test_a_crash_while_saving_the_weights_leaves_no_result(tmp_path):
+    """result.json is written last: a run killed while saving its weights is not taken as finished,
+    and resuming it writes the weights and then the result."""
+    from pyro_blora import BLoRAConfig, TrainConfig, build_guide, train, wrap_whisper
+    from tests.tiny import TinyTask, collate, tiny_whisper
+
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=0, progress=False, checkpoint_every=1)
+
+    def fresh():
+        model = wrap_whisper(tiny_whisper(0), BLoRAConfig(rank=2))
+        return model, build_guide(model, seed=0)
+
+    def crash():
+        raise KeyboardInterrupt("killed while saving")
+
+    model, guide = fresh()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, guide, TinyTask(4), collate, config, run_dir=tmp_path, save=crash)
+    assert not (tmp_path / "result.json").exists()
+    saved = []
+    model, guide = fresh()
+    train(model, guide, TinyTask(4), collate, config, run_dir=tmp_path, resume=True,
+          save=lambda: saved.append((tmp_path / "result.json").exists()))
+    assert saved == [False] and (tmp_path / "result.json").is_file()
