@@ -19,24 +19,41 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from pyro_blora.adapters import lora_delta_weight
-from pyro_blora.evaluation import relative_changes
+from pyro_blora.evaluation import ce_scope, relative_changes
 from pyro_blora.metrics import SparsityStats, sparsity_report
+from pyro_blora.metrics.bootstrap import (
+    DEFAULT_SAMPLES,
+    Interval,
+    backward_gain,
+    bootstrap_evals,
+    degradation_reduction,
+    difference,
+    has_records,
+    relative_change,
+)
 from pyro_blora.methods import load_training_data, read_run_config
 from pyro_blora.posterior_export import module_path
 
 __all__ = [
     "MATRICES",
+    "PRIOR_METHODS",
     "STATISTICS",
     "RunWeights",
+    "base_evaluation",
     "evaluation_fields",
     "find_runs",
+    "interpolation_curve",
     "layer_table",
     "load_run_weights",
     "monte_carlo_examples",
+    "paired_intervals",
     "run_summary",
+    "scaled_evaluations",
     "sparsity_rows",
 ]
 
+# Methods whose objective has the prior: β, σp and the KL normalisation act only on these.
+PRIOR_METHODS = ("blora", "map")
 # The pools of weights whose sparsity is measured, and the four statistics measured on each.
 MATRICES = ("A", "B", "dW")
 STATISTICS = ("thresh_fraction", "adaptive_thresh_fraction", "top_energy_share", "hoyer_index")
@@ -223,7 +240,108 @@ def evaluation_fields(results: Mapping[str, Mapping], in_domain: str,
             fields[f"backward_{name}_change"] = _mean_of([changes.get(d, {}) for d in backward], metric)
     # Unforced language identification of the backward sets: the first thing adapters break.
     fields["backward_language_id"] = _mean_of([results[d] for d in backward], "language_id")
+    # What CE covers: "transcript" tokens, or "all" label tokens in results written before the split.
+    fields["ce_scope"] = ce_scope(results[in_domain])
     return fields
+
+
+def _trained_domain(run: Mapping[str, Any], results: Mapping[str, Any], in_domain: str | None) -> str:
+    """``in_domain``, else the folder name of the run's training data, else the first evaluated domain."""
+    domain = in_domain or Path(run.get("train_data", "")).name
+    return domain if domain in results else next(iter(results))
+
+
+def scaled_evaluations(run_dir: str | Path) -> dict[float, dict[str, Any]]:
+    """A run's evaluations by delta scale λ (``eval-scale<λ>.json``; ``eval.json`` is λ = 1), sorted."""
+    run_dir = Path(run_dir)
+    found = {}
+    for path in run_dir.glob("eval-scale*.json"):
+        evaluation = json.loads(path.read_text())
+        found[float(evaluation["delta_scale"])] = evaluation
+    if (run_dir / "eval.json").is_file():
+        found[1.0] = json.loads((run_dir / "eval.json").read_text())
+    return dict(sorted(found.items()))
+
+
+def interpolation_curve(run_dir: str | Path, in_domain: str | None = None) -> list[dict[str, Any]]:
+    """In-domain and backward metrics (:func:`evaluation_fields`) of the run at every delta scale it
+    was evaluated at, each row with its ``scale``: the run's stability-plasticity curve."""
+    run = read_run_config(run_dir)["run"]
+    rows = []
+    for scale, evaluation in scaled_evaluations(run_dir).items():
+        results = evaluation["results"]
+        rows.append({"scale": scale, **evaluation_fields(results, _trained_domain(run, results, in_domain))})
+    return rows
+
+
+def base_evaluation(run_dir: str | Path, base: Mapping[str, Any] | str | Path | None = None) -> dict[str, Any] | None:
+    """The base model's eval result for a run: ``base`` (a result, its file or folder), else the
+    ``base/eval.json`` of the sweep or main job that holds the run (``<job>/runs/<run>``), else None."""
+    from pyro_blora.experiment import read_eval
+
+    if base is not None:
+        return dict(base) if isinstance(base, Mapping) else read_eval(base)
+    path = Path(run_dir).parent.parent / "base" / "eval.json"
+    return read_eval(path) if Path(run_dir).parent.name == "runs" and path.is_file() else None
+
+
+def paired_intervals(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], base: Mapping[str, Any], *,
+                     samples: int = DEFAULT_SAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Interval]]:
+    """Per setting, paired bootstrap intervals (:mod:`pyro_blora.metrics.bootstrap`) of its differences
+    on the same test utterances: against the base model (``in_domain_error_vs_base``,
+    ``backward_error_vs_base``, ``backward_ce_vs_base``; differences M - base) and, for BLoRA and MAP,
+    against LoRA of the same rank (``in_domain_error_vs_lora``, ``backward_error_vs_lora``,
+    ``backward_gain``, ``in_domain_drop``, ``degradation_reduction``). Backward values are means over
+    the backward domains, each domain resampled on its own.
+
+    Seeds are pooled by concatenating utterances: seed s of the setting is paired with seed s of
+    LoRA and with the one base evaluation, and the resampled unit is one utterance of one seed. The
+    interval thus reflects which utterances are in the test set, with the trained runs held fixed;
+    the spread between seeds is what the ± std columns show. Only seeds both settings have are
+    paired. ``runs`` are (summary row, eval result) of evaluated runs; a row names its ``setting``,
+    ``seed``, ``method``, ``rank``, ``in_domain`` and ``backward_domains`` (:func:`run_summary` with the
+    setting and seed); the first LoRA setting of a rank is the baseline. Differences whose eval.json
+    files lack per-utterance records (written before them) are left out."""
+    groups: dict[str, dict[int, Mapping[str, Any]]] = {}
+    first: dict[str, Mapping[str, Any]] = {}
+    for row, evaluation in runs:
+        groups.setdefault(row["setting"], {})[row["seed"]] = evaluation
+        first.setdefault(row["setting"], row)
+    lora: dict[Any, str] = {}
+    for setting in groups:
+        if first[setting]["method"] == "lora":
+            lora.setdefault(first[setting]["rank"], setting)
+
+    def interval(systems, domains, metric, statistic) -> Interval | None:
+        if not domains or not all(has_records(e, d, metric) for results in systems for e in results for d in domains):
+            return None
+        return bootstrap_evals(systems, domains, metric, statistic, samples=samples, seed=seed, level=level)
+
+    out: dict[str, dict[str, Interval]] = {}
+    for setting, by_seed in groups.items():
+        row = first[setting]
+        in_domain, backward = [row["in_domain"]], [d for d in row["backward_domains"].split(",") if d]
+        method = [by_seed[s] for s in sorted(by_seed)]
+        bases = [base] * len(method)
+        found = {
+            "in_domain_error_vs_base": interval([bases, method], in_domain, "error_rate", difference),
+            "backward_error_vs_base": interval([bases, method], backward, "error_rate", difference),
+            "backward_ce_vs_base": interval([bases, method], backward, "ce", difference),
+        }
+        baseline = groups.get(lora.get(row["rank"]), {})
+        common = sorted(set(by_seed) & set(baseline))
+        if row["method"] in PRIOR_METHODS and common:
+            m, lora_runs = [by_seed[s] for s in common], [baseline[s] for s in common]
+            found.update(
+                in_domain_error_vs_lora=interval([lora_runs, m], in_domain, "error_rate", difference),
+                backward_error_vs_lora=interval([lora_runs, m], backward, "error_rate", difference),
+                backward_gain=interval([lora_runs, m], backward, "error_rate", backward_gain),
+                in_domain_drop=interval([lora_runs, m], in_domain, "error_rate", relative_change),
+                degradation_reduction=interval([[base] * len(common), lora_runs, m], backward, "error_rate",
+                                               degradation_reduction),
+            )
+        out[setting] = {name: value for name, value in found.items() if value is not None}
+    return out
 
 
 def run_summary(
@@ -255,14 +373,9 @@ def run_summary(
     evaluation = _read_json(run_dir / "eval.json")
     if evaluation is not None:
         results = evaluation["results"]
-        domain = in_domain or Path(run.get("train_data", "")).name
-        if domain not in results:
-            domain = next(iter(results))
+        domain = _trained_domain(run, results, in_domain)
         if base is not None:
-            from pyro_blora.experiment import read_eval
-
-            reference = base if isinstance(base, Mapping) else read_eval(base)
-            changes = relative_changes(results, reference["results"])
+            changes = relative_changes(results, base_evaluation(run_dir, base)["results"])
         else:
             changes = evaluation.get("relative_to_base")
         row.update(evaluation_fields(results, domain, changes))

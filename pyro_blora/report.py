@@ -22,18 +22,29 @@ from matplotlib.figure import Figure
 from pyro_blora.analysis import (
     STATISTICS,
     RunWeights,
+    base_evaluation,
+    evaluation_fields,
     find_runs,
+    interpolation_curve,
     layer_table,
     load_run_weights,
+    paired_intervals,
     run_summary,
     sparsity_rows,
 )
-from pyro_blora.metrics import energy_curve, flatten_weights
+from pyro_blora.methods import read_run_config
+from pyro_blora.metrics import Interval, energy_curve, flatten_weights
+from pyro_blora.metrics.bootstrap import DEFAULT_SAMPLES
 
 __all__ = [
     "BASE_CURVE_FILE",
+    "BASE_INTERVALS",
+    "INTERVAL_NOTE",
+    "LORA_INTERVALS",
     "SPARSITY_COLUMNS",
+    "interval_cell",
     "markdown_table",
+    "paired_difference_rows",
     "plot_energy_curves",
     "plot_forgetting_curves",
     "plot_frontier",
@@ -55,21 +66,48 @@ STAT_LABELS = {
     "top_energy_share": "top-1% energy",
     "hoyer_index": "Hoyer",
 }
-# Frontier axes, most telling first: the first metric every run has is used.
-FRONTIER_X = ("backward_error_change", "backward_ce_change", "backward_error", "backward_ce")
-FRONTIER_Y = ("in_domain_error", "in_domain_ce")
-AXIS_LABELS = {
-    "backward_error_change": "backward error rate, relative change vs base",
-    "backward_ce_change": "backward CE, relative change vs base",
-    "backward_error": "backward error rate",
-    "backward_ce": "backward CE (nats/token)",
-    "in_domain_error": "in-domain error rate",
-    "in_domain_ce": "in-domain CE (nats/token)",
-}
+# Frontier panels: (title, x field, y field, axis unit). Fields are those of analysis.evaluation_fields.
+FRONTIER_PANELS = (
+    ("Error rate", "in_domain_error", "backward_error", "error rate"),
+    ("Teacher-forced CE", "in_domain_ce", "backward_ce", "CE (nats/token)"),
+)
+CE_SCOPE_LABELS = {"transcript": "transcript tokens", "all": "all label tokens"}
 # A sweep's base model scored on its dev-curve sets (``<sweep>/base/dev-curves.json``, an eval
 # result): step 0 of the forgetting curves, since every method starts from the base model.
 BASE_CURVE_FILE = "dev-curves.json"
 CURVE_METRIC_LABELS = {"ce": "CE (nats/token)", "error_rate": "error rate", "language_id": "language-ID accuracy"}
+
+
+# Paired differences with intervals: (interval name, column header, cell style).
+BASE_INTERVALS = (
+    ("in_domain_error_vs_base", "in-domain Δ vs base (95% CI)", "error"),
+    ("backward_error_vs_base", "backward Δ vs base (95% CI)", "error"),
+    ("backward_ce_vs_base", "backward CE Δ vs base (95% CI)", "ce"),
+)
+LORA_INTERVALS = (
+    ("backward_gain", "backward gain (95% CI)", "relative"),
+    ("degradation_reduction", "degradation reduction (95% CI)", "relative"),
+    ("in_domain_drop", "in-domain drop (95% CI)", "relative"),
+    ("backward_error_vs_lora", "backward Δ vs LoRA (95% CI)", "error"),
+    ("in_domain_error_vs_lora", "in-domain Δ vs LoRA (95% CI)", "error"),
+)
+INTERVAL_NOTE = (f"Intervals: 95% paired bootstrap over test utterances ({DEFAULT_SAMPLES} resamples; seeds pooled by pairing seed s "
+                 "with seed s and concatenating their utterances); \"-\" where an eval.json has no per-utterance "
+                 "records. Degradation reduction = 1 - (M - base) / (LoRA - base) on the backward error.")
+
+
+# How each interval is written: differences of error rates in percentage points, of CE in nats,
+# relative numbers in percent.
+_INTERVAL_STYLES = {"error": ("{:+.1f}", 100.0, " pt"), "ce": ("{:+.3f}", 1.0, ""), "relative": ("{:+.0f}", 100.0, "%")}
+
+
+def interval_cell(interval: Interval | None, style: str) -> str:
+    """``+1.2 [-0.4, +2.9] pt``: estimate and interval, or "-" where there is none."""
+    if interval is None:
+        return "-"
+    number, factor, unit = _INTERVAL_STYLES[style]
+    low, high = (number.format(factor * v) for v in (interval.low, interval.high))
+    return f"{number.format(factor * interval.estimate)}{unit} [{low}, {high}]"
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -212,30 +250,57 @@ def plot_layer_posterior(runs: Sequence[RunWeights]) -> Figure:
 
 
 # ----------------------------------------------------------------------------------- report plots
-def _first_common(summaries: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str | None:
-    for key in keys:
-        if summaries and all(s.get(key) is not None for s in summaries):
-            return key
-    return None
-
-
-def plot_frontier(summaries: Sequence[Mapping[str, Any]]) -> Figure:
-    """Stability-plasticity frontier: in-domain error against backward degradation, one point per
-    run, one series per method. Lower-left is better on both."""
-    evaluated = [s for s in summaries if "in_domain" in s]
-    x_key, y_key = _first_common(evaluated, FRONTIER_X), _first_common(evaluated, FRONTIER_Y)
-    if x_key is None or y_key is None:
+def plot_frontier(curves: Mapping[str, Mapping[str, Any]], base: Mapping[str, Any] | None = None) -> Figure:
+    """Stability-plasticity frontier under weight interpolation, in-domain (x) against backward (y):
+    error rates on the left, teacher-forced CE on the right. ``curves`` maps a run's label to its
+    ``method`` and ``points`` (:func:`~pyro_blora.analysis.interpolation_curve`): one line per run
+    through its delta scales λ (W0 + λ ΔW), coloured by method, λ written at the points. ``base``
+    (evaluation_fields of the base model) is the star at λ = 0, where every line starts. The CE panel
+    uses every scale (CE-only ones too); lower-left is better on both axes."""
+    figure = Figure(figsize=(13, 5.5))
+    colours = {method: f"C{i}" for i, method in enumerate(dict.fromkeys(c["method"] for c in curves.values()))}
+    drawn = 0
+    for position, (title, x_key, y_key, unit) in enumerate(FRONTIER_PANELS, 1):
+        axes = figure.add_subplot(1, len(FRONTIER_PANELS), position)
+        start = None if base is None or base.get(x_key) is None or base.get(y_key) is None else (base[x_key], base[y_key])
+        scopes, labelled = set(), set()
+        for label, curve in curves.items():
+            points = [(p[x_key], p[y_key], p["scale"]) for p in curve["points"]
+                      if p.get(x_key) is not None and p.get(y_key) is not None]
+            if not points:
+                continue
+            if "ce" in x_key:
+                scopes |= {p.get("ce_scope") for p in curve["points"]}
+            inserted = start is not None and all(scale != 0 for *_, scale in points)
+            if inserted:
+                points.insert(0, (*start, 0.0))
+            method = curve["method"]
+            xs, ys, scales = zip(*points)
+            axes.plot(xs, ys, marker="o", markersize=4, linewidth=1.4, color=colours[method],
+                      label=None if method in labelled else method)
+            labelled.add(method)
+            if len(curves) <= 6:
+                for x, y, scale in points[inserted:]:
+                    axes.annotate(f"{scale:g}", (x, y), fontsize=6, color="dimgrey", xytext=(3, -8),
+                                  textcoords="offset points")
+            axes.annotate(label, (xs[-1], ys[-1]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            drawn += 1
+        if start is not None:
+            axes.scatter(*start, marker="*", s=160, color="black", zorder=5, label="base (λ = 0)")
+        if not labelled:
+            axes.text(0.5, 0.5, "no run has these metrics", ha="center", va="center", transform=axes.transAxes)
+        scope = ", ".join(CE_SCOPE_LABELS.get(s, str(s)) for s in sorted(scopes, key=str))
+        if len(scopes) > 1:
+            scope = "MIXED SCOPES: " + scope
+        suffix = f", {scope}" if scope else ""
+        axes.set(xlabel=f"in-domain {unit}{suffix}", ylabel=f"backward {unit}{suffix}", title=title)
+        axes.grid(True, linewidth=0.5, alpha=0.5)
+        if labelled or start is not None:
+            axes.legend(fontsize=8)
+    if not drawn:
         raise ValueError("the frontier needs evaluated runs: run `pyro-blora evaluate` on each run first")
-    figure = Figure(figsize=(6, 4.5))
-    axes = figure.add_subplot()
-    for method in dict.fromkeys(s["method"] for s in evaluated):
-        points = [s for s in evaluated if s["method"] == method]
-        axes.scatter([p[x_key] for p in points], [p[y_key] for p in points], label=method, s=36)
-        for point in points:
-            axes.annotate(point["run"], (point[x_key], point[y_key]), fontsize=6, xytext=(3, 3),
-                          textcoords="offset points")
-    axes.set(xlabel=AXIS_LABELS[x_key], ylabel=AXIS_LABELS[y_key], title="Stability-plasticity frontier")
-    axes.legend(fontsize=8)
+    figure.suptitle("Stability-plasticity frontier: each run's update scaled by λ (numbers at the points)")
+    figure.tight_layout()
     return figure
 
 
@@ -359,44 +424,93 @@ def write_inspection(runs: Sequence[str | Path], out: str | Path) -> Path:
 
 
 SUMMARY_COLUMNS = ("run", "method", "rank", "beta", "prior_scale", "kl_normalization", "nll", "in_domain_error",
-                   "in_domain_ce", "backward_error", "backward_ce", "backward_error_change", "backward_ce_change",
-                   *(f"dW_{s}" for s in STATISTICS))
+                   "in_domain_ce", "backward_error", "backward_ce", "ce_scope", "backward_error_change",
+                   "backward_ce_change", *(f"dW_{s}" for s in STATISTICS))
+
+
+def _paired_groups(paths: Sequence[Path], summaries: Sequence[Mapping[str, Any]],
+                   base: Mapping[str, Any] | str | Path | None) -> dict[str, tuple[dict[str, Any], list]]:
+    """Evaluated runs grouped by the base evaluation they are compared with (the given one, else each
+    sweep's or main job's): {folder: (base eval, [(row with setting and seed, eval.json)])}. A run of
+    a sweep takes its sweep setting, so that its seeds are pooled; any other run is its own setting."""
+    from pyro_blora.experiment import read_eval
+    from pyro_blora.sweep import SweepPoint
+
+    groups: dict[str, tuple[dict[str, Any], list]] = {}
+    for path, summary in zip(paths, summaries):
+        reference = base_evaluation(path, base)
+        if "in_domain" not in summary or reference is None:
+            continue
+        run = read_run_config(path)["run"]
+        setting = SweepPoint(**run["point"]).setting if "point" in run else summary["run"]
+        key = "" if base is not None else str(path.parent.parent)
+        groups.setdefault(key, (reference, []))[1].append(
+            ({**summary, "setting": setting, "seed": run.get("seed", 0)}, read_eval(path)))
+    return groups
+
+
+def paired_difference_rows(groups: Mapping[str, tuple[Mapping[str, Any], list]]) -> list[dict[str, str]]:
+    """One row per setting: its differences against the base model and LoRA with their intervals."""
+    rows = []
+    for key, (reference, members) in groups.items():
+        for setting, found in paired_intervals(members, reference).items():
+            rows.append({"setting": f"{Path(key).name}/{setting}" if len(groups) > 1 else setting,
+                         **{header: interval_cell(found.get(name), style)
+                            for name, header, style in (*BASE_INTERVALS, *LORA_INTERVALS)}})
+    return rows
 
 
 def write_report(runs: Sequence[str | Path], out: str | Path, *, base: Mapping[str, Any] | str | Path | None = None,
                  in_domain: str | None = None) -> Path:
-    """``report.md`` with the frontier, the sparsity comparison, each run's training curves, and
-    ``summary.csv``/``summary.json`` (one row per finished run)."""
+    """``report.md`` with the frontier (each run's delta-scale curve), paired differences with bootstrap
+    intervals, the sparsity comparison, each run's training curves, and ``summary.csv``/``summary.json``
+    (one row per finished run). The base model's evaluation is ``base`` or the ``base/eval.json`` of
+    the sweep (or main job) holding the runs."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = find_runs(runs)
+    labels = _labels(paths)
     summaries = [run_summary(path, base=base, in_domain=in_domain) for path in paths]
-    for label, summary in zip(_labels(paths), summaries):
+    for label, summary in zip(labels, summaries):
         summary["run"] = label
     write_rows(summaries, out / "summary")
     lines = ["# Runs report", "", f"{len(paths)} finished runs: {', '.join(f'`{p}`' for p in paths)}.", "",
-             "Errors are mean error rates (WER or mixed error rate) and CE is teacher-forced cross-entropy per token; "
+             "Errors are mean error rates (WER or mixed error rate) and CE is teacher-forced cross-entropy per token "
+             "(`ce_scope`: transcript tokens, or all label tokens in evaluations written before that split); "
              "backward = every evaluated domain other than the one trained on; changes are relative to the base model "
              "(positive = worse). `nll` is the final training-set NLL.", "",
              markdown_table(summaries, [c for c in SUMMARY_COLUMNS if any(c in s for s in summaries)]), ""]
-    if any("in_domain" in s for s in summaries):
-        save_figure(plot_frontier(summaries), out / "frontier.png")
-        lines += ["## Stability-plasticity frontier", "", "![frontier](frontier.png)", ""]
+    groups = _paired_groups(paths, summaries, base)
+    curves = {label: {"method": summary["method"], "points": interpolation_curve(path, in_domain)}
+              for label, summary, path in zip(labels, summaries, paths) if "in_domain" in summary}
+    if curves:
+        start = None
+        if len(groups) == 1:  # one base model for every run: its point starts every curve
+            reference, members = next(iter(groups.values()))
+            start = evaluation_fields(reference["results"], members[0][0]["in_domain"])
+        save_figure(plot_frontier(curves, start), out / "frontier.png")
+        lines += ["## Stability-plasticity frontier", "",
+                  "Each line is one run with its update scaled by λ, W0 + λ (W_run - W0) (`--delta-scale`; λ = 1 is "
+                  "the run as trained, the star λ = 0 the base model); lower-left is better.", "",
+                  "![frontier](frontier.png)", ""]
     else:
         lines += ["No run has an eval.json yet (`pyro-blora evaluate <run>`): no frontier.", ""]
+    paired = paired_difference_rows(groups)
+    if paired:
+        lines += ["## Paired differences", "", "Against the base model and against LoRA of the same rank (BLoRA and "
+                  "MAP; seed s paired with seed s).", "", markdown_table(paired), "", INTERVAL_NOTE, ""]
     save_figure(plot_sparsity_bars(summaries), out / "sparsity.png")
     lines += ["## Sparsity of dW by method", "", "![sparsity](sparsity.png)", ""]
-    with_curves = {label: path for label, path in zip(_labels(paths), paths) if curve_keys(read_log(path))}
+    with_curves = {label: path for label, path in zip(labels, paths) if curve_keys(read_log(path))}
     if with_curves:
         save_figure(plot_forgetting_curves(with_curves, _curve_start(runs)), out / "forgetting.png")
         lines += ["## Forgetting curves", "", "Dev metrics scored during training (`--eval-every`), one line per run.",
                   "", "![forgetting curves](forgetting.png)", ""]
     lines += ["## Training curves", ""]
-    for label, path in zip(_labels(paths), paths):
+    for label, path in zip(labels, paths):
         name = f"curves-{_file_stem(label)}.png"
         save_figure(plot_training_curves(path, title=label), out / name)
         lines += [f"### {label}", "", f"![curves of {label}]({name})", ""]
     page = out / "report.md"
     page.write_text("\n".join(lines))
     return page
-

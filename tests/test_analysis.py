@@ -131,10 +131,19 @@ def test_sweep_skips_finished_points_on_rerun(workspace):
     args = ("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--out", out,
             "--model", workspace["model"], "--domains", "zh-en", "--domains", "en", "--betas", "0.5,2",
             "--ranks", "2", "--steps", "1", "--batch-size", "2", "--warmup-steps", "0", "--decode-limit", "0",
-            "--cache-dir", workspace["cache"], "--no-progress")
+            "--cache-dir", workspace["cache"], "--no-progress", "--delta-scales", "0.5,1", "--ce-only-scales", "0.25",
+            "--encoder-window", "10")
     first = invoke(*args)
     assert first.output.count(": training") == 2
+    assert first.output.count("at delta scale 0.5") == 2 and first.output.count("at delta scale 0.25 (CE only)") == 2
     names = ["blora-r2-beta0.5-sp0.01-parameter", "blora-r2-beta2-sp0.01-parameter"]
+    # The base model is scored with the runs' encoder window.
+    assert json.loads((out / "base" / "eval.json").read_text())["encoder_window_seconds"] == 10
+    assert json.loads((out / "runs" / names[0] / "config.json").read_text())["train"]["encoder_window_seconds"] == 10
+    scaled = json.loads((out / "runs" / names[0] / "eval-scale0.25.json").read_text())
+    assert scaled["delta_scale"] == 0.25 and scaled["options"]["decode_limit"] == 0
+    assert not (out / "runs" / names[0] / "eval-scale1.json").exists()
+    (out / "runs" / names[0] / "eval-scale0.5.json").unlink()
     results = json.loads((out / "results.json").read_text())
     assert [r["point"] for r in results] == names
     assert results[0]["dW_hoyer_index"] >= 0 and results[0]["backward_ce"] > 0 and "backward_ce_change" in results[0]
@@ -143,10 +152,14 @@ def test_sweep_skips_finished_points_on_rerun(workspace):
     second = invoke(*args)
     assert second.output.count("finished, skipped") == 1 and ": training" not in second.output
     assert f"{names[1]}: evaluating" in second.output
+    assert second.output.count("delta scale") == 1 and f"{names[0]}: evaluating at delta scale 0.5" in second.output
     assert (out / "runs" / names[0] / "result.json").stat().st_mtime_ns == stamp
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 2
-    assert "blora-r2-beta2-sp0.01-parameter | 0 |" in (out / "by-setting.md").read_text()
+    by_setting = (out / "by-setting.md").read_text()
+    assert "blora-r2-beta2-sp0.01-parameter | 0 |" in by_setting and "backward CE Δ vs base (95% CI)" in by_setting
+    row = json.loads((out / "by-setting.json").read_text())[0]
+    assert row["backward_ce_vs_base_low"] <= row["backward_ce_vs_base"] <= row["backward_ce_vs_base_high"]
 
 
 @pytest.mark.slow
@@ -172,6 +185,9 @@ def test_sweep_with_baselines_curves_and_the_domain_table(workspace):
     base = json.loads((out / "base" / "eval.json").read_text())["results"]
     assert rows[0]["backward error"] == f"{100 * base['en']['error_rate']:.1f}%"
     assert rows[1]["backward gain vs LoRA"].endswith("%") and rows[2]["backward gain vs LoRA"] == "-"
+    assert "[" in rows[1]["backward gain (95% CI)"] and rows[2]["backward gain (95% CI)"] == "-"
+    assert "[" in rows[3]["backward Δ vs base (95% CI)"] and "degradation reduction vs LoRA" in rows[1]
+    assert "CE scope" not in rows[0]  # every eval.json of the table has the same CE scope
     assert "| zh-en | base |" in result.output
     assert rows[0]["backward language ID"] == f"{base['en']['language_id']:.0%}"
 
@@ -254,3 +270,83 @@ def test_report_labels_name_the_sweep_where_run_names_collide(tmp_path):
     paths = [tmp_path / "zh-en" / "runs" / "full-r32", tmp_path / "zh-en-lr" / "runs" / "full-r32",
              tmp_path / "a" / "lora", tmp_path / "b" / "lora", tmp_path / "runs" / "blora"]
     assert _labels(paths) == ["zh-en/full-r32", "zh-en-lr/full-r32", "a/lora", "b/lora", "blora"]
+
+
+def test_report_draws_delta_scale_curves_and_paired_differences(workspace):
+    run = workspace["root"] / "runs" / "blora"
+    invoke("evaluate", run, "--testbed", workspace["testbed"], *EVAL, "--cache-dir", workspace["cache"],
+           "--base", workspace["root"] / "base.json", "--delta-scale", "0.5,1")
+    from pyro_blora.analysis import interpolation_curve
+
+    curve = interpolation_curve(run)
+    assert [p["scale"] for p in curve] == [0.5, 1.0] and all(p["ce_scope"] == "transcript" for p in curve)
+    out = workspace["root"] / "report-scaled"
+    invoke("report", workspace["root"] / "runs", "--out", out, "--base", workspace["root"] / "base.json")
+    page = (out / "report.md").read_text()
+    assert "## Paired differences" in page and "![frontier](frontier.png)" in page
+    paired = page.split("## Paired differences")[1]
+    row = next(line for line in paired.splitlines() if line.startswith("| blora |"))
+    assert row.count("[") == 1  # backward CE against base; error intervals need decoding (decode limit 0)
+    assert_png(out / "frontier.png")
+
+
+def test_frontier_draws_one_line_per_run_from_the_base_point(tmp_path):
+    from pyro_blora.report import plot_frontier, save_figure
+
+    def point(scale, error, ce):
+        return {"scale": scale, "in_domain_error": 0.5 - 0.2 * scale, "backward_error": 0.1 + error * scale,
+                "in_domain_ce": 2.0 - scale, "backward_ce": 1.0 + ce * scale, "ce_scope": "transcript"}
+
+    curves = {"lora": {"method": "lora", "points": [point(s, 0.3, 1.0) for s in (0.5, 1.0)]},
+              "blora": {"method": "blora", "points": [point(s, 0.1, 0.2) for s in (0.25, 0.5, 1.0)]}}
+    base = {"in_domain_error": 0.5, "backward_error": 0.1, "in_domain_ce": 2.0, "backward_ce": 1.0}
+    figure = plot_frontier(curves, base)
+    error_panel, ce_panel = figure.axes
+    for panel, x_key, y_key in ((error_panel, "in_domain_error", "backward_error"), (ce_panel, "in_domain_ce", "backward_ce")):
+        lines = panel.get_lines()
+        assert [len(line.get_xdata()) for line in lines] == [3, 4]
+        for line, curve in zip(lines, curves.values()):
+            assert (line.get_xdata()[0], line.get_ydata()[0]) == (base[x_key], base[y_key])
+            assert list(line.get_xdata()[1:]) == [p[x_key] for p in curve["points"]]
+    assert {t.get_text() for t in error_panel.get_legend().get_texts()} == {"lora", "blora", "base (λ = 0)"}
+    assert "transcript tokens" in ce_panel.get_xlabel()
+    assert_png(save_figure(figure, tmp_path / "frontier.png"))
+    with pytest.raises(ValueError, match="evaluate"):
+        plot_frontier({"x": {"method": "lora", "points": []}})
+
+
+def test_sweep_preset_paper_builds_its_configs_from_the_paper_classmethods(workspace, monkeypatch):
+    import pyro_blora.sweep
+    from pyro_blora.config import DEFAULT_TARGETS, TrainConfig
+
+    calls = {}
+    monkeypatch.setattr(pyro_blora.sweep, "run_sweep", lambda grid, *args, **kwargs: calls.update(grid=grid, **kwargs))
+    invoke("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--model",
+           workspace["model"], "--domains", "zh-en", "--preset", "paper", "--betas", "0.5", "--steps", "3",
+           "--encoder-window", "10", "--delta-scales", "0.5,1", "--ce-only-scales", "0.2", "--cache-dir",
+           workspace["cache"], "--no-progress")
+    paper = BLoRAConfig.paper(target_modules=DEFAULT_TARGETS)
+    assert calls["adapter"] == paper
+    assert calls["train"] == TrainConfig.paper(steps=3, batch_size=2 * 2, lr=1e-3, warmup_steps=10, precision="fp32",
+                                               checkpoint_every=50, eval_every=0, progress=False,
+                                               encoder_window_seconds=10)
+    grid = calls["grid"]
+    assert (grid.kl_normalizations, grid.ranks, grid.prior_scales) == ((paper.kl_normalization,), (paper.rank,),
+                                                                       (paper.prior_scale,))
+    assert (calls["delta_scales"], calls["ce_only_scales"]) == ((0.5, 1.0), (0.2,))
+    calls.clear()
+    invoke("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--model",
+           workspace["model"], "--domains", "zh-en", "--cache-dir", workspace["cache"], "--no-progress")
+    assert calls["adapter"] == BLoRAConfig(target_modules=DEFAULT_TARGETS) and calls["train"].steps == 200
+
+
+def test_seed_summary_does_not_average_ce_over_scopes():
+    from pyro_blora.sweep import by_setting_markdown, summarize_seeds
+
+    rows = [{"method": "lora", "setting": "lora-r32", "seed": seed, "rank": 32, "backward_ce": ce, "ce_scope": scope}
+            for seed, (ce, scope) in enumerate(((2.0, "all"), (3.0, "transcript")))]
+    (mixed,) = summarize_seeds(rows)
+    assert mixed["ce_scope"] == "mixed: all, transcript" and "backward_ce_mean" not in mixed
+    (single,) = summarize_seeds(rows[1:])
+    assert single["ce_scope"] == "transcript" and single["backward_ce_mean"] == rows[1]["backward_ce"]
+    assert "CE scope" in by_setting_markdown([mixed], []) and "CE scope" not in by_setting_markdown([single], [])

@@ -7,7 +7,6 @@ from typing import Callable, Optional, TypeVar
 
 import typer
 
-from pyro_blora.commands.experiment import TARGET_PRESETS
 
 T = TypeVar("T")
 
@@ -43,10 +42,13 @@ def sweep(
     out: Path = typer.Option(Path("sweep"), help="sweep folder (runs/, base/, results.csv, results.json)"),
     model: str = typer.Option("base", help="base model: bundled name, folder or hub id"),
     domains: list[str] = typer.Option(["zh-en", "en"], help="evaluated domains (the trained one and backward ones)"),
+    preset: str = typer.Option("default", help="default, or paper: adapters from BLoRAConfig.paper() and training "
+                               "from TrainConfig.paper() (README: the paper preset); the options below override it"),
     betas: str = typer.Option("0.1,0.25,0.5,1,2", help="comma-separated KL weights β"),
-    prior_scales: str = typer.Option("0.01", help="comma-separated prior standard deviations σp"),
-    ranks: str = typer.Option("32", help="comma-separated adapter ranks"),
-    kl_normalizations: str = typer.Option("parameter", help="comma-separated: dataset, token, parameter"),
+    prior_scales: Optional[str] = typer.Option(None, help="comma-separated prior standard deviations σp [the preset's]"),
+    ranks: Optional[str] = typer.Option(None, help="comma-separated adapter ranks [the preset's]"),
+    kl_normalizations: Optional[str] = typer.Option(None, help="comma-separated: dataset, token, parameter, matrix "
+                                                    "[the preset's: parameter; paper: matrix]"),
     methods: str = typer.Option("blora", help="comma-separated methods; lora and full add one baseline per rank"),
     targets: str = typer.Option("qk", help="adapted layers: qk, all-linear, or a regular expression"),
     steps: int = typer.Option(200), batch_size: int = typer.Option(4), lr: float = typer.Option(1e-3),
@@ -54,39 +56,52 @@ def sweep(
     seeds: str = typer.Option("0", help="comma-separated seeds; every setting is trained once per seed"),
     checkpoint_every: int = typer.Option(50),
     full_lr: float = typer.Option(1e-5, help="learning rate of full fine-tuning (--lr is for adapters)"),
+    encoder_window: float = typer.Option(30.0, help="seconds the encoder reads, for the runs and the base model's "
+                                         "evaluation; < 30 is a speed option that changes the model (see README)"),
     eval_every: int = typer.Option(0, help="score dev curves every N steps (0: never): the forgetting curves"),
     curve_utterances: int = typer.Option(8, help="dev utterances per domain for the curves' CE"),
     curve_decoded: int = typer.Option(4, help="of those, greedily decoded for the curves' error and language ID"),
     limit: Optional[int] = typer.Option(None, help="train on the first N utterances only"),
     eval_limit: Optional[int] = typer.Option(None, help="test utterances per domain (default: all)"),
     decode_limit: Optional[int] = typer.Option(None, help="greedy decoding on the first N only (default: all)"),
+    delta_scales: Optional[str] = typer.Option(None, help="comma-separated λ: every finished point is also evaluated "
+                                               "with its update scaled by λ (eval-scale<λ>.json): the report's frontier"),
+    ce_only_scales: Optional[str] = typer.Option(None, help="comma-separated λ evaluated by teacher-forced CE only"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
     progress: bool = typer.Option(True),
 ) -> None:
     """Train and evaluate a grid over β, σp, rank, KL normalisation and seeds; finished points are skipped.
-    by-setting.md gives mean ± std over seeds and BLoRA's backward gain / in-domain drop against LoRA."""
-    from pyro_blora.config import BLoRAConfig, TrainConfig
+    by-setting.md gives mean ± std over seeds, paired bootstrap intervals against the base model and LoRA,
+    and BLoRA's backward gain, degradation reduction and in-domain drop against LoRA."""
+    from pyro_blora.commands.experiment import preset_configs
     from pyro_blora.evaluation import EvalOptions, load_eval_sets
     from pyro_blora.experiment import load_curve_sets
     from pyro_blora.methods import load_training_data
     from pyro_blora.sweep import SweepConfig, run_sweep
     from pyro_blora.weights import load_processor
 
+    adapter, train = preset_configs(
+        preset, dict(targets=targets),
+        dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
+             checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
+             encoder_window_seconds=encoder_window))
     grid = SweepConfig(
-        betas=_values(betas, float, "--betas"), prior_scales=_values(prior_scales, float, "--prior-scales"),
-        ranks=_values(ranks, int, "--ranks"), kl_normalizations=_values(kl_normalizations, str, "--kl-normalizations"),
+        betas=_values(betas, float, "--betas"),
+        prior_scales=_values(prior_scales, float, "--prior-scales") if prior_scales else (adapter.prior_scale,),
+        ranks=_values(ranks, int, "--ranks") if ranks else (adapter.rank,),
+        kl_normalizations=_values(kl_normalizations, str, "--kl-normalizations") if kl_normalizations
+        else (adapter.kl_normalization,),
         methods=_values(methods, str, "--methods"), seeds=_values(seeds, int, "--seeds"),
     )
-    adapter = BLoRAConfig(target_modules=TARGET_PRESETS.get(targets, (targets,)))
-    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                        checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress)
     processor = load_processor(model)
     training = load_training_data(data, processor, cache_dir=cache_dir, limit=limit)
     sets = load_eval_sets(testbed, domains, processor, limit=eval_limit, cache_dir=cache_dir)
     curves = load_curve_sets(testbed, domains, processor, curve_utterances, cache_dir) if eval_every else None
     run_sweep(grid, model, training, sets, out, adapter=adapter, train=train, full_lr=full_lr,
               curve_sets=curves, curve_options=EvalOptions(decode_limit=curve_decoded, progress=False),
-              eval_options=EvalOptions(decode_limit=decode_limit, progress=progress), echo=typer.echo)
+              eval_options=EvalOptions(decode_limit=decode_limit, progress=progress), echo=typer.echo,
+              delta_scales=_values(delta_scales, float, "--delta-scales") if delta_scales else (),
+              ce_only_scales=_values(ce_only_scales, float, "--ce-only-scales") if ce_only_scales else ())
 
 
 def report(

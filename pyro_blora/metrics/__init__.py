@@ -11,6 +11,7 @@ from pyro_blora.metrics.bootstrap import (
     difference,
     has_records,
     paired_bootstrap,
+    relative_change,
     utterance_records,
 )
 from pyro_blora.metrics.error_rates import (
@@ -82,6 +83,7 @@ __all__ = [
     "mixed_tokens",
     "normalize_text",
     "paired_bootstrap",
+    "relative_change",
     "scoring_unit",
     "sparsity_report",
     "thresh_fraction",
