@@ -350,3 +350,36 @@ def test_seed_summary_does_not_average_ce_over_scopes():
     (single,) = summarize_seeds(rows[1:])
     assert single["ce_scope"] == "transcript" and single["backward_ce_mean"] == rows[1]["backward_ce"]
     assert "CE scope" in by_setting_markdown([mixed], []) and "CE scope" not in by_setting_markdown([single], [])
+
+
+def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
+    import numpy as np
+
+    from pyro_blora.analysis import paired_intervals
+    from pyro_blora.sweep import paper_comparisons, summarize_seeds
+
+    rng = np.random.default_rng(0)
+    ids, ref = [f"u{i}" for i in range(30)], rng.integers(2, 10, size=30)
+
+    def evaluation(rate):
+        errors = rng.binomial(ref, rate)
+        return {"results": {d: {"error_rate": errors.sum() / ref.sum(), "per_utterance": {
+            "ids": ids, "errors": errors.tolist(), "ref_tokens": ref.tolist()}} for d in ("zh-en", "en")}}
+
+    base = evaluation(0.1)
+    runs, rows = [], []
+    for method, setting, rate in (("lora", "lora-r32", 0.5), ("blora", "blora-x", 0.3)):
+        for seed in (0, 1):
+            e = evaluation(rate)
+            row = {"method": method, "setting": setting, "seed": seed, "rank": 32, "in_domain": "zh-en",
+                   "backward_domains": "en", "in_domain_error": e["results"]["zh-en"]["error_rate"],
+                   "backward_error": e["results"]["en"]["error_rate"]}
+            runs.append((row, e))
+            rows.append(row)
+    intervals = paired_intervals(runs, base, samples=200)
+    (comparison,) = paper_comparisons(summarize_seeds(rows), {"backward_error": base["results"]["en"]["error_rate"]})
+    for name in ("backward_gain", "degradation_reduction", "in_domain_drop"):
+        assert intervals["blora-x"][name].estimate == pytest.approx(comparison[name])
+    assert set(intervals["lora-r32"]) == {"in_domain_error_vs_base", "backward_error_vs_base"}  # no CE records
+    old = [(row, {"results": {d: {"error_rate": 0.2} for d in ("zh-en", "en")}}) for row, _ in runs]
+    assert paired_intervals(old, base) == {"lora-r32": {}, "blora-x": {}}
