@@ -1,3 +1,5 @@
+import os
+
 import pyro
 import pytest
 import torch
@@ -8,7 +10,7 @@ def _fresh_pyro_state():
     """Every test starts with an empty parameter store and a fixed seed."""
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     yield
     pyro.clear_param_store()
 
