@@ -76,6 +76,8 @@ class RunWeights:
     stddev_A: dict[str, torch.Tensor] = field(default_factory=dict)
     stddev_B: dict[str, torch.Tensor] = field(default_factory=dict)
     kl: dict[str, float] = field(default_factory=dict)
+    # The prior's standard deviation sigma_p (blora and map), None otherwise.
+    prior_scale: float | None = None
 
     @property
     def bayesian(self) -> bool:
@@ -114,7 +116,8 @@ def _bayesian_weights(run_dir: Path, method: str, base_model: str) -> RunWeights
     model, guide = load_posterior(folder, whisper)
     means = guide.means()
     A, B = _split_sites(means)
-    weights = RunWeights(run_dir.name, method, run_dir, model.delta_weights(means), A, B)
+    weights = RunWeights(run_dir.name, method, run_dir, model.delta_weights(means), A, B,
+                         prior_scale=model.config.prior_scale)
     if isinstance(guide, BLoRAGuide):
         weights.stddev_A, weights.stddev_B = _split_sites(guide.stddevs())
         for site, value in analytic_kl(model, guide).items():

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -50,10 +51,12 @@ __all__ = [
     "plot_frontier",
     "plot_layer_posterior",
     "plot_magnitude_histograms",
+    "plot_scale_histograms",
     "plot_sparsity_bars",
     "plot_training_curves",
     "read_log",
     "save_figure",
+    "scale_summary",
     "short_layer_name",
     "write_inspection",
     "write_report",
@@ -207,6 +210,40 @@ def plot_magnitude_histograms(runs: Sequence[RunWeights]) -> Figure:
         axes.legend(fontsize=7)
     figure.suptitle("Adapter magnitudes (dotted: the 1e-3 threshold)")
     return figure
+
+
+def plot_scale_histograms(runs: Sequence[RunWeights]) -> Figure:
+    """Histogram of the posterior standard deviations of A and of B (log-spaced bins), one outline
+    per Bayesian run, with each run's prior scale: did the posterior stay near the prior or shrink?"""
+    runs = [run for run in runs if run.bayesian]
+    figure = Figure(figsize=(11, 3.6))
+    for position, matrix in enumerate(("A", "B"), 1):
+        axes = figure.add_subplot(1, 2, position)
+        for run in runs:
+            scales = flatten_weights(getattr(run, f"stddev_{matrix}")).double().numpy()
+            bins = np.logspace(math.log10(scales.min()), math.log10(scales.max()) + 1e-9, 60)
+            line = axes.hist(scales, bins=bins, histtype="step", label=run.name)[2][0]
+            if run.prior_scale is not None:
+                axes.axvline(run.prior_scale, color=line.get_edgecolor(), linestyle=":", linewidth=1)
+        axes.set_xscale("log")
+        axes.set(title=f"posterior std of {matrix}", xlabel="σ (log)", ylabel="entries")
+        axes.legend(fontsize=7)
+    figure.suptitle("Posterior scales at the end of training (dotted: the prior's σp)")
+    return figure
+
+
+def scale_summary(run: RunWeights) -> dict[str, Any]:
+    """Quantiles of a Bayesian run's posterior standard deviations, and the share within a factor
+    of two of the prior scale."""
+    row: dict[str, Any] = {"run": run.name}
+    for matrix in ("A", "B"):
+        scales = flatten_weights(getattr(run, f"stddev_{matrix}")).double()
+        for q in (0.05, 0.5, 0.95):
+            row[f"sigma_{matrix}_q{int(q * 100):02d}"] = float(torch.quantile(scales[:: max(1, scales.numel() // 1_000_000)], q))
+        if run.prior_scale is not None:
+            near = (scales > run.prior_scale / 2) & (scales < run.prior_scale * 2)
+            row[f"sigma_{matrix}_near_prior"] = float(near.double().mean())
+    return row
 
 
 def plot_energy_curves(runs: Sequence[RunWeights]) -> Figure:
@@ -404,16 +441,20 @@ def write_inspection(runs: Sequence[str | Path], out: str | Path) -> Path:
         run.name = label
     rows = sparsity_rows(weights)
     layers = {run.name: layer_table(run) for run in weights}
-    (out / "inspect.json").write_text(json.dumps({"sparsity": rows, "layers": layers}, indent=1))
+    scale_rows = [scale_summary(run) for run in weights if run.bayesian]
+    (out / "inspect.json").write_text(json.dumps({"sparsity": rows, "scales": scale_rows, "layers": layers}, indent=1))
     images = {"magnitudes.png": ("Histogram of |w|", plot_magnitude_histograms(weights)),
               "energy.png": ("Cumulative energy of dW", plot_energy_curves(weights))}
-    if any(run.bayesian for run in weights):
+    if scale_rows:
         images["layers.png"] = ("Per-layer KL and posterior scale", plot_layer_posterior(weights))
+        images["scales.png"] = ("Posterior scales", plot_scale_histograms(weights))
     for name, (_, figure) in images.items():
         save_figure(figure, out / name)
     lines = ["# Adapter inspection", "", f"Runs: {', '.join(f'`{p}`' for p in paths)}.", "",
              "## Sparsity (all layers pooled; higher = sparser)", "",
              markdown_table(rows, SPARSITY_COLUMNS), ""]
+    if scale_rows:
+        lines += ["## Posterior scales (quantiles; share within a factor 2 of σp)", "", markdown_table(scale_rows), ""]
     for name, (caption, _) in images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     for run_name, table in layers.items():

@@ -72,9 +72,15 @@ def test_inspect_writes_table_and_plots(workspace):
     out = workspace["root"] / "inspection"
     result = invoke("inspect", workspace["root"] / "runs", "--out", out)
     page = (out / "inspect.md").read_text()
-    for name in ("magnitudes.png", "energy.png", "layers.png"):
+    for name in ("magnitudes.png", "energy.png", "layers.png", "scales.png"):
         assert_png(out / name)
         assert f"]({name})" in page
+    [scales] = json.loads((out / "inspect.json").read_text())["scales"]
+    weights = load_run_weights(workspace["root"] / "runs" / "blora")
+    sigma_B = torch.cat([v.flatten() for v in weights.stddev_B.values()]).double()
+    assert scales["run"] == "blora" and scales["sigma_B_q50"] == pytest.approx(float(sigma_B.quantile(0.5)))
+    near = ((sigma_B > weights.prior_scale / 2) & (sigma_B < 2 * weights.prior_scale)).double().mean()
+    assert scales["sigma_B_near_prior"] == pytest.approx(float(near))
     rows = json.loads((out / "inspect.json").read_text())["sparsity"]
     assert {(r["run"], r["matrix"]) for r in rows} == {(m, x) for m in ("blora", "lora") for x in ("A", "B", "dW")}
     assert "hoyer_index" in result.output and "| blora | blora | dW |" in result.output
