@@ -40,6 +40,7 @@ __all__ = [
     "STATISTICS",
     "RunWeights",
     "base_evaluation",
+    "early_stopping_step",
     "evaluation_fields",
     "find_runs",
     "interpolation_curve",
@@ -347,6 +348,17 @@ def paired_intervals(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     return out
 
 
+def early_stopping_step(run_dir: str | Path, domain: str) -> int | None:
+    """The step that dev-loss early stopping would keep: the lowest ``<domain>/ce`` of the dev curves
+    in ``log.jsonl`` (None without curves)."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    scored = [(r[f"{domain}/ce"], r["step"]) for r in records if f"{domain}/ce" in r]
+    return min(scored)[1] if scored else None
+
+
 def run_summary(
     run_dir: str | Path,
     *,
@@ -382,6 +394,7 @@ def run_summary(
         else:
             changes = evaluation.get("relative_to_base")
         row.update(evaluation_fields(results, domain, changes))
+    row["early_stopping_step"] = early_stopping_step(run_dir, in_domain or Path(run.get("train_data", "")).name)
     if sparsity:
         stats = (weights or load_run_weights(run_dir)).sparsity()["dW"]
         row.update({f"dW_{name}": getattr(stats, name) for name in STATISTICS})

@@ -389,3 +389,13 @@ def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
     assert set(intervals["lora-r32"]) == {"in_domain_error_vs_base", "backward_error_vs_base"}  # no CE records
     old = [(row, {"results": {d: {"error_rate": 0.2} for d in ("zh-en", "en")}}) for row, _ in runs]
     assert paired_intervals(old, base) == {"lora-r32": {}, "blora-x": {}}
+
+
+def test_early_stopping_step_is_the_lowest_dev_ce(tmp_path):
+    from pyro_blora.analysis import early_stopping_step
+
+    records = [{"step": 1, "loss": 3.0}, {"step": 25, "zh-en/ce": 0.48, "en/ce": 0.2},
+               {"step": 50, "zh-en/ce": 0.31}, {"step": 75, "zh-en/ce": 0.36}]
+    (tmp_path / "log.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    assert early_stopping_step(tmp_path, "zh-en") == 50
+    assert early_stopping_step(tmp_path, "es-en") is None
