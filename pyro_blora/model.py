@@ -12,6 +12,7 @@ import torch
 from pyro import poutine
 from pyro.nn import PyroModule, pyro_method
 from pyro.nn.module import to_pyro_module_
+from pyro.poutine.runtime import am_i_wrapped
 from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
@@ -25,6 +26,17 @@ __all__ = ["BLoRAWhisper", "wrap_whisper"]
 # Library Pyro modules keep their parameters to themselves: a global parameter store would leak
 # one guide's values into the next one built in the same process.
 pyro.settings.set(module_local_params=True)
+
+
+def _frozen_weights_hidden():
+    """Keep the frozen Whisper weights out of the Pyro handlers around a forward pass.
+
+    PyroModule announces every weight it reads as a ``param`` site; those weights are not trained
+    and no inference uses them, yet each announcement passes through every active handler (the
+    ELBO's traces, replay, the plate, the scales). A ``block`` of param sites stops them at once;
+    sample sites (the adapters) pass through as before. With no handler active, announcements cost
+    nothing and no block is entered."""
+    return poutine.block(hide_types=["param"]) if am_i_wrapped() else contextlib.nullcontext()
 
 
 class BLoRAWhisper(PyroModule):
@@ -127,7 +139,8 @@ class BLoRAWhisper(PyroModule):
         """Decoder logits under teacher forcing, for labels padded with -100."""
         cfg = self.whisper.config
         decoder_input_ids = shift_tokens_right(batch["labels"], cfg.pad_token_id, cfg.decoder_start_token_id)
-        return self.whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
+        with _frozen_weights_hidden():
+            return self.whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
 
     def forward(self, batch: Mapping) -> torch.Tensor:
         self.adapter_prior()
@@ -146,7 +159,8 @@ class BLoRAWhisper(PyroModule):
     def generate(self, input_features: torch.Tensor, **generate_kwargs):
         """``WhisperForConditionalGeneration.generate`` with one adapter draw for the whole call."""
         self.adapter_prior()
-        return self.whisper.generate(input_features, **generate_kwargs)
+        with _frozen_weights_hidden():
+            return self.whisper.generate(input_features, **generate_kwargs)
 
     # ----------------------------------------------------------------- modes
     @contextlib.contextmanager
