@@ -39,6 +39,20 @@ def _frozen_weights_hidden():
     return poutine.block(hide_types=["param"]) if am_i_wrapped() else contextlib.nullcontext()
 
 
+def _convert_paths_to(whisper: WhisperForConditionalGeneration, adapters: Mapping[str, BayesianLoRALinear]) -> None:
+    """Make PyroModules of the modules on the way from ``whisper`` to each adapter, and of no other.
+
+    The adapters' sites are named by that chain of PyroModules (``whisper.model.encoder.layers.0
+    .self_attn.q_proj.lora_A``) and share its root's cache, so every module on it must be one; the
+    rest of the model (norms, feed-forward and value/output layers, embeddings) stays plain torch
+    and runs without PyroModule's hooks. Converted deepest first, so each parent registers its
+    converted children and the root names the whole chain."""
+    parts = [path.split(".") for path in adapters]
+    ancestors = {".".join(names[:depth]) for names in parts for depth in range(len(names))}
+    for path in sorted(ancestors, key=lambda path: -len(path.split("."))):
+        to_pyro_module_(whisper.get_submodule(path), recurse=False)
+
+
 class BLoRAWhisper(PyroModule):
     """A Whisper model whose target layers carry Bayesian LoRA adapters.
 
@@ -51,7 +65,7 @@ class BLoRAWhisper(PyroModule):
         super().__init__()
         self.config = config or BLoRAConfig()
         adapters = inject_adapters(whisper, self.config)
-        to_pyro_module_(whisper)
+        _convert_paths_to(whisper, adapters)
         self.whisper = whisper
         self._adapter_paths = {f"whisper.{path}": adapter for path, adapter in adapters.items()}
         for path, adapter in self._adapter_paths.items():
