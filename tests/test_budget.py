@@ -174,6 +174,13 @@ def test_resumed_budgeted_run_matches_uninterrupted_run(base_state, tmp_path):
     assert config_json["retention"]["budget"]["budget"] == 0.2 and config_json["retention"]["labels"] == "transcripts"
     logged = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert [r.get("beta") for r in logged] == [r.get("beta") for r in full.history]
+    # `report` draws beta, the retention loss and the in-domain loss of a budgeted run.
+    from pyro_blora.report import budget_rows, plot_budget_curves
+
+    figure = plot_budget_curves(tmp_path / "full")
+    assert [axes.get_title() for axes in figure.axes][:2] == ["β (KL weight)", "retention loss (CE / transcript token)"]
+    [row] = budget_rows([tmp_path / "full"], ["full"])
+    assert row["final_beta"] == pytest.approx(full.budget["final_beta"]) and row["met"] == full.budget["met"]
 
 
 def test_map_adapts_beta_too(base_state):
