@@ -25,6 +25,7 @@ A run can start where another ended, for sequential adaptation to several domain
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,7 +37,9 @@ from transformers import WhisperForConditionalGeneration
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora import distributed
-from pyro_blora.config import BLoRAConfig, TrainConfig
+from pyro_blora.budget import LABELS_FILE, BudgetTracker, RetentionSet, budget_fingerprint, load_retention_set
+from pyro_blora.budget import parameter_update
+from pyro_blora.config import BLoRAConfig, RetentionBudget, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset, prepare_dataset
 from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, set_encoder_window, window_frames
 from pyro_blora.evaluation import EvalOptions, EvalSet, evaluate_whisper
@@ -49,6 +52,7 @@ from pyro_blora.posterior import load_posterior, read_posterior_config, save_pos
 from pyro_blora.recompute import gradient_checkpointing
 from pyro_blora.training import (
     Optimization,
+    finish_budget,
     make_optimizer,
     RunFolder,
     TrainResult,
@@ -168,6 +172,10 @@ def run_training(
     init_from: str | Path | None = None,
     prior_from: str | Path | None = None,
     device: torch.device | str | None = None,
+    budget: RetentionBudget | None = None,
+    retain: str | Path | RetentionSet | None = None,
+    retain_split: str = "dev",
+    cache_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train ``method`` from ``model_source`` (a model or a finished run folder) on ``data`` into the
     run folder ``out_dir``.
@@ -180,28 +188,47 @@ def run_training(
     run on the same base with the same adapters (see the module's docstring). ``device`` defaults to
     this process's GPU when there is one.
 
+    ``budget`` with ``retain`` (a retention data source, e.g. ``testbed/en``, whose ``retain_split``
+    is used, or a ready :class:`~pyro_blora.budget.RetentionSet`) is a forgetting budget
+    (:mod:`pyro_blora.budget`): blora and map adapt beta to keep the retention loss inside it, lora
+    and full keep their last weights inside it (early stopping); every method may end with its
+    update scaled. Retention utterances without transcripts are labelled with the base model's
+    greedy transcripts, kept in ``<out>/retention-labels.json``; ``config.json`` says so.
+
     Launched by torchrun (``torchrun --nproc-per-node K -m pyro_blora.cli train ...``) it trains
     data-parallel: each process scores its share of every batch and rank 0 writes the run folder
     (gloo on CPUs, NCCL on GPUs; see :mod:`pyro_blora.distributed`).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if (budget is None) != (retain is None):
+        raise ValueError("a forgetting budget needs both budget= (a RetentionBudget) and retain= (the retention "
+                         "data, e.g. testbed/en); give both or neither")
     previous = _previous_run(method, model_source, blora_config, init_from, prior_from)
     device = torch.device(device) if device is not None else distributed.default_device()
     with distributed.distributed_session(device):
         return _run_training(method, model_source, data, out_dir, blora_config, train_config, device,
                              whisper_and_processor, curve_sets, curve_options, resume, run_info,
-                             previous, prior_from is not None)
+                             previous, prior_from is not None, budget, retain, retain_split, cache_dir)
 
 
 def _run_training(method, model_source, data: TrainingData, out_dir, blora_config: BLoRAConfig,
                   train_config: TrainConfig, device: torch.device, whisper_and_processor, curve_sets,
-                  curve_options, resume, run_info, previous: Path | None, as_prior: bool) -> TrainResult:
+                  curve_options, resume, run_info, previous: Path | None, as_prior: bool,
+                  budget: RetentionBudget | None = None, retain=None, retain_split: str = "dev",
+                  cache_dir=None) -> TrainResult:
     whisper, processor = whisper_and_processor or load_run_model(model_source)[:2]
     set_encoder_window(whisper, train_config.encoder_window_seconds)
-    data = replace(data, collate=replace(data.collate, n_frames=window_frames(train_config.encoder_window_seconds)))
+    n_frames = window_frames(train_config.encoder_window_seconds)
+    data = replace(data, collate=replace(data.collate, n_frames=n_frames))
     whisper.to(device)
     out = Path(out_dir)
+    retention = None
+    if budget is not None:  # labelled by the base model as it is now, before any adapter goes in
+        retention = retain if isinstance(retain, RetentionSet) else distributed.current().on_main(
+            lambda: load_retention_set(retain, processor, whisper, budget.utterances, retain_split, cache_dir,
+                                       out / LABELS_FILE, n_frames, model_name=str(model_source)))
+        retention = retention.to(device)
     extra = dict(run_info or {})
     if previous is not None:
         extra["prior_from" if as_prior else "init_from"] = str(previous)
@@ -218,9 +245,10 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
         metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
         return train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
                      run_info=fingerprint["run"], evaluate=evaluate,
-                     save=lambda: save_posterior(out / "posterior", model, guide, metadata=metadata))
+                     save=lambda: save_posterior(out / "posterior", model, guide, metadata=metadata),
+                     budget=budget, retention=retention)
     return _train_plain(method, whisper, processor, data, out, blora_config, train_config, fingerprint,
-                        curve_sets, curve_options, resume, previous)
+                        curve_sets, curve_options, resume, previous, budget, retention)
 
 
 def run_finished(run_dir: str | Path) -> bool:
@@ -305,7 +333,8 @@ def _means_held(model: BLoRAWhisper, guide) -> Iterator[WhisperForConditionalGen
 
 def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blora_config: BLoRAConfig,
                  train_config: TrainConfig, fingerprint, curve_sets, curve_options, resume,
-                 previous: Path | None = None) -> TrainResult:
+                 previous: Path | None = None, budget: RetentionBudget | None = None,
+                 retention: RetentionSet | None = None) -> TrainResult:
     """LoRA (peft) or full fine-tuning with the shared loop; LoRA continues ``previous``'s adapter if given."""
     if method == "lora" and previous is not None:
         from peft import PeftModel
@@ -325,6 +354,8 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
         trainable = whisper
     device = next(whisper.parameters()).device
     context = distributed.current()
+    if budget is not None:
+        fingerprint["retention"] = budget_fingerprint(budget, retention)
     run = context.on_main(lambda: RunFolder(out, fingerprint, resume, train_config.keep_checkpoints))
     eval_batches = [make_batch(data.dataset, data.collate,
                                batch_order(len(data), train_config.batch_size, train_config.seed, 0), device)]
@@ -337,14 +368,21 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
         return fields
 
     params = [p for p in trainable.parameters() if p.requires_grad]
+    tracker = None
+    if budget is not None:  # no prior: the budget is early stopping (and the update's scale at the end)
+        named = {n: p for n, p in trainable.named_parameters() if p.requires_grad}
+        origin = {n: torch.zeros_like(p) if method == "lora" else p.detach().clone()  # W0: before any resume
+                  for n, p in named.items() if method != "lora" or ".lora_B." in n}
+        tracker = BudgetTracker(budget, retention, parameter_update(whisper, named, origin), train_config.steps)
     optimization = Optimization(
         objective=lambda batch: _teacher_forced_loss(whisper, batch),
-        stateful={"trainable": _TrainableState(trainable)},
+        stateful={"trainable": _TrainableState(trainable), **({"budget": tracker} if tracker is not None else {})},
         optimizer=make_optimizer(params, train_config),
         config=train_config,
         evaluate=periodic_eval,
         failure_hint=f"Likely cause: a learning rate too high ({train_config.lr}).",
         desc=method,
+        after_step=tracker.after_step if tracker is not None else None,
     )
     result = TrainResult(run_dir=out)
     state = context.on_main(run.latest_state)
@@ -355,9 +393,15 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
     else:
         result.base_nll = token_nll(whisper, eval_batches)
     whisper.eval()  # dropout off, as in SVI
+    if tracker is not None:
+        tracker.start()
+    began = time.perf_counter()
     with gradient_checkpointing(whisper) if train_config.gradient_checkpointing else nullcontext():
         run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
                   extra_state={"base_nll": result.base_nll})
+    if tracker is not None:
+        result.budget = finish_budget(tracker, lambda model: token_nll(model, eval_batches),
+                                      time.perf_counter() - began, curve)
     result.final_nll = token_nll(whisper, eval_batches)
     if not context.is_main:
         return result
