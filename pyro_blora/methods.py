@@ -19,7 +19,9 @@ A run can start where another ended, for sequential adaptation to several domain
   same base with the same adapters;
 * ``prior_from`` (blora, map): the previous run's posterior becomes the prior, per entry, and the
   guide starts at it (variational continual learning; for map an L2 penalty towards the previous
-  point with BLoRA's sigma_p and weight).
+  point with BLoRA's sigma_p and weight). :class:`PriorTransfer` changes how: a floor on the copied
+  scales (a posterior can be narrower than the original prior), or one isotropic scale at the same
+  mean precision (``map-anchor``: anchored to the previous weights without their per-entry uncertainty).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Literal, Mapping
 
 import pyro
 import torch
@@ -66,6 +68,8 @@ from pyro_blora.weights import load_whisper
 __all__ = [
     "METHODS",
     "WEIGHT_FOLDERS",
+    "PriorTransfer",
+    "copied_prior",
     "TrainingData",
     "load_training_data",
     "run_training",
@@ -81,6 +85,72 @@ WEIGHT_FOLDERS = {"blora": "posterior", "map": "posterior", "lora": "adapter", "
 # Which previous runs each method can start from (init_from) or take its prior from (prior_from).
 INIT_FROM = {"blora": ("blora", "map"), "map": ("blora", "map"), "lora": ("lora",)}
 PRIOR_FROM = {"blora": ("blora",), "map": ("blora", "map")}
+
+
+@dataclass(frozen=True)
+class PriorTransfer:
+    """How ``prior_from``'s posterior becomes the prior; the default is VCL's per-entry copy."""
+
+    # "posterior": each entry's N(mean, std) (a MAP guide: N(point, sigma_p)); "mean-precision": one
+    # isotropic scale s with 1/s^2 = the mean over entries of 1/sigma^2 of ``precision_from``'s
+    # posterior: as strong on average as the per-entry copy, without its per-entry uncertainty.
+    scales: Literal["posterior", "mean-precision"] = "posterior"
+    # Lower bound on every copied scale (None: none). A posterior can end narrower than the prior it
+    # started from, and a copied narrow posterior freezes the adapters for the next domain.
+    scale_floor: float | None = None
+    # The blora run whose posterior standard deviations set the mean precision (None: prior_from).
+    precision_from: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.scales not in ("posterior", "mean-precision"):
+            raise ValueError(f"scales must be 'posterior' or 'mean-precision', got {self.scales!r}")
+        if self.scale_floor is not None and not self.scale_floor > 0:
+            raise ValueError(f"scale_floor must be > 0 (or None for no floor), got {self.scale_floor!r}")
+        if self.precision_from is not None:
+            if self.scales != "mean-precision":
+                raise ValueError("precision_from only sets the strength of scales='mean-precision'; drop it or "
+                                 "set scales='mean-precision'")
+            object.__setattr__(self, "precision_from", Path(self.precision_from))
+
+    @property
+    def is_default(self) -> bool:
+        return self == PriorTransfer()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@torch.no_grad()
+def copied_prior(locs: Mapping[str, torch.Tensor], stddevs: Mapping[str, torch.Tensor] | float,
+                 transfer: PriorTransfer = PriorTransfer()) -> tuple[dict[str, torch.Tensor] | float, dict[str, Any]]:
+    """The prior scales under ``transfer``, per site or one number (``stddevs``: the previous
+    posterior's, or one number such as sigma_p), and a summary that makes the choice measurable: the
+    share of entries the floor raised and the mean precision before and after it."""
+    entries = sum(loc.numel() for loc in locs.values())
+    if isinstance(stddevs, Mapping):
+        flat = torch.cat([stddevs[site].detach().double().flatten() for site in locs])
+    else:
+        flat = torch.tensor([float(stddevs)], dtype=torch.float64)
+    mean_precision = float((1.0 / flat.square()).mean())
+    floor = transfer.scale_floor
+    if transfer.scales == "mean-precision" or not isinstance(stddevs, Mapping):
+        one = mean_precision ** -0.5
+        scales: dict[str, torch.Tensor] | float = max(one, floor) if floor is not None else one
+        floored_fraction = float(floor is not None and one < floor)
+        kept = torch.tensor([float(scales)], dtype=torch.float64)
+    else:
+        scales = {site: (stddevs[site].clamp(min=floor) if floor is not None else stddevs[site]).to(locs[site])
+                  for site in locs}
+        floored_fraction = float((flat < floor).double().mean()) if floor is not None else 0.0
+        kept = flat.clamp(min=floor) if floor is not None else flat
+    subsample = kept[torch.randperm(kept.numel(), generator=torch.Generator().manual_seed(0))[:1_000_000]]
+    quantiles = torch.quantile(subsample, torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)).tolist()
+    summary = {**transfer.to_dict(), "entries": entries, "floored_fraction": floored_fraction,
+               "mean_precision_copied": mean_precision, "mean_precision": float((1.0 / kept.square()).mean()),
+               "scale_quantiles": dict(zip(("q05", "median", "q95"), quantiles))}
+    if not isinstance(scales, Mapping):
+        summary["isotropic_scale"] = float(scales)
+    return scales, summary
 
 
 @dataclass
@@ -171,6 +241,7 @@ def run_training(
     run_info: Mapping[str, Any] | None = None,
     init_from: str | Path | None = None,
     prior_from: str | Path | None = None,
+    prior_transfer: PriorTransfer = PriorTransfer(),
     device: torch.device | str | None = None,
     budget: RetentionBudget | None = None,
     retain: str | Path | RetentionSet | None = None,
@@ -185,8 +256,9 @@ def run_training(
     steps (teacher-forced CE on all, greedy error on ``curve_options.decode_limit`` utterances) and
     the scores go into that step's log record. ``whisper_and_processor`` reuses an already loaded
     base model (it is modified in place). ``init_from`` and ``prior_from`` name a finished previous
-    run on the same base with the same adapters (see the module's docstring). ``device`` defaults to
-    this process's GPU when there is one.
+    run on the same base with the same adapters (see the module's docstring); ``prior_transfer`` says
+    how ``prior_from``'s posterior becomes the prior (its summary goes into the posterior's metadata as
+    ``prior``). ``device`` defaults to this process's GPU when there is one.
 
     ``budget`` with ``retain`` (a retention data source, e.g. ``testbed/en``, whose ``retain_split``
     is used, or a ready :class:`~pyro_blora.budget.RetentionSet`) is a forgetting budget
@@ -205,18 +277,34 @@ def run_training(
         raise ValueError("a forgetting budget needs both budget= (a RetentionBudget) and retain= (the retention "
                          "data, e.g. testbed/en); give both or neither")
     previous = _previous_run(method, model_source, blora_config, init_from, prior_from)
+    transfer = _checked_transfer(prior_transfer, previous if prior_from is not None else None, model_source, blora_config)
     device = torch.device(device) if device is not None else distributed.default_device()
     with distributed.distributed_session(device):
         return _run_training(method, model_source, data, out_dir, blora_config, train_config, device,
                              whisper_and_processor, curve_sets, curve_options, resume, run_info,
-                             previous, prior_from is not None, budget, retain, retain_split, cache_dir)
+                             previous, transfer if prior_from is not None else None,
+                             budget, retain, retain_split, cache_dir)
+
+
+def _checked_transfer(transfer: PriorTransfer, prior_from: Path | None, model_source, blora_config: BLoRAConfig) -> PriorTransfer:
+    """``transfer`` with its precision run named and checked: finished blora, same base and adapters."""
+    if prior_from is None:
+        if not transfer.is_default:
+            raise ValueError("prior_transfer changes how prior_from's posterior becomes the prior; give prior_from too")
+        return transfer
+    if transfer.scales != "mean-precision":
+        return transfer
+    source = transfer.precision_from or prior_from
+    _checked_run(source, "precision_from" if transfer.precision_from else "prior_from (mean-precision)",
+                 ("blora",), model_source, blora_config)
+    return replace(transfer, precision_from=source)
 
 
 def _run_training(method, model_source, data: TrainingData, out_dir, blora_config: BLoRAConfig,
                   train_config: TrainConfig, device: torch.device, whisper_and_processor, curve_sets,
-                  curve_options, resume, run_info, previous: Path | None, as_prior: bool,
-                  budget: RetentionBudget | None = None, retain=None, retain_split: str = "dev",
-                  cache_dir=None) -> TrainResult:
+                  curve_options, resume, run_info, previous: Path | None,
+                  transfer: PriorTransfer | None, budget: RetentionBudget | None = None, retain=None,
+                  retain_split: str = "dev", cache_dir=None) -> TrainResult:
     whisper, processor = whisper_and_processor or load_run_model(model_source)[:2]
     set_encoder_window(whisper, train_config.encoder_window_seconds)
     n_frames = window_frames(train_config.encoder_window_seconds)
@@ -230,18 +318,23 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
                                        out / LABELS_FILE, n_frames, model_name=str(model_source)))
         retention = retention.to(device)
     extra = dict(run_info or {})
+    as_prior = transfer is not None
     if previous is not None:
         extra["prior_from" if as_prior else "init_from"] = str(previous)
+    if as_prior and not transfer.is_default:
+        extra["prior_transfer"] = transfer.to_dict()
     fingerprint = _fingerprint(method, str(model_source), data, blora_config, train_config, extra)
     torch.manual_seed(train_config.seed)
     pyro.set_rng_seed(train_config.seed)
     if method in ("blora", "map"):
         model = wrap_whisper(whisper, blora_config)
         guide = build_guide(model, "normal" if method == "blora" else "delta")
-        if previous is not None:
-            _start_at_posterior(model, guide, previous / "posterior", as_prior=as_prior)
-        evaluate = _curve(curve_sets, curve_options, processor, lambda: _means_held(model, guide))
         metadata = {"base_model": str(model_source), "method": method}
+        if previous is not None:
+            prior = _start_at_posterior(model, guide, previous / "posterior", transfer)
+            if prior is not None:
+                metadata["prior"] = prior
+        evaluate = _curve(curve_sets, curve_options, processor, lambda: _means_held(model, guide))
         metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
         return train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
                      run_info=fingerprint["run"], evaluate=evaluate,
@@ -278,15 +371,21 @@ def _previous_run(method: str, model_source: str | Path, blora_config: BLoRAConf
         return None
     if method not in allowed:
         raise ValueError(f"{option} works with the methods {', '.join(allowed)}, not {method!r}")
+    return _checked_run(Path(folder), option, allowed[method], model_source, blora_config)
+
+
+def _checked_run(folder: Path, option: str, kinds: tuple[str, ...], model_source: str | Path,
+                 blora_config: BLoRAConfig) -> Path:
+    """``folder``, checked: a finished run of one of ``kinds`` on the same base with the same adapters."""
     folder = Path(folder)
-    kinds = "/".join(allowed[method])
+    names = "/".join(kinds)
     if not run_finished(folder):
-        raise ValueError(f"{option} {folder} is not a finished {kinds} run (it needs config.json, result.json "
+        raise ValueError(f"{option} {folder} is not a finished {names} run (it needs config.json, result.json "
                          "and its trained weights); train it first, or resume it with --resume")
     config = read_run_config(folder)
     previous_method, previous_base = config["run"]["method"], config["run"]["model_source"]
-    if previous_method not in allowed[method]:
-        raise ValueError(f"{option} {folder} is a {previous_method} run; a {method} run needs a finished {kinds} run")
+    if previous_method not in kinds:
+        raise ValueError(f"{option} {folder} is a {previous_method} run; this run needs a finished {names} run")
     if not _same_source(previous_base, model_source):
         raise ValueError(f"{option} {folder} was trained on the base model {previous_base!r}, this run on "
                          f"{str(model_source)!r}; both runs must share their base model")
@@ -300,10 +399,10 @@ def _previous_run(method: str, model_source: str | Path, blora_config: BLoRAConf
 
 
 @torch.no_grad()
-def _start_at_posterior(model: BLoRAWhisper, guide, folder: Path, as_prior: bool) -> None:
-    """Start ``guide`` at the posterior saved in ``folder`` and, ``as_prior``, make that posterior
-    the prior: each entry's N(mean, std), or for a MAP guide N(point, sigma_p). A guide of the same
-    kind takes the saved parameters bit for bit, so the KL against the copied prior starts at 0."""
+def _start_at_posterior(model: BLoRAWhisper, guide, folder: Path, transfer: PriorTransfer | None) -> dict[str, Any] | None:
+    """Start ``guide`` at the posterior saved in ``folder`` and, given a ``transfer``, make that
+    posterior the prior (see :class:`PriorTransfer`); returns the prior's summary then. A guide of the
+    same kind takes the saved parameters bit for bit, so the KL against a copied prior starts at 0."""
     from safetensors.torch import load_file
 
     info = read_posterior_config(folder)
@@ -312,9 +411,24 @@ def _start_at_posterior(model: BLoRAWhisper, guide, folder: Path, as_prior: bool
         guide.load_state_dict(state, strict=True)
     else:  # the other kind: only the means carry over
         guide.set_means(_means_of(model, info, state))
-    if as_prior:
-        scales = guide.stddevs() if guide_kind(guide) == "normal" else model.config.prior_scale
-        model.set_site_priors(guide.means(), scales)
+    if transfer is None:
+        return None
+    if transfer.scales == "mean-precision":
+        stddevs = _saved_guide(model, transfer.precision_from / "posterior").stddevs()
+    else:
+        stddevs = guide.stddevs() if guide_kind(guide) == "normal" else model.config.prior_scale
+    scales, summary = copied_prior(guide.means(), stddevs, transfer)
+    model.set_site_priors(guide.means(), scales)
+    return summary
+
+
+def _saved_guide(model: BLoRAWhisper, folder: Path):
+    """The guide saved in the posterior folder ``folder``, rebuilt over ``model``'s sites."""
+    from safetensors.torch import load_file
+
+    guide = build_guide(model, read_posterior_config(folder).get("guide", "normal"))
+    guide.load_state_dict(load_file(str(folder / "posterior.safetensors")), strict=True)
+    return guide
 
 
 def _means_of(model: BLoRAWhisper, info: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -61,13 +61,6 @@ def retention_budget(budget: float | None, absolute: bool, retain: Path | None, 
         raise typer.BadParameter(str(error)) from error
 
 
-def adapter_config(targets: str, rank: int, alpha: float | None, prior_scale: float, beta: float,
-                   kl_normalization: str) -> BLoRAConfig:
-    """The adapters the command-line options describe (``targets``: a preset name or a regular expression)."""
-    return BLoRAConfig(rank=rank, alpha=alpha, target_modules=TARGET_PRESETS.get(targets, (targets,)),
-                       prior_scale=prior_scale, beta=beta, kl_normalization=kl_normalization)
-
-
 def train(
     method: str = typer.Option("blora", help=f"one of {', '.join(METHODS)}"),
     data: Path = typer.Option(..., help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
