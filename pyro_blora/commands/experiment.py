@@ -27,7 +27,7 @@ def adapter_config(targets: str, rank: int, alpha: float | None, prior_scale: fl
 
 def train(
     method: str = typer.Option("blora", help=f"one of {', '.join(METHODS)}"),
-    data: Path = typer.Option(..., help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
+    data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
     out: Path = typer.Option(..., help="run folder"),
     model: str = typer.Option("base", help="base model: bundled name (base, tiny.en), folder or hub id"),
     split: str = typer.Option("train", help="split of --data to train on"),
@@ -59,6 +59,8 @@ def train(
     under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
 
+    if method not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
     blora = adapter_config(targets, rank, alpha, prior_scale, beta, kl_normalization)
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
                          seed=seed, checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
@@ -80,7 +82,7 @@ def train(
 
 def evaluate(
     source: str = typer.Argument(..., help="a run folder, or a model (bundled name, folder, hub id)"),
-    testbed: Path = typer.Option(..., help="testbed folder"),
+    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder"),
     domains: list[str] = typer.Option(["zh-en", "en"], help="domains to evaluate (in-domain and backward)"),
     split: str = typer.Option("test"),
     limit: Optional[int] = typer.Option(None, help="first N utterances of each domain"),
