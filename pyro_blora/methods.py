@@ -217,7 +217,8 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
         result = train(model, guide, data.dataset, data.collate, train_config, run_dir=out, resume=resume,
                        run_info=fingerprint["run"], evaluate=evaluate)
         if context.is_main:
-            metadata = {"base_model": str(model_source), "method": method}
+            metadata = {"base_model": str(model_source), "method": method,
+                        "encoder_window_seconds": train_config.encoder_window_seconds}
             metadata.update({k: extra[k] for k in ("init_from", "prior_from") if k in extra})
             save_posterior(out / "posterior", model, guide, metadata=metadata)
         return result
