@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Literal, Sequence
@@ -527,6 +528,10 @@ def spaced_words(words: Sequence[WordConfidence]) -> Iterator[tuple[str, WordCon
         yield ("" if index == 0 or _is_cjk_pair(words[index - 1].word, word.word) else " "), word
 
 
+# CJK and full-width punctuation (。，、！？ …) attaches to the word before it.
+_CJK_PUNCTUATION = re.compile(r"[\u3000-\u303f\uff00-\uffef]")
+
+
 def _is_cjk_pair(left: str, right: str) -> bool:
-    """Two neighbouring CJK characters are written without a space between them."""
-    return contains_cjk(left[-1:]) and contains_cjk(right[:1])
+    """Two neighbouring CJK characters, or CJK punctuation after any word, are written without a space."""
+    return (contains_cjk(left[-1:]) and contains_cjk(right[:1])) or bool(_CJK_PUNCTUATION.match(right[:1]))

@@ -74,11 +74,11 @@ def test_subtitles_mark_low_confidence_words_and_time_each_segment():
 def test_cjk_cues_are_written_without_spaces_and_wrapped():
     from pyro_blora.transcribe import SegmentTranscript, WordConfidence
 
-    words = [WordConfidence(c, 1.0) for c in "我们明天开会"] + [WordConfidence("meeting", 0.2)]
+    words = [WordConfidence(c, 1.0) for c in "我们明天开会"] + [WordConfidence("meeting", 0.2), WordConfidence("。", 1.0)]
     words += [WordConfidence("word", 1.0)] * 12
     transcript = example_transcript(words=words, segments=[SegmentTranscript(0.0, 4.0, "", words)])
     lines = srt_text(transcript).splitlines()
-    assert lines[2].startswith("我们明天开会 [meeting] word")
+    assert lines[2].startswith("我们明天开会 [meeting]。 word")
     assert all(len(line) <= 42 for line in lines[2:])
 
 
