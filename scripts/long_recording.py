@@ -4,6 +4,7 @@
     pyro-blora transcribe long/recording.wav --posterior runs/x/posterior --samples 4 --language zh \
         --jsonl long/recording.jsonl --srt long/recording.srt --vtt long/recording.vtt --plot long/plots
     python scripts/long_recording.py score --out long/ --posterior runs/x/posterior --language zh
+    python scripts/long_recording.py timing --out long/
 
 `build` joins the test split's utterances, in order, with pauses of 0.3-0.8 s until the recording
 is at least --minutes long, and writes recording.wav and reference.json (every utterance's start,
@@ -127,6 +128,18 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
     print(json.dumps(results, indent=1))
 
 
+def timing(out: Path) -> None:
+    """How far the long-form segments' starts lie from the nearest reference utterance start (seconds)."""
+    from pyro_blora.transcribe import read_jsonl
+
+    starts = np.array([u["start"] for u in json.loads((out / "reference.json").read_text())["utterances"]])
+    [transcript] = read_jsonl(out / "recording.jsonl")
+    offsets = np.array([np.min(np.abs(starts - s.start)) for s in transcript.segments or []])
+    print(json.dumps({"segments": int(offsets.size), "median_start_offset_s": round(float(np.median(offsets)), 3),
+                      "p90_start_offset_s": round(float(np.percentile(offsets, 90)), 3),
+                      "within_0.5_s": round(float(np.mean(offsets <= 0.5)), 3)}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,9 +154,13 @@ def main() -> None:
     s.add_argument("--posterior", type=Path, required=True)
     s.add_argument("--language", default="zh")
     s.add_argument("--transcribe-seconds", type=float, default=None, help="time of the transcribe run (wall or CPU)")
+    t = sub.add_parser("timing")
+    t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "build":
         build(args.testbed, args.domain, args.minutes, args.out, args.seed)
+    elif args.command == "timing":
+        timing(args.out)
     else:
         score(args.out, args.posterior, args.language, args.transcribe_seconds)
 
