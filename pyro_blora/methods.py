@@ -329,7 +329,8 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
     if method in ("blora", "map"):
         model = wrap_whisper(whisper, blora_config)
         guide = build_guide(model, "normal" if method == "blora" else "delta")
-        metadata = {"base_model": str(model_source), "method": method}
+        metadata = {"base_model": str(model_source), "method": method,
+                    "encoder_window_seconds": train_config.encoder_window_seconds}
         if previous is not None:
             prior = _start_at_posterior(model, guide, previous / "posterior", transfer)
             if prior is not None:

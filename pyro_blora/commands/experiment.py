@@ -63,7 +63,7 @@ def retention_budget(budget: float | None, absolute: bool, retain: Path | None, 
 
 def train(
     method: str = typer.Option("blora", help=f"one of {', '.join(METHODS)}"),
-    data: Path = typer.Option(..., help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
+    data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
     out: Path = typer.Option(..., help="run folder"),
     model: str = typer.Option("base", help="base model: bundled name (base, tiny.en), folder or hub id"),
     split: str = typer.Option("train", help="split of --data to train on"),
@@ -118,6 +118,8 @@ def train(
     under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
 
+    if method not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
     blora, config = preset_configs(
         preset,
         dict(targets=targets, rank=rank, alpha=alpha, prior_scale=prior_scale, beta=beta,
@@ -165,7 +167,7 @@ def budget_line(summary: dict) -> str:
 
 def evaluate(
     source: str = typer.Argument(..., help="a run folder, or a model (bundled name, folder, hub id)"),
-    testbed: Path = typer.Option(..., help="testbed folder"),
+    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder"),
     domains: list[str] = typer.Option(["zh-en", "en"], help="domains to evaluate (in-domain and backward)"),
     split: str = typer.Option("test"),
     limit: Optional[int] = typer.Option(None, help="first N utterances of each domain"),

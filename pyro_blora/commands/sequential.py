@@ -13,7 +13,7 @@ from pyro_blora.sequential import COPIED_PRIOR, STRATEGIES, SequenceConfig, orde
 
 
 def sequence(
-    testbed: Path = typer.Option(..., help="testbed folder with a folder per domain"),
+    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder with a folder per domain"),
     out: Path = typer.Option(Path("sequences"), help="output folder: <order>/<strategy>/step<i>-<domain>/ runs, "
                              "matrix.json, matrix.md, heatmap.png, and <order>/comparison.md"),
     domains: list[str] = typer.Option(["zh-en", "es-en", "ar-en"], help="domains trained on, in order (repeat)"),
