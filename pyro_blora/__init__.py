@@ -1,7 +1,8 @@
 """pyro-blora: Bayesian low-rank adaptation of Whisper with Pyro."""
 
 from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
-from pyro_blora.config import BLoRAConfig, TrainConfig
+from pyro_blora.budget import RetentionSet
+from pyro_blora.config import BLoRAConfig, RetentionBudget, TrainConfig
 from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_dataloader, prepare_dataset
 from pyro_blora.distributed import DistributedContext, distributed_session, init_distributed
 from pyro_blora.encoder_window import set_encoder_window
@@ -77,6 +78,8 @@ __all__ = [
     "NonFiniteLossError",
     "PointTranscript",
     "PosteriorCollapseWarning",
+    "RetentionBudget",
+    "RetentionSet",
     "STRATEGIES",
     "SequenceConfig",
     "SequenceResult",

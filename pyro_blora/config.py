@@ -15,6 +15,8 @@ __all__ = [
     "KL_NORMALIZATIONS",
     "WEIGHT_NOISES",
     "BLoRAConfig",
+    "BUDGET_KINDS",
+    "RetentionBudget",
     "TrainConfig",
 ]
 
@@ -25,6 +27,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (r".*\.q_proj$", r".*\.k_proj$")
 KL_NORMALIZATIONS = ("dataset", "token", "parameter", "matrix")
 KLNormalization = Literal["dataset", "token", "parameter", "matrix"]
 WEIGHT_NOISES = ("shared", "flipout", "lrt")
+BUDGET_KINDS = ("relative", "absolute")
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,93 @@ class TrainConfig:
         batch size and schedule stay ours (README: "The paper preset")."""
         settings: dict[str, Any] = dict(lr=1e-3, weight_decay=5e-4, scale_lr_multiplier=1.0, weight_noise="flipout")
         return cls(**{**settings, **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RetentionBudget:
+    """A forgetting budget: adapt as much as possible while the loss on a retention set (the domain
+    the model already knew) stays inside a limit (README: "A forgetting budget"; pyro_blora.budget).
+
+    The retention loss is the teacher-forced cross-entropy per transcript token of the first
+    ``utterances`` utterances of the retention set. During training it is measured every ``every``
+    steps; for blora and map the KL weight beta follows it by dual ascent in log space (GECO,
+    Rezende & Viola 2018): beta grows while the smoothed loss is above the limit and decays while
+    there is slack. The run keeps the last weights measured inside the limit."""
+
+    # How much worse the retention loss may get. kind="relative": a fraction of the base model's
+    # retention loss (0.03: at most 3% worse). kind="absolute": the highest retention loss allowed,
+    # in nats per transcript token.
+    budget: float
+    kind: Literal["relative", "absolute"] = "relative"
+    # Measure the retention loss every this many training steps (and always after the last step).
+    every: int = 10
+    # Utterances of the fixed retention batch: the first ones of the retention set.
+    utterances: int = 8
+    # Dual-ascent step eta: at every measurement log(beta) += eta * (average - limit) / limit.
+    lr: float = 5.0
+    # Weight the moving average of the retention loss keeps at each measurement (GECO's alpha). GECO
+    # uses 0.99 on a noisy estimate at every step; here the estimate is exact on a fixed batch and
+    # comes every `every` steps, and a long memory only delays beta: at 0.9 per measurement beta
+    # kept growing long after the loss was back inside the limit, and the run lost its adaptation
+    # (tiny-model runs in tests/test_budget.py). 0.5 damps the oscillation with a lag of about one
+    # measurement.
+    decay: float = 0.5
+    # Largest change of log(beta) at one measurement (beta moves by at most a factor e^max_log_step).
+    max_log_step: float = 0.5
+    # Bounds of beta (log(beta) is clamped to [log beta_min, log beta_max]).
+    beta_min: float = 1e-3
+    beta_max: float = 1e4
+    # When the final weights break the budget: also try the final update scaled, W0 + lambda dW with
+    # the largest lambda in [0, 1] inside the budget, and keep it if it fits the training data
+    # better than the last checkpoint inside the budget.
+    scale_at_end: bool = True
+    # The search for lambda: scale_grid + 1 evenly spaced values from 1 down to 0, then scale_refine
+    # bisection steps between the largest value inside the budget and the next one up.
+    scale_grid: int = 10
+    scale_refine: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in BUDGET_KINDS:
+            raise ValueError(f"kind must be one of {BUDGET_KINDS}, got {self.kind!r}")
+        if self.kind == "relative" and not self.budget >= 0:
+            raise ValueError(f"a relative budget must be >= 0 (0.03: at most 3% worse than the base model), got "
+                             f"{self.budget!r}")
+        if self.kind == "absolute" and not self.budget > 0:
+            raise ValueError(f"an absolute budget is the highest retention loss allowed (nats per transcript "
+                             f"token) and must be > 0, got {self.budget!r}")
+        checks = [
+            (isinstance(self.every, int) and self.every >= 1, f"every must be an integer >= 1, got {self.every!r}"),
+            (isinstance(self.utterances, int) and self.utterances >= 1,
+             f"utterances must be an integer >= 1, got {self.utterances!r}"),
+            (self.lr > 0, f"lr (the dual-ascent step eta) must be > 0, got {self.lr!r}"),
+            (0 <= self.decay < 1, f"decay must lie in [0, 1) (0: no smoothing), got {self.decay!r}"),
+            (self.max_log_step > 0, f"max_log_step must be > 0, got {self.max_log_step!r}"),
+            (0 < self.beta_min <= self.beta_max,
+             f"beta bounds need 0 < beta_min <= beta_max, got {self.beta_min!r}, {self.beta_max!r}"),
+            (isinstance(self.scale_grid, int) and self.scale_grid >= 1,
+             f"scale_grid must be an integer >= 1, got {self.scale_grid!r}"),
+            (isinstance(self.scale_refine, int) and self.scale_refine >= 0,
+             f"scale_refine must be an integer >= 0, got {self.scale_refine!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def limit(self, base_loss: float) -> float:
+        """The highest retention loss allowed, for a base model whose retention loss is ``base_loss``."""
+        return base_loss * (1 + self.budget) if self.kind == "relative" else self.budget
+
+    def describe(self) -> str:
+        """The budget in words: "3% over the base model" or "at most 0.9 nats per transcript token"."""
+        if self.kind == "relative":
+            return f"{100 * self.budget:g}% over the base model's retention loss"
+        return f"a retention loss of at most {self.budget:g} nats per transcript token"
+
+    def replace(self, **changes: Any) -> "RetentionBudget":
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

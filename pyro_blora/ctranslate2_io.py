@@ -357,9 +357,10 @@ def whisper_config(shapes: dict[str, tuple[int, ...]], variables: dict[str, torc
 def whisper_generation_config(settings: dict, tokenizer: WhisperTokenizer) -> GenerationConfig:
     """The generation config a hub checkpoint carries, from CTranslate2's config.json and the tokenizer.
 
-    Multilingual models get `lang_to_id` (token -> id for every language the model knows) and
-    `task_to_id`, so `generate(language=..., task=...)` and language detection work; English-only
-    models get `is_multilingual=False`, so they start with <|startoftranscript|><|notimestamps|>.
+    Multilingual models get `lang_to_id` (token -> id for every language the model knows),
+    `task_to_id` and `task="transcribe"`, so `generate(language=..., task=...)` and language
+    detection work; English-only models get `is_multilingual=False`, so they start with
+    <|startoftranscript|><|notimestamps|>. No `forced_decoder_ids`: transformers deprecates them.
     """
     ids = tokenizer.convert_tokens_to_ids
     eot = ids("<|endoftext|>")
@@ -386,10 +387,10 @@ def whisper_generation_config(settings: dict, tokenizer: WhisperTokenizer) -> Ge
         lang_ids = settings.get("lang_ids") or list(range(sot + 1, ids("<|translate|>")))
         fields["lang_to_id"] = {tokenizer.convert_ids_to_tokens(i): i for i in lang_ids}
         fields["task_to_id"] = {"translate": ids("<|translate|>"), "transcribe": ids("<|transcribe|>")}
-        # As on the hub: without language/task arguments, detect the language and transcribe.
-        fields["forced_decoder_ids"] = [[1, None], [2, ids("<|transcribe|>")]]
-    else:
-        fields["forced_decoder_ids"] = [[1, ids("<|notimestamps|>")]]
+        # Without a language argument, detect the language and transcribe. Written as the `task` field:
+        # the hub's older `forced_decoder_ids` make transformers warn that they are deprecated.
+        fields["task"] = "transcribe"
+    # English-only models need nothing forced: generate starts them with <|startoftranscript|><|notimestamps|>.
     return GenerationConfig(**fields)
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "ce_scope",
     "evaluate_whisper",
     "format_table",
+    "greedy_transcripts",
     "load_eval_sets",
     "relative_changes",
     "detects_language",
@@ -163,6 +164,17 @@ def _decode(whisper, processor, eval_set: EvalSet, indices: list[int], options: 
             found = whisper.detect_language(features)
             detected.extend(names.get(int(token), "?") for token in found.flatten().tolist())
     return {"hypotheses": hypotheses, "references": list(texts), "languages": list(languages), "detected": detected}
+
+
+def greedy_transcripts(whisper, processor, eval_set: EvalSet, batch_size: int = 8) -> list[str]:
+    """Greedy transcripts of every utterance of ``eval_set`` with each row's language forced."""
+    was_training = whisper.training
+    whisper.eval()
+    try:
+        options = EvalOptions(batch_size=batch_size, language_id=False, progress=False)
+        return _decode(whisper, processor, eval_set, list(range(len(eval_set))), options)["hypotheses"]
+    finally:
+        whisper.train(was_training)
 
 
 def _teacher_forced_ce(whisper, processor, eval_set: EvalSet, options: EvalOptions) -> UtteranceNLL:

@@ -19,7 +19,30 @@ HOP_LENGTH = 160
 N_SAMPLES = 30 * SAMPLING_RATE
 N_FRAMES = N_SAMPLES // HOP_LENGTH
 
-__all__ = ["SAMPLING_RATE", "N_SAMPLES", "N_FRAMES", "log_mel_features"]
+__all__ = ["SAMPLING_RATE", "N_SAMPLES", "N_FRAMES", "log_mel_features", "long_form_features"]
+
+
+def _mono(clip) -> np.ndarray:
+    clip = np.asarray(clip, dtype=np.float32)
+    if clip.ndim != 1:
+        raise ValueError(
+            f"expected a mono waveform (1-D array), got shape {clip.shape}; down-mix to mono first "
+            "(pyro_blora.data.load_audio does this)"
+        )
+    return clip
+
+
+def _content_frames(feature_extractor, clip: np.ndarray) -> np.ndarray:
+    """Log-mel frames of the clip itself (computed with 30 s of zeros after it, as openai-whisper does)."""
+    padded = np.concatenate([clip, np.zeros(N_SAMPLES, dtype=np.float32)])
+    mel = feature_extractor(
+        padded,
+        sampling_rate=SAMPLING_RATE,
+        padding="longest",
+        truncation=False,
+        return_tensors="np",
+    ).input_features[0]
+    return mel[:, : clip.shape[0] // HOP_LENGTH]
 
 
 def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
@@ -30,27 +53,34 @@ def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray]
     clips = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 else list(audio)
     rows = []
     for clip in clips:
-        clip = np.asarray(clip, dtype=np.float32)
-        if clip.ndim != 1:
-            raise ValueError(
-                f"expected a mono waveform (1-D array), got shape {clip.shape}; down-mix to mono first "
-                "(pyro_blora.data.load_audio does this)"
-            )
+        clip = _mono(clip)
         if clip.shape[0] > N_SAMPLES:
             raise ValueError(
-                f"clip is {clip.shape[0] / SAMPLING_RATE:.1f} s long; Whisper takes at most 30 s. "
-                "Split it into segments of 30 s or less, or filter it out (pyro_blora.data does)."
+                f"clip is {clip.shape[0] / SAMPLING_RATE:.1f} s long; one Whisper input takes at most 30 s. "
+                "Transcribe it long-form (pyro_blora.transcribe does, window by window), split it into "
+                "segments of 30 s or less, or filter it out (pyro_blora.data does)."
             )
-        padded = np.concatenate([clip, np.zeros(N_SAMPLES, dtype=np.float32)])
-        mel = feature_extractor(
-            padded,
-            sampling_rate=SAMPLING_RATE,
-            padding="longest",
-            truncation=False,
-            return_tensors="np",
-        ).input_features[0]
-        n_content = clip.shape[0] // HOP_LENGTH
+        mel = _content_frames(feature_extractor, clip)
         out = np.zeros((mel.shape[0], N_FRAMES), dtype=np.float32)
-        out[:, :n_content] = mel[:, :n_content]
+        out[:, : mel.shape[1]] = mel
         rows.append(out)
     return torch.from_numpy(np.stack(rows))
+
+
+def long_form_features(feature_extractor, audio: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-mel features of clips of any length for Whisper's long-form decoding, and their frame mask.
+
+    Returns features of shape (batch, n_mels, frames) and a (batch, frames) mask of the content
+    frames; frames after a clip are 0.0, as in :func:`log_mel_features`, and each 30 s window that
+    long-form decoding cuts from them is zero-padded the same way. Nothing is padded beyond the
+    longest clip: for a single clip transformers reads the length from the features, not the mask."""
+    mels = [_content_frames(feature_extractor, _mono(clip)) for clip in audio]
+    if not mels:
+        raise ValueError("long_form_features needs at least one clip")
+    frames = max(mel.shape[1] for mel in mels)
+    features = np.zeros((len(mels), mels[0].shape[0], frames), dtype=np.float32)
+    mask = np.zeros((len(mels), frames), dtype=np.int64)
+    for row, mel in enumerate(mels):
+        features[row, :, : mel.shape[1]] = mel
+        mask[row, : mel.shape[1]] = 1
+    return torch.from_numpy(features), torch.from_numpy(mask)

@@ -71,7 +71,8 @@ class BLoRAWhisper(PyroModule):
         for path, adapter in self._adapter_paths.items():
             adapter.site = path
         self.configure_objective(ElboScaling(num_utterances=1, likelihood=1.0, kl=self.config.beta,
-                                             per_matrix=self.config.kl_normalization == "matrix"))
+                                             per_matrix=self.config.kl_normalization == "matrix",
+                                             beta=self.config.beta))
 
     # ----------------------------------------------------------------- sites
     def adapters(self) -> dict[str, BayesianLoRALinear]:
@@ -121,6 +122,16 @@ class BLoRAWhisper(PyroModule):
             f"{path}.lora_{which}": scaling.site_weight(math.prod(adapter.shape_A if which == "A" else adapter.shape_B))
             for path, adapter in self._adapter_paths.items() for which in ("A", "B")
         }
+
+    @property
+    def beta(self) -> float | None:
+        """The KL weight beta of the objective now (``config.beta`` unless :meth:`set_beta` changed it)."""
+        return self.elbo_scaling.beta
+
+    def set_beta(self, beta: float) -> None:
+        """Weigh the KL by ``beta`` from now on, under the same normalisation (e.g. a beta adapted
+        during training by a forgetting budget); model and guide read the new weights at once."""
+        self.configure_objective(self.elbo_scaling.with_beta(beta))
 
     def kl_weights(self) -> dict[str, float]:
         """The KL weight of every adapter site (beta / Z, divided by the matrix's entries under "matrix")."""

@@ -27,7 +27,7 @@ two factors from one :class:`ElboScaling`; nothing else scales the objective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -56,12 +56,22 @@ class ElboScaling:
     normalization: str = "dataset"
     # Divide each adapter matrix's KL further by its number of entries ("matrix" normalisation).
     per_matrix: bool = False
+    # The beta that ``kl`` was computed from (None: not known, so beta cannot be changed).
+    beta: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_utterances <= 0:
             raise ValueError(f"num_utterances must be > 0, got {self.num_utterances}")
         if not (self.likelihood > 0 and self.kl > 0):
             raise ValueError(f"likelihood and kl scales must be > 0, got {self.likelihood}, {self.kl}")
+
+    def with_beta(self, beta: float) -> "ElboScaling":
+        """The same objective with the KL weighted by ``beta`` instead (kl rescaled by beta / self.beta)."""
+        if self.beta is None:
+            raise ValueError("this ElboScaling does not record its beta; build it with elbo_scaling(...) or give beta=")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        return replace(self, kl=self.kl * beta / self.beta, beta=float(beta))
 
     def site_weight(self, num_entries: int) -> float:
         """The KL weight of one adapter matrix with ``num_entries`` entries."""
@@ -101,7 +111,7 @@ def elbo_scaling(config: BLoRAConfig, num_utterances: int, num_tokens: int, num_
     else:  # "matrix": the per-matrix division is ElboScaling.site_weight's
         likelihood, kl = 1.0 / num_tokens, config.beta
     return ElboScaling(num_utterances=num_utterances, likelihood=likelihood, kl=kl, normalization=norm,
-                       per_matrix=norm == "matrix")
+                       per_matrix=norm == "matrix", beta=config.beta)
 
 
 @dataclass

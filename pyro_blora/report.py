@@ -43,9 +43,11 @@ __all__ = [
     "INTERVAL_NOTE",
     "LORA_INTERVALS",
     "SPARSITY_COLUMNS",
+    "budget_rows",
     "interval_cell",
     "markdown_table",
     "paired_difference_rows",
+    "plot_budget_curves",
     "plot_energy_curves",
     "plot_forgetting_curves",
     "plot_frontier",
@@ -386,6 +388,57 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Figur
     return figure
 
 
+def plot_budget_curves(run_dir: str | Path, title: str | None = None) -> Figure:
+    """A budgeted run over steps: beta (log scale; blora and map), the retention loss against its
+    limit (measured and smoothed), and the in-domain loss (the training NLL, and the dev CE the run
+    logged)."""
+    records = read_log(run_dir)
+    measured = [r for r in records if r.get("retain_ce") is not None]
+    if not measured:
+        raise ValueError(f"{run_dir} is not a budgeted run: its log has no retention loss (train with --retain-budget)")
+    with_beta = [r for r in measured if r.get("beta") is not None]
+    panels = (["beta"] if with_beta else []) + ["retention", "in-domain"]
+    figure = Figure(figsize=(4.4 * len(panels), 3.3))
+    for position, panel in enumerate(panels, 1):
+        axes = figure.add_subplot(1, len(panels), position)
+        steps = [r["step"] for r in measured]
+        if panel == "beta":
+            axes.plot([r["step"] for r in with_beta], [r["beta"] for r in with_beta], marker=".")
+            axes.set(yscale="log", title="β (KL weight)", xlabel="step")
+        elif panel == "retention":
+            axes.plot(steps, [r["retain_ce"] for r in measured], marker=".", label="measured")
+            axes.plot(steps, [r["retain_ce_avg"] for r in measured], linestyle="--", label="moving average")
+            axes.plot(steps, [r["retain_limit"] for r in measured], color="red", linestyle=":", label="limit")
+            axes.set(title="retention loss (CE / transcript token)", xlabel="step")
+            axes.legend(fontsize=7)
+        else:
+            axes.plot([r["step"] for r in records], [r["nll"] for r in records], label="training NLL", alpha=0.6)
+            for key in sorted({k for r in records for k in r if k.endswith("/ce") or k == "eval_nll"}):
+                points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+                axes.plot(*zip(*points), marker=".", label=key)
+            axes.set(title="in-domain loss", xlabel="step")
+            axes.legend(fontsize=7)
+    figure.suptitle(title or Path(run_dir).name)
+    figure.tight_layout()
+    return figure
+
+
+def budget_rows(paths: Sequence[Path], labels: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per budgeted run from its ``result.json``: the budget, what the run kept, its retention
+    loss against the limit, the final beta and whether the budget was met."""
+    rows = []
+    for label, path in zip(labels, paths):
+        result = Path(path) / "result.json"
+        summary = json.loads(result.read_text()).get("budget") if result.is_file() else None
+        if summary:
+            rows.append({"run": label, "budget": summary["described"], "kept": summary["kept"],
+                         "kept_step": summary.get("kept_step"), "scale": summary.get("scale"),
+                         "retain_ce": summary["retain_ce"], "retain_limit": summary["retain_limit"],
+                         "base_retain_ce": summary["base_retain_ce"], "final_beta": summary.get("final_beta"),
+                         "met": summary["met"], "met_during_training": summary["met_during_training"]})
+    return rows
+
+
 def curve_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
     """The ``<domain>/<metric>`` fields a run logged during training (its dev curves)."""
     return sorted({key for record in records for key in record if "/" in key})
@@ -547,6 +600,16 @@ def write_report(runs: Sequence[str | Path], out: str | Path, *, base: Mapping[s
         save_figure(plot_forgetting_curves(with_curves, _curve_start(runs)), out / "forgetting.png")
         lines += ["## Forgetting curves", "", "Dev metrics scored during training (`--eval-every`), one line per run.",
                   "", "![forgetting curves](forgetting.png)", ""]
+    budgeted = budget_rows(paths, labels)
+    if budgeted:
+        lines += ["## Forgetting budgets", "", "β, the retention loss (dotted: the limit) and the in-domain loss over "
+                  "steps. `kept`: the weights the run kept (final, the last checkpoint inside the budget, or the "
+                  "final update scaled); `met_during_training` false means no measurement during training was "
+                  "inside the budget.", "", markdown_table(budgeted), ""]
+        for row in budgeted:
+            name = f"budget-{_file_stem(row['run'])}.png"
+            save_figure(plot_budget_curves(dict(zip(_labels(paths), paths))[row["run"]], title=row["run"]), out / name)
+            lines += [f"![budget of {row['run']}]({name})", ""]
     lines += ["## Training curves", ""]
     for label, path in zip(labels, paths):
         name = f"curves-{_file_stem(label)}.png"

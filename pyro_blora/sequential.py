@@ -8,13 +8,23 @@ domain after every step (and the start model as step 0). Strategies:
 * ``blora-fresh``: BLoRA with a fresh N(0, sigma_p) prior each step, on the previous step's
   posterior mean merged into the base (``model_source`` = the previous run folder);
 * ``blora-prior``: BLoRA whose prior at each step is the previous step's posterior, per entry
-  (``prior_from``: variational continual learning on the adapters).
+  (``prior_from``: variational continual learning on the adapters);
+* ``map-anchor``: MAP whose prior at each step is an isotropic Gaussian centred on the previous
+  step's adapters, as strong as blora-prior's prior at that step on average (one scale s with
+  1/s^2 = the mean of 1/sigma^2 over blora-prior's previous posterior). It separates "anchored to
+  the previous weights" from "uses the posterior's per-entry uncertainty"; it needs blora-prior's
+  steps of the same order (run that strategy first).
+
+``prior_scale_floor`` puts a floor under the copied prior scales of blora-prior and map-anchor (a
+posterior can end narrower than the prior it started from); those runs go to
+``<strategy>-floor<value>/`` so floored and unfloored sequences share one ``out``.
 
 Layout under ``out``: ``<order>/<strategy>/step<i>-<domain>/`` (run folders), with ``sequence.json``
 (the config), ``matrix.json``, ``matrix.md`` and ``heatmap.png`` in ``<order>/<strategy>/``;
 ``<order>`` names the domain order (``zh-en_es-en_ar-en``), so both orders share one ``out``.
 Steps that are the same run are trained once: the first step of ``blora-prior`` is the first step
-of ``blora-fresh`` (plain BLoRA from the base), that of ``lora-replay`` the first step of ``lora``;
+of ``blora-fresh`` (plain BLoRA from the base), as is that of ``map-anchor``; that of ``lora-replay``
+is the first step of ``lora``;
 the start model's evaluation (``start/``) is shared by every order and strategy. A finished step
 (weights and evaluation present) is skipped, and a step killed mid-training resumes from its last
 checkpoint, so running the same command again continues a killed sequence.
@@ -37,11 +47,19 @@ from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset
 from pyro_blora.evaluation import EvalOptions, EvalSet, load_eval_sets
 from pyro_blora.experiment import read_eval, run_evaluation
-from pyro_blora.methods import TrainingData, base_model_of, load_training_data, run_finished, run_training
+from pyro_blora.methods import (
+    PriorTransfer,
+    TrainingData,
+    base_model_of,
+    load_training_data,
+    run_finished,
+    run_training,
+)
 from pyro_blora.report import markdown_table, save_figure
 from pyro_blora.weights import load_processor
 
 __all__ = [
+    "COPIED_PRIOR",
     "STRATEGIES",
     "SequenceConfig",
     "SequenceResult",
@@ -58,10 +76,14 @@ __all__ = [
     "write_comparison",
 ]
 
-STRATEGIES = ("lora", "blora-fresh", "blora-prior", "lora-replay")
-METHOD_OF = {"lora": "lora", "lora-replay": "lora", "blora-fresh": "blora", "blora-prior": "blora"}
+# In the order they can run: map-anchor reads blora-prior's posteriors.
+STRATEGIES = ("lora", "blora-fresh", "blora-prior", "lora-replay", "map-anchor")
+METHOD_OF = {"lora": "lora", "lora-replay": "lora", "blora-fresh": "blora", "blora-prior": "blora",
+             "map-anchor": "map"}
 # Strategies whose first step is another strategy's first step: the same run, trained once.
-FIRST_STEP_OF = {"blora-prior": "blora-fresh", "lora-replay": "lora"}
+FIRST_STEP_OF = {"blora-prior": "blora-fresh", "lora-replay": "lora", "map-anchor": "blora-fresh"}
+# Strategies whose prior is copied from the previous step (the ones prior_scale_floor acts on).
+COPIED_PRIOR = ("blora-prior", "map-anchor")
 
 
 @dataclass(frozen=True)
@@ -84,10 +106,17 @@ class SequenceConfig:
     eval_limit: int | None = None
     evaluation: EvalOptions = EvalOptions(language_id=False)
     seed: int = 0
+    # blora-prior, map-anchor: lower bound on every copied prior scale (None: none).
+    prior_scale_floor: float | None = None
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose among {', '.join(STRATEGIES)}")
+        if self.prior_scale_floor is not None:
+            if self.strategy not in COPIED_PRIOR:
+                raise ValueError(f"prior_scale_floor acts on the copied priors of {', '.join(COPIED_PRIOR)}; "
+                                 f"leave it None for {self.strategy!r}")
+            PriorTransfer(scale_floor=self.prior_scale_floor)  # validates the value
         object.__setattr__(self, "domains", tuple(self.domains))
         object.__setattr__(self, "original_domains", tuple(self.original_domains))
         if not self.domains:
@@ -98,6 +127,16 @@ class SequenceConfig:
         if self.replay_size < 1:
             raise ValueError(f"replay_size must be >= 1, got {self.replay_size}")
         object.__setattr__(self, "train", self.train.replace(seed=self.seed))
+
+    @property
+    def name(self) -> str:
+        """The strategy's folder and label: ``blora-prior``, or ``blora-prior-floor0.001`` with a floor."""
+        return self.strategy if self.prior_scale_floor is None else f"{self.strategy}-floor{self.prior_scale_floor:g}"
+
+    def prior_transfer(self, strategy: str) -> PriorTransfer:
+        """How ``strategy``'s steps after the first copy the previous posterior into the prior."""
+        scales = "mean-precision" if strategy == "map-anchor" else "posterior"
+        return PriorTransfer(scales=scales, scale_floor=self.prior_scale_floor)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -117,6 +156,8 @@ class SequenceConfig:
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
         values["evaluation"] = self.evaluation_settings()
+        if values["prior_scale_floor"] is None:  # sequences recorded before the option existed stay valid
+            del values["prior_scale_floor"]
         return json.loads(json.dumps(values, default=str))
 
 
@@ -136,6 +177,7 @@ class SequenceStep:
     model_source: str
     init_from: Path | None = None
     prior_from: Path | None = None
+    prior_transfer: PriorTransfer = PriorTransfer()
     # Earlier domains replayed in this step's data.
     replay: tuple[str, ...] = ()
 
@@ -143,23 +185,29 @@ class SequenceStep:
 def plan_sequence(config: SequenceConfig, out: str | Path) -> list[SequenceStep]:
     """The steps of ``config``'s strategy, each from the previous one's run folder."""
     order = Path(out) / order_name(config.domains)
+    strategy = config.strategy
+    anchors = plan_sequence(replace(config, strategy="blora-prior"), out) if strategy == "map-anchor" else []
     steps: list[SequenceStep] = []
     previous: Path | None = None
     for number, domain in enumerate(config.domains, 1):
-        owner = FIRST_STEP_OF.get(config.strategy, config.strategy) if number == 1 else config.strategy
-        run_dir = order / owner / f"step{number}-{domain}"
-        step = SequenceStep(number, domain, run_dir, METHOD_OF[config.strategy], str(config.model))
+        shared = number == 1 and strategy in FIRST_STEP_OF
+        owner = FIRST_STEP_OF[strategy] if shared else config.name
+        step = SequenceStep(number, domain, order / owner / f"step{number}-{domain}",
+                            METHOD_OF[FIRST_STEP_OF[strategy] if shared else strategy], str(config.model))
         if previous is not None:
-            if config.strategy in ("lora", "lora-replay"):
+            if strategy in ("lora", "lora-replay"):
                 step = replace(step, init_from=previous)
-            elif config.strategy == "blora-fresh":
+            elif strategy == "blora-fresh":
                 step = replace(step, model_source=str(previous))
             else:
-                step = replace(step, prior_from=previous)
-            if config.strategy == "lora-replay":
+                transfer = config.prior_transfer(strategy)
+                if anchors:  # as strong as blora-prior's prior at this step
+                    transfer = replace(transfer, precision_from=anchors[number - 2].run_dir)
+                step = replace(step, prior_from=previous, prior_transfer=transfer)
+            if strategy == "lora-replay":
                 step = replace(step, replay=config.domains[:number - 1])
         steps.append(step)
-        previous = run_dir
+        previous = step.run_dir
     return steps
 
 
@@ -251,7 +299,7 @@ class SequenceResult:
             for metric in ("error_rate", "ce")
             if all(metric in e["results"][d] for e in evaluations for d in columns)
         }
-        return cls(config.strategy, config.domains, list(rows), columns, list(config.learned_at), matrices, list(runs))
+        return cls(config.name, config.domains, list(rows), columns, list(config.learned_at), matrices, list(runs))
 
 
 # ----------------------------------------------------------------------------------- reports
@@ -353,6 +401,17 @@ def _check_domains(testbed: Path, config: SequenceConfig) -> None:
         raise ValueError(f"unknown domains {unknown}: not in the testbed {testbed}; choose among {available}")
 
 
+def _check_anchors(steps: Sequence[SequenceStep]) -> None:
+    """Refuse, before any training, a map-anchor sequence whose blora-prior runs are missing."""
+    own = {step.run_dir for step in steps}
+    missing = [str(p) for step in steps if (p := step.prior_transfer.precision_from) is not None
+               and p not in own and not run_finished(p)]
+    if missing:
+        raise ValueError(f"map-anchor takes its strength at each step from blora-prior's runs, and {', '.join(missing)} "
+                         "are not finished: run the blora-prior strategy on this order first, with the same options "
+                         "(the sequence command runs the strategies in that order)")
+
+
 def run_sequence(
     config: SequenceConfig,
     testbed: str | Path,
@@ -367,12 +426,14 @@ def run_sequence(
     step once it is trained and evaluated."""
     testbed, out = Path(testbed), Path(out)
     _check_domains(testbed, config)
-    folder = out / order_name(config.domains) / config.strategy
+    steps = plan_sequence(config, out)
+    _check_anchors(steps)
+    folder = out / order_name(config.domains) / config.name
     _record_config(folder / "sequence.json", config)
     processor = load_processor(base_model_of(config.model))
     cache = out / "cache"
     sets = load_eval_sets(testbed, config.columns, processor, limit=config.eval_limit, cache_dir=cache)
-    label = f"{order_name(config.domains)}/{config.strategy}"
+    label = f"{order_name(config.domains)}/{config.name}"
     echo(f"[{label}] step 0: evaluating the start model {config.model}")
     evaluations = [_evaluated(config.model, out / "start", sets, config)]
     data: dict[str, TrainingData] = {}
@@ -382,7 +443,6 @@ def run_sequence(
             data[domain] = load_training_data(testbed / domain, processor, cache_dir=cache)
         return data[domain]
 
-    steps = plan_sequence(config, out)
     for step in steps:
         if not run_finished(step.run_dir):
             echo(f"[{label}] step {step.number}/{len(steps)}: {step.method} on {step.domain} -> {step.run_dir}")
@@ -392,7 +452,7 @@ def run_sequence(
                                          config.replay_size, config.seed)
             run_training(step.method, step.model_source, train_data, step.run_dir, config.blora, config.train,
                          resume=(step.run_dir / "checkpoints").is_dir(), run_info={"sequence_step": step.number},
-                         init_from=step.init_from, prior_from=step.prior_from)
+                         init_from=step.init_from, prior_from=step.prior_from, prior_transfer=step.prior_transfer)
         echo(f"[{label}] step {step.number}/{len(steps)}: evaluating on {', '.join(config.columns)}")
         evaluations.append(_evaluated(step.run_dir, step.run_dir, sets, config))
         if after_step is not None:

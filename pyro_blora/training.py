@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -23,8 +24,9 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_blora import distributed
+from pyro_blora.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
 from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
-from pyro_blora.config import TrainConfig
+from pyro_blora.config import RetentionBudget, TrainConfig
 from pyro_blora.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, window_frames
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import token_nll
@@ -42,6 +44,7 @@ __all__ = [
     "RunFolder",
     "batch_order",
     "count_label_tokens",
+    "finish_budget",
     "lr_schedule",
     "make_batch",
     "make_optimizer",
@@ -81,6 +84,9 @@ class TrainResult:
     final_nll: float | None = None
     collapsed: bool = False
     run_dir: Path | None = None
+    # A budgeted run's end (pyro_blora.budget.BudgetTracker.finish): what it kept, its retention
+    # loss against the limit, the final beta, and whether the budget was met.
+    budget: dict[str, Any] | None = None
 
     @property
     def final(self) -> dict[str, float]:
@@ -226,6 +232,9 @@ class Optimization:
     scheduler: torch.optim.lr_scheduler.LRScheduler = None  # type: ignore[assignment]
     # Extra fields evaluated every config.eval_every steps and merged into that step's record.
     evaluate: Callable[[], Mapping[str, float]] | None = None
+    # Called on every process after each optimiser step with the step number (1-based); its fields
+    # go into the step's record (e.g. a forgetting budget's retention loss and beta).
+    after_step: Callable[[int], Mapping[str, Any]] | None = None
     # Words that explain a non-finite loss, appended to the error.
     failure_hint: str = "Likely causes: a learning rate too high, or NaN in the input features."
     desc: str = "training"
@@ -305,6 +314,8 @@ def run_steps(
             optimization.scheduler.step()
             record = {"step": step + 1, **values, "grad_norm": float(grad_norm),
                       "lr": optimization.scheduler.get_last_lr()[0]}
+            if optimization.after_step is not None:
+                record.update(optimization.after_step(step + 1))
             if optimization.evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0:
                 if context.is_main:
                     record.update(optimization.evaluate())
@@ -395,6 +406,8 @@ def train(
     callbacks: Sequence[Callable[[dict[str, Any], BLoRAWhisper, BLoRAGuide], None]] = (),
     evaluate: Callable[[], Mapping[str, float]] | None = None,
     save: Callable[[], None] | None = None,
+    budget: RetentionBudget | None = None,
+    retention: RetentionSet | None = None,
 ) -> TrainResult:
     """Fit ``guide`` to the posterior of ``model`` on ``dataset`` by SVI.
 
@@ -407,6 +420,11 @@ def train(
     evaluated steps. ``save`` writes the trained weights (on the main process) before ``result.json``,
     so a run with a result always has its weights. Any guide with ``setup()`` and ``means()`` works:
     :class:`BLoRAGuide` (SVI) or :class:`~pyro_blora.guide.BLoRAMAPGuide` (MAP: the prior as an L2 penalty).
+
+    ``budget`` with ``retention`` (the fixed retention batch) is a forgetting budget
+    (:mod:`pyro_blora.budget`): the retention loss is measured every ``budget.every`` steps and logged
+    (``retain_ce``, ``retain_slack``, ``beta``), beta follows it by dual ascent, and at the end the run
+    keeps weights whose measured retention loss is inside the budget (``result.budget`` says which).
     """
     if len(dataset) == 0:
         raise ValueError("the training set is empty; check the data report for rows that were filtered out")
@@ -421,6 +439,9 @@ def train(
             f"gradient checkpointing recomputes layers with the batch's shared adapter draw, so it cannot be combined "
             f"with weight_noise={config.weight_noise!r}; use weight_noise='shared' or turn gradient checkpointing off"
         )
+    if (budget is None) != (retention is None):
+        raise ValueError("a forgetting budget needs both budget= (a RetentionBudget) and retention= (a RetentionSet "
+                         "of the domain to keep); give both or neither")
     device = next(model.whisper.parameters()).device
     num_tokens = num_tokens or count_label_tokens(dataset, collate_fn)
     model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
@@ -431,6 +452,8 @@ def train(
     run = None
     if run_dir is not None:
         fingerprint = {"blora": model.config.to_dict(), "train": config.to_dict(), "run": dict(run_info or {})}
+        if budget is not None:
+            fingerprint["retention"] = budget_fingerprint(budget, retention)
         run = context.on_main(lambda: RunFolder(run_dir, fingerprint, resume, config.keep_checkpoints))
     if eval_batches is None:
         eval_batches = [make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
@@ -441,9 +464,12 @@ def train(
             fields.update(evaluate())
         return fields
 
+    tracker = None
+    if budget is not None:
+        tracker = BudgetTracker(budget, retention.to(device), posterior_update(model, guide), config.steps, model=model)
     optimization = Optimization(
         objective=lambda batch: _noisy_elbo_terms(model, guide, batch, config),
-        stateful={"guide": guide},
+        stateful={"guide": guide, **({"budget": tracker} if tracker is not None else {})},
         optimizer=make_optimizer(svi_parameter_groups(guide, config), config),
         config=config,
         evaluate=periodic_eval,
@@ -454,6 +480,7 @@ def train(
             f"{model.config.kl_normalization}) out of range."
         ),
         desc="SVI",
+        after_step=tracker.after_step if tracker is not None else None,
     )
     state = context.on_main(run.latest_state) if run is not None else None
     start = 0
@@ -466,6 +493,9 @@ def train(
         model.eval()
         result.base_nll = _posterior_nll(model, guide, eval_batches)
     model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
+    if tracker is not None:
+        tracker.start()
+    began = time.perf_counter()
     recompute = gradient_checkpointing(model.whisper, model.adapters().values()) if config.gradient_checkpointing \
         else nullcontext()
     with recompute:
@@ -474,6 +504,9 @@ def train(
             extra_state={"base_nll": result.base_nll},
             callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
         )
+    if tracker is not None:
+        result.budget = finish_budget(tracker, lambda whisper: token_nll(whisper, eval_batches),
+                                      time.perf_counter() - began, evaluate)
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:
@@ -490,6 +523,17 @@ def train(
         if run is not None:
             run.write_result({k: v for k, v in vars(result).items() if k != "history"})
     return result
+
+
+def finish_budget(tracker: BudgetTracker, in_domain: Callable[[Any], float], loop_seconds: float,
+                  evaluate: Callable[[], Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """A budgeted run's end: keep the weights the budget allows (:meth:`BudgetTracker.finish`) and
+    score them on the dev curves' sets when the run has them (``dev``: e.g. the in-domain dev error)."""
+    summary = tracker.finish(in_domain, loop_seconds)
+    if evaluate is not None:
+        context = distributed.current()
+        summary["dev"] = dict(context.on_main(evaluate))
+    return summary
 
 
 def _collapsed(model: BLoRAWhisper, guide: BLoRAGuide, base_nll: float, final_nll: float, tol: float = 0.01) -> bool:

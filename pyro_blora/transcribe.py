@@ -6,9 +6,13 @@ the fraction of samples whose hypothesis contains that word at the aligned posit
 the scoring tokens of :mod:`pyro_blora.metrics` (CJK characters one by one, other text by
 whitespace) and are compared after normalisation, so case and punctuation do not count.
 
-JSON lines schema (``SCHEMA_VERSION`` 1), one object per utterance, keys in this order:
+Recordings longer than 30 s are decoded long-form (:mod:`pyro_blora.longform`): Whisper's own
+sequential 30 s windows with timestamps, for the posterior mean and for every posterior draw; word
+confidences are computed per window and stitched. Shorter clips take the batched short-form pass.
 
-- ``schema_version`` (int): 1.
+JSON lines schema (``SCHEMA_VERSION`` 2), one object per utterance, keys in this order:
+
+- ``schema_version`` (int): 2.
 - ``id`` (str): the dataset row id, or the file name for files.
 - ``source`` (str | null): the audio file path, when there is one.
 - ``language`` (str | null): the language given to Whisper (null: detected by Whisper).
@@ -21,15 +25,26 @@ JSON lines schema (``SCHEMA_VERSION`` 1), one object per utterance, keys in this
 - ``mean_log_prob`` (float | null, nats): mean token log-probability of the posterior-mean
   hypothesis (null with the MBR chooser).
 - ``words`` (list of ``{"word": str, "confidence": float in [0, 1]}``): the chosen hypothesis
-  tokenised, each with the fraction of samples that agree with it.
+  tokenised, each with the fraction of samples that agree with it (all segments, in order).
+- ``duration`` (float, s): length of the audio. *New in version 2.*
+- ``segments`` (list of ``{"start": float, "end": float, "text": str, "words": [...]}``): the chosen
+  hypothesis by segment, with start and end in seconds from the start of the audio; ``words`` as
+  above, and the segments' words together are the top-level ``words``. Long-form recordings have
+  Whisper's timestamped segments; a clip of 30 s or less is one segment from 0 to its duration.
+  *New in version 2.*
 - ``reference`` (str | null): the dataset's transcript, when there is one.
+
+Version 2 only adds keys, so a reader of version 1 that looks keys up by name reads version 2
+lines unchanged. :func:`read_jsonl` reads both; version 1 lines get ``duration`` and ``segments``
+null.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Literal, Sequence
 
@@ -38,16 +53,21 @@ import pyro
 from tqdm.auto import tqdm
 
 from pyro_blora.data import load_audio, load_speech_dataset
-from pyro_blora.features import log_mel_features
+from pyro_blora.features import N_SAMPLES, SAMPLING_RATE, log_mel_features, long_form_features
 from pyro_blora.guide import BLoRAGuide
 from pyro_blora.inference import MonteCarloTranscript, monte_carlo_transcribe
+from pyro_blora.longform import LongFormMonteCarlo, monte_carlo_long_form, window_texts
 from pyro_blora.metrics import contains_cjk, normalize_text, scoring_unit, tokenize
 from pyro_blora.model import BLoRAWhisper
+from pyro_blora.validation import check_language
 
 __all__ = [
     "AUDIO_SUFFIXES",
+    "ClipTooLongError",
     "JSONL_KEYS",
+    "READABLE_SCHEMA_VERSIONS",
     "SCHEMA_VERSION",
+    "SegmentTranscript",
     "TranscribeOptions",
     "Utterance",
     "UtteranceTranscript",
@@ -56,14 +76,19 @@ __all__ = [
     "collect_utterances",
     "read_jsonl",
     "render_table",
+    "segment_word_confidences",
+    "spaced_words",
     "transcribe",
     "transcribe_utterances",
+    "load_for_transcription",
     "word_confidences",
     "word_keys",
     "write_jsonl",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions read_jsonl accepts: 2 only added keys to 1.
+READABLE_SCHEMA_VERSIONS = (1, 2)
 JSONL_KEYS = (
     "schema_version",
     "id",
@@ -77,6 +102,8 @@ JSONL_KEYS = (
     "mean_token_entropy",
     "mean_log_prob",
     "words",
+    "duration",
+    "segments",
     "reference",
 )
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
@@ -100,7 +127,9 @@ class TranscribeOptions:
     seed: int = 0
     # Words with a confidence below this are marked in the table.
     low_confidence: float = 0.5
-    # Extra keyword arguments for ``generate`` (e.g. {"max_new_tokens": 128}).
+    # Decode recordings over 30 s long-form (Whisper's sequential windows); False refuses them.
+    long_form: bool = True
+    # Extra keyword arguments for ``generate`` (e.g. {"max_new_tokens": 128}; per window in long-form).
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -122,6 +151,20 @@ class WordConfidence:
 
 
 @dataclass(frozen=True)
+class SegmentTranscript:
+    """A timed stretch of the chosen hypothesis (seconds from the start of the audio)."""
+
+    start: float
+    end: float
+    text: str
+    words: list[WordConfidence]
+
+
+class ClipTooLongError(ValueError):
+    """A recording over 30 s was given with long-form decoding turned off."""
+
+
+@dataclass(frozen=True)
 class UtteranceTranscript:
     """One line of the JSON lines output (see the module docstring for the schema)."""
 
@@ -137,6 +180,8 @@ class UtteranceTranscript:
     mean_log_prob: float | None
     words: list[WordConfidence]
     reference: str | None = None
+    duration: float | None = None
+    segments: list[SegmentTranscript] | None = None
 
     def to_json_dict(self) -> dict[str, Any]:
         record = {"schema_version": SCHEMA_VERSION, **asdict(self)}
@@ -145,13 +190,19 @@ class UtteranceTranscript:
     @classmethod
     def from_json_dict(cls, record: dict[str, Any]) -> "UtteranceTranscript":
         version = record.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ValueError(
-                f"transcript record has schema_version {version!r}; this version of pyro-blora reads {SCHEMA_VERSION}. "
-                "Re-run `pyro-blora transcribe` to write it in the current schema."
+                f"transcript record has schema_version {version!r}; this version of pyro-blora reads "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. Re-run `pyro-blora transcribe` to write it in the "
+                "current schema, or upgrade pyro-blora."
             )
-        values = {key: record[key] for key in JSONL_KEYS if key != "schema_version"}
+        values = {key: record.get(key) for key in JSONL_KEYS if key != "schema_version"}
         values["words"] = [WordConfidence(**word) for word in values["words"]]
+        if values["segments"] is not None:
+            values["segments"] = [
+                SegmentTranscript(**{**segment, "words": [WordConfidence(**w) for w in segment["words"]]})
+                for segment in values["segments"]
+            ]
         return cls(**values)
 
 
@@ -193,16 +244,28 @@ def agreement(anchor: Sequence[str], others: Sequence[Sequence[str]]) -> list[li
     return matched
 
 
+def segment_word_confidences(
+    chosen_segments: Sequence[str], samples: Sequence[str], language: str | None = None
+) -> list[list[WordConfidence]]:
+    """Words of consecutive segments of the chosen hypothesis, each with the fraction of ``samples``
+    (texts covering the same stretch of audio) that agree with it; the segments are aligned together,
+    so a word that a sample puts across a segment boundary still counts."""
+    if not samples:
+        raise ValueError("word confidences need at least one sample hypothesis")
+    split = [word_keys(text, language) for text in chosen_segments]
+    matches = agreement([key for _, keys in split for key in keys], [word_keys(sample, language)[1] for sample in samples])
+    out, offset = [], 0
+    for words, _ in split:
+        out.append([
+            WordConfidence(word, sum(match[offset + i] for match in matches) / len(samples)) for i, word in enumerate(words)
+        ])
+        offset += len(words)
+    return out
+
+
 def word_confidences(chosen: str, samples: Sequence[str], language: str | None = None) -> list[WordConfidence]:
     """Each word of ``chosen`` with the fraction of ``samples`` that agree with it after alignment."""
-    if not samples:
-        raise ValueError("word_confidences needs at least one sample hypothesis")
-    words, keys = word_keys(chosen, language)
-    matches = agreement(keys, [word_keys(sample, language)[1] for sample in samples])
-    return [
-        WordConfidence(word, sum(match[position] for match in matches) / len(samples))
-        for position, word in enumerate(words)
-    ]
+    return segment_word_confidences([chosen], samples, language)[0]
 
 
 # ------------------------------------------------------------------ inputs
@@ -277,20 +340,56 @@ def _language(utterance: Utterance, options: TranscribeOptions) -> str | None:
     return options.language or utterance.language
 
 
-def _record(utterance: Utterance, result: MonteCarloTranscript, language: str | None, options: TranscribeOptions) -> UtteranceTranscript:
+def _transcript(utterance: Utterance, language: str | None, options: TranscribeOptions, duration: float,
+                text: str, samples: list[str], uncertainty: float, mean_token_entropy: float,
+                mean_log_prob: float | None, segments: list[SegmentTranscript]) -> UtteranceTranscript:
+    """One output line; its words are the segments' words in order."""
     return UtteranceTranscript(
         id=utterance.id,
         source=utterance.source,
         language=language,
-        text=result.chosen,
+        text=text,
         chooser=options.choose,
         num_samples=options.num_samples,
-        samples=list(result.hypotheses),
-        uncertainty=result.disagreement,
-        mean_token_entropy=result.mean_token_entropy,
-        mean_log_prob=result.mean_log_prob,
-        words=word_confidences(result.chosen, result.hypotheses, language),
+        samples=samples,
+        uncertainty=uncertainty,
+        mean_token_entropy=mean_token_entropy,
+        mean_log_prob=mean_log_prob,
+        words=[word for segment in segments for word in segment.words],
         reference=utterance.reference,
+        duration=duration,
+        segments=segments,
+    )
+
+
+def _record(utterance: Utterance, result: MonteCarloTranscript, language: str | None, options: TranscribeOptions,
+            duration: float) -> UtteranceTranscript:
+    """A clip of 30 s or less: one segment from 0 to its duration."""
+    words = word_confidences(result.chosen, result.hypotheses, language)
+    segments = [SegmentTranscript(0.0, duration, result.chosen, words)] if result.chosen else []
+    return _transcript(utterance, language, options, duration, result.chosen, list(result.hypotheses),
+                       result.disagreement, result.mean_token_entropy, result.mean_log_prob, segments)
+
+
+def _long_form_record(utterance: Utterance, result: LongFormMonteCarlo, language: str | None,
+                      options: TranscribeOptions, duration: float) -> UtteranceTranscript:
+    """Word confidences per window of the chosen hypothesis, stitched in order."""
+    chosen = result.chosen
+    per_sample = [window_texts(chosen, sample) for sample in result.samples]  # [S][window]
+    windows = sorted({segment.window for segment in chosen.segments})
+    segments = []
+    for index, window in enumerate(windows):
+        members = [segment for segment in chosen.segments if segment.window == window]
+        words = segment_word_confidences([m.text for m in members], [texts[index] for texts in per_sample], language)
+        segments.extend(SegmentTranscript(m.start, m.end, m.text, w) for m, w in zip(members, words))
+    return _transcript(utterance, language, options, duration, chosen.text, [sample.text for sample in result.samples],
+                       result.disagreement, result.mean_token_entropy, result.mean_log_prob, segments)
+
+
+def _too_long(utterance: Utterance, seconds: float) -> ClipTooLongError:
+    return ClipTooLongError(
+        f"{utterance.source or utterance.id} is {seconds:.1f} s long and long-form decoding is off; "
+        "turn it on (--long-form, TranscribeOptions(long_form=True)) or cut the audio into clips of 30 s or less"
     )
 
 
@@ -302,7 +401,10 @@ def transcribe_utterances(
     options: TranscribeOptions = TranscribeOptions(),
     progress: bool = True,
 ) -> Iterator[UtteranceTranscript]:
-    """Transcribe utterances batch by batch under ``options.num_samples`` posterior draws."""
+    """Transcribe utterances batch by batch under ``options.num_samples`` posterior draws; clips over
+    30 s long-form (one after another within the batch's language), shorter ones in one batched pass."""
+    if options.language is not None:
+        options = replace(options, language=check_language(processor, options.language))
     pyro.set_rng_seed(options.seed)
     device = next(model.whisper.parameters()).device
     dtype = next(model.whisper.parameters()).dtype
@@ -311,20 +413,30 @@ def transcribe_utterances(
         for batch in _batches(utterances, options):
             language = _language(batch[0], options)
             waveforms = [load_audio(utterance.audio) for utterance in batch]
-            features = log_mel_features(processor.feature_extractor, waveforms).to(device=device, dtype=dtype)
-            results = monte_carlo_transcribe(
-                model,
-                guide,
-                features,
-                processor.tokenizer,
-                num_samples=options.num_samples,
-                choose=options.choose,
-                vectorized=options.vectorized,
-                language=language,
-                generate_kwargs=options.generate_kwargs,
-            )
-            for utterance, result in zip(batch, results):
-                yield _record(utterance, result, language, options)
+            durations = [round(w.shape[0] / SAMPLING_RATE, 3) for w in waveforms]
+            long = [i for i, w in enumerate(waveforms) if w.shape[0] > N_SAMPLES]
+            if long and not options.long_form:
+                raise _too_long(batch[long[0]], durations[long[0]])
+            short = [i for i in range(len(batch)) if i not in long]
+            records: dict[int, UtteranceTranscript] = {}
+            if short:
+                features = log_mel_features(processor.feature_extractor, [waveforms[i] for i in short])
+                results = monte_carlo_transcribe(
+                    model, guide, features.to(device=device, dtype=dtype), processor.tokenizer,
+                    num_samples=options.num_samples, choose=options.choose, vectorized=options.vectorized,
+                    language=language, generate_kwargs=options.generate_kwargs,
+                )
+                records.update({i: _record(batch[i], r, language, options, durations[i]) for i, r in zip(short, results)})
+            if long:
+                features, mask = long_form_features(processor.feature_extractor, [waveforms[i] for i in long])
+                results = monte_carlo_long_form(
+                    model, guide, features.to(device=device, dtype=dtype), mask.to(device), processor.tokenizer,
+                    num_samples=options.num_samples, choose=options.choose, language=language,
+                    generate_kwargs=options.generate_kwargs,
+                )
+                records.update({i: _long_form_record(batch[i], r, language, options, durations[i]) for i, r in zip(long, results)})
+            for i in range(len(batch)):
+                yield records[i]
             bar.update(len(batch))
     finally:
         bar.close()
@@ -343,6 +455,35 @@ def transcribe(
     """Transcribe audio files, folders or a dataset (see :func:`collect_utterances`)."""
     utterances = collect_utterances(inputs, split=split, limit=limit)
     return list(transcribe_utterances(model, guide, processor, utterances, options, progress))
+
+
+def load_for_transcription(posterior: str | os.PathLike, model: str | os.PathLike | None = None):
+    """The model, guide and processor of a posterior folder, on its recorded base model unless ``model`` is given.
+
+    Runs trained with a shorter encoder window are refused: their adapters were fitted to a model that
+    reads at most that many seconds, and transcription runs Whisper's 30 s windows."""
+    from pyro_blora.methods import load_run_model
+    from pyro_blora.posterior import load_posterior, posterior_encoder_window, read_posterior_config
+
+    folder = Path(posterior)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"posterior folder {folder} does not exist; give the posterior/ folder of a finished blora run "
+            "(e.g. runs/x/posterior, written by `pyro-blora train --method blora`)"
+        )
+    window = posterior_encoder_window(folder)
+    if window < 30.0:
+        raise ValueError(
+            f"{folder} was trained with a {window:g} s encoder window (--encoder-window), and transcription runs "
+            "Whisper's 30 s windows, which that posterior was not fitted to; score it with `pyro-blora evaluate` "
+            "(which keeps the window), or train with the full window (the default) to transcribe"
+        )
+    base = model or read_posterior_config(folder).get("metadata", {}).get("base_model")
+    if not base:
+        raise ValueError(f"{folder} does not name its base model in posterior.json; pass it with --model (e.g. --model base)")
+    whisper, processor, _ = load_run_model(base)
+    blora, guide = load_posterior(folder, whisper)
+    return blora, guide, processor
 
 
 # ------------------------------------------------------------------ output
@@ -370,9 +511,8 @@ def render_table(transcripts: Sequence[UtteranceTranscript], low_confidence: flo
         table.add_column(name, overflow="fold")
     for transcript in transcripts:
         text = Text()
-        for index, word in enumerate(transcript.words):
-            if index and not _is_cjk_pair(transcript.words[index - 1].word, word.word):
-                text.append(" ")
+        for separator, word in spaced_words(transcript.words):
+            text.append(separator)
             if word.confidence < low_confidence:
                 text.append(f"[{word.word}]", style="bold red")
             else:
@@ -382,6 +522,16 @@ def render_table(transcripts: Sequence[UtteranceTranscript], low_confidence: flo
     return table
 
 
+def spaced_words(words: Sequence[WordConfidence]) -> Iterator[tuple[str, WordConfidence]]:
+    """Each word with the separator written before it: a space, or nothing between CJK characters."""
+    for index, word in enumerate(words):
+        yield ("" if index == 0 or _is_cjk_pair(words[index - 1].word, word.word) else " "), word
+
+
+# CJK and full-width punctuation (。，、！？ …) attaches to the word before it.
+_CJK_PUNCTUATION = re.compile(r"[\u3000-\u303f\uff00-\uffef]")
+
+
 def _is_cjk_pair(left: str, right: str) -> bool:
-    """Two neighbouring CJK characters are written without a space between them."""
-    return contains_cjk(left[-1:]) and contains_cjk(right[:1])
+    """Two neighbouring CJK characters, or CJK punctuation after any word, are written without a space."""
+    return (contains_cjk(left[-1:]) and contains_cjk(right[:1])) or bool(_CJK_PUNCTUATION.match(right[:1]))

@@ -12,7 +12,12 @@ judged by:
 
 Word confidences (the fraction of samples that agree with a word) are judged by their reliability
 diagram and expected calibration error (ECE) against word correctness: a word of the chosen
-hypothesis is correct when the alignment with the normalised reference matches it.
+hypothesis is correct when the alignment with the normalised reference matches it. Other word
+confidences (e.g. the entropy confidence of :mod:`pyro_blora.confidence`) get their ECE and the AUROC
+of flagging wrong words.
+
+AUROC and the selective area come with bootstrap percentile intervals over utterances (the
+resamples of :mod:`pyro_blora.metrics.bootstrap`).
 """
 
 from __future__ import annotations
@@ -26,13 +31,18 @@ import numpy as np
 from scipy import stats
 
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
+from pyro_blora.metrics.bootstrap import DEFAULT_SAMPLES, Interval, bootstrap_weighted
 from pyro_blora.transcribe import UtteranceTranscript, agreement, word_keys
 
 __all__ = [
     "ReliabilityBin",
     "ScoreQuality",
     "UncertaintyReport",
+    "WordConfidenceQuality",
     "auroc",
+    "utterance_errors",
+    "weighted_auroc",
+    "weighted_selective_area",
     "evaluate_uncertainty",
     "expected_calibration_error",
     "plot_report",
@@ -81,6 +91,36 @@ def selective_curve(
         total = lengths[kept].sum()
         rates.append(errors[kept].sum() / total if total > 0 else math.nan)
     return np.asarray(rates)
+
+
+def weighted_auroc(scores: Sequence[float], positives: Sequence[bool], weights: np.ndarray) -> np.ndarray:
+    """:func:`auroc` with every utterance counted ``weights[r, i]`` times, for each row r of weights."""
+    scores = np.asarray(scores, dtype=float)
+    positives = np.asarray(positives, dtype=bool)
+    weights = np.atleast_2d(np.asarray(weights, dtype=float))
+    pos, neg = scores[positives], scores[~positives]
+    wins = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])  # (positives, negatives)
+    w_pos, w_neg = weights[:, positives], weights[:, ~positives]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((w_pos @ wins) * w_neg).sum(1) / (w_pos.sum(1) * w_neg.sum(1))
+
+
+def weighted_selective_area(uncertainty: Sequence[float], errors: Sequence[float], reference_lengths: Sequence[float],
+                            weights: np.ndarray, rejection: Sequence[float] = DEFAULT_REJECTION) -> np.ndarray:
+    """The mean of :func:`selective_curve` over ``rejection`` with every utterance counted
+    ``weights[r, i]`` times (copies of one utterance are rejected one by one), per row r."""
+    order = np.argsort(np.asarray(uncertainty, dtype=float), kind="stable")
+    errors, lengths = np.asarray(errors, float)[order], np.asarray(reference_lengths, float)[order]
+    weights = np.atleast_2d(np.asarray(weights, dtype=float))[:, order]
+    before = np.cumsum(weights, axis=1) - weights
+    total = weights.sum(1, keepdims=True)
+    rates = []
+    for fraction in rejection:
+        keep = np.maximum(1, total - np.floor(fraction * total))
+        kept = np.clip(keep - before, 0, weights)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rates.append((kept @ errors) / (kept @ lengths))
+    return np.nanmean(np.stack(rates, axis=1), axis=1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +184,20 @@ class ScoreQuality:
     selective_error: list[float]
     # Mean of selective_error over the rejection grid (lower: the score ranks errors better).
     selective_area: float
+    # Bootstrap percentile intervals over utterances (None: not asked for).
+    auroc_interval: Interval | None = None
+    selective_area_interval: Interval | None = None
+
+
+@dataclass(frozen=True)
+class WordConfidenceQuality:
+    """How well one word confidence is calibrated and flags the wrong words."""
+
+    ece: float
+    # AUROC of 1 - confidence for "the word is wrong".
+    auroc: float
+    auroc_interval: Interval | None
+    reliability: list[ReliabilityBin]
 
 
 @dataclass
@@ -161,9 +215,22 @@ class UncertaintyReport:
     word_accuracy: float
     ece: float
     reliability: list[ReliabilityBin] = field(default_factory=list)
+    # Other word confidences by name (e.g. "entropy_mean_model"), one list per transcript.
+    word_scores: dict[str, WordConfidenceQuality] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def utterance_errors(hypotheses: Sequence[str], references: Sequence[str],
+                     languages: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Errors and reference lengths per utterance, each in its language's unit (mixed for CJK)."""
+    counts = []
+    for hypothesis, reference, language in zip(hypotheses, references, languages, strict=True):
+        code = language or "und"
+        ref, hyp = normalize_text(reference, code), normalize_text(hypothesis, code)
+        counts.append(utterance_error_counts([ref], [hyp], scoring_unit(code, [ref]))[0])
+    return (np.array([c.errors for c in counts], dtype=float), np.array([c.reference_length for c in counts], dtype=float))
 
 
 def evaluate_uncertainty(
@@ -172,6 +239,9 @@ def evaluate_uncertainty(
     extra_scores: Mapping[str, Sequence[float]] | None = None,
     rejection: Sequence[float] = DEFAULT_REJECTION,
     num_bins: int = 10,
+    word_confidences: Mapping[str, Sequence[Sequence[float]]] | None = None,
+    bootstrap_samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
 ) -> UncertaintyReport:
     """Judge the transcripts' uncertainty scores and word confidences against references.
 
@@ -179,20 +249,16 @@ def evaluate_uncertainty(
     ``"disagreement"`` (the transcript's ``uncertainty``) and ``"token_entropy"``; when every
     transcript has ``mean_log_prob``, also ``"mean_model_neg_log_prob"``. ``extra_scores`` adds
     more, one value per utterance, higher meaning less certain (e.g. a LoRA's negative mean token
-    log-probability). Utterances are scored in their own language's unit (mixed for CJK)."""
+    log-probability). Utterances are scored in their own language's unit (mixed for CJK).
+    ``word_confidences`` adds other confidences of the transcripts' words (one list per transcript, one
+    value per word); AUROC and selective area get ``bootstrap_samples`` resamples (0: no intervals)."""
     if references is None:
         references = [t.reference for t in transcripts]
     if len(references) != len(transcripts) or not transcripts:
         raise ValueError(f"need one reference per transcript; got {len(references)} references for {len(transcripts)} transcripts")
     if any(r is None for r in references):
         raise ValueError("some transcripts have no reference; pass references= (one transcript per utterance)")
-    counts = []
-    for transcript, reference in zip(transcripts, references):
-        code = transcript.language or "und"
-        ref, hyp = normalize_text(reference, code), normalize_text(transcript.text, code)
-        counts.append(utterance_error_counts([ref], [hyp], scoring_unit(code, [ref]))[0])
-    errors = np.array([c.errors for c in counts], dtype=float)
-    lengths = np.array([c.reference_length for c in counts], dtype=float)
+    errors, lengths = utterance_errors([t.text for t in transcripts], references, [t.language for t in transcripts])
     if lengths.sum() == 0:
         raise ValueError("every reference is empty after normalisation; nothing to score")
     rates = np.where(lengths > 0, errors / np.maximum(lengths, 1), np.where(errors > 0, 1.0, 0.0))
@@ -218,13 +284,32 @@ def evaluate_uncertainty(
             result = stats.spearmanr(values, rates)
             rho, p = float(result.statistic), float(result.pvalue)
         curve = selective_curve(values, errors, lengths, rejection)
-        qualities[name] = ScoreQuality(rho, p, auroc(values, has_error), curve.tolist(), float(np.nanmean(curve)))
+        intervals = (None, None)
+        if bootstrap_samples:
+            intervals = tuple(bootstrap_weighted(len(values), statistic, samples=bootstrap_samples, seed=seed) for statistic in (
+                lambda w, v=values: weighted_auroc(v, has_error, w),
+                lambda w, v=values: weighted_selective_area(v, errors, lengths, w, rejection)))
+        qualities[name] = ScoreQuality(rho, p, auroc(values, has_error), curve.tolist(), float(np.nanmean(curve)),
+                                       *intervals)
 
     confidences, correct = [], []
     for transcript, reference in zip(transcripts, references):
         confidences.extend(w.confidence for w in transcript.words)
         correct.extend(word_correctness(transcript.text, reference, transcript.language))
     bins = reliability_bins(confidences, correct, num_bins)
+    word_scores = {}
+    for name, values in (word_confidences or {}).items():
+        flat = [float(v) for per_utterance in values for v in per_utterance]
+        if len(values) != len(transcripts) or len(flat) != len(correct):
+            raise ValueError(f"word confidence {name!r}: give one value per word of every transcript "
+                             f"({len(correct)} words in {len(transcripts)} transcripts), got {len(flat)} in {len(values)}")
+        wrong = ~np.asarray(correct, dtype=bool)
+        doubt = 1.0 - np.asarray(flat)
+        interval = bootstrap_weighted(len(flat), lambda w: weighted_auroc(doubt, wrong, w), samples=bootstrap_samples,
+                                      seed=seed) if bootstrap_samples and flat else None
+        word_bins = reliability_bins(flat, correct, num_bins)
+        word_scores[name] = WordConfidenceQuality(expected_calibration_error(word_bins), auroc(doubt, wrong),
+                                                  interval, word_bins)
     return UncertaintyReport(
         num_utterances=len(transcripts),
         error_rate=float(errors.sum() / lengths.sum()),
@@ -236,6 +321,7 @@ def evaluate_uncertainty(
         word_accuracy=float(np.mean(correct)) if correct else math.nan,
         ece=expected_calibration_error(bins),
         reliability=bins,
+        word_scores=word_scores,
     )
 
 

@@ -41,12 +41,13 @@ __all__ = [
     "interpolate_weights",
     "load_processor",
     "load_whisper",
+    "modernise_generation_config",
     "write_ctranslate2_folder",
 ]
 
 CACHE_ENV = "PYRO_BLORA_CACHE"
 # Bump when the conversion changes what it writes, so stale cache entries are not reused.
-CONVERSION_VERSION = 2
+CONVERSION_VERSION = 3
 CT2_QUANTIZATIONS = (
     "float32",
     "float16",
@@ -268,6 +269,30 @@ def _from_hub(source: str, load):
         raise
 
 
+def modernise_generation_config(config) -> None:
+    """Replace ``forced_decoder_ids`` (deprecated by transformers, and carried by hub checkpoints and by
+    models saved before this version) with the ``language`` / ``task`` fields they encode, in place.
+    Left as they are when they force anything else."""
+    forced = getattr(config, "forced_decoder_ids", None)
+    if not forced:
+        return
+    languages = {i: token.strip("<|>") for token, i in (getattr(config, "lang_to_id", None) or {}).items()}
+    tasks = {i: name for name, i in (getattr(config, "task_to_id", None) or {}).items()}
+    fields = {}
+    for position, token in forced:
+        if token is None or token == getattr(config, "no_timestamps_token_id", None):
+            continue
+        if token in languages and position == 1:
+            fields["language"] = languages[token]
+        elif token in tasks:
+            fields["task"] = tasks[token]
+        else:
+            return
+    for name, value in fields.items():
+        setattr(config, name, value)
+    config.forced_decoder_ids = None
+
+
 def load_whisper(
     source: str | Path, *, dtype: torch.dtype = torch.float32
 ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
@@ -286,6 +311,7 @@ def load_whisper(
     def load(**kwargs):
         target = folder or str(source)
         model = WhisperForConditionalGeneration.from_pretrained(target, dtype=dtype, **kwargs)
+        modernise_generation_config(model.generation_config)
         return model.eval(), WhisperProcessor.from_pretrained(target, **kwargs)
 
     return load() if folder is not None else _from_hub(str(source), load)

@@ -11,7 +11,8 @@ import torch
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.evaluation import EvalOptions
 from pyro_blora.experiment import ALL_LINEAR_TARGETS
-from pyro_blora.methods import base_model_of, load_run_model, load_training_data, run_training
+from pyro_blora.methods import PriorTransfer, base_model_of, load_run_model, load_training_data, run_training
+from pyro_blora.posterior import read_posterior_config
 from pyro_blora.objective import analytic_kl
 from pyro_blora.posterior import load_posterior
 from pyro_blora.sequential import (
@@ -99,6 +100,54 @@ def test_map_prior_from_is_a_penalty_towards_the_previous_point(workspace, first
     assert torch.allclose(prior.scale, torch.tensor(ADAPTER.prior_scale))
 
 
+def test_map_anchor_is_an_isotropic_prior_on_the_previous_adapters_at_their_mean_precision(workspace, first_blora,
+                                                                                            tmp_path):
+    data, steps = workspace["data"]["es-en"], STEPS.replace(steps=4, warmup_steps=0)
+    run_training("map", workspace["model"], data, tmp_path / "anchor", ADAPTER, steps, prior_from=first_blora,
+                 prior_transfer=PriorTransfer(scales="mean-precision"))
+    run_training("map", workspace["model"], data, tmp_path / "fresh", ADAPTER, steps, init_from=first_blora)
+    _, first_guide = load_posterior(first_blora / "posterior", load_whisper(workspace["model"])[0])
+    anchor_model, _ = load_posterior(tmp_path / "anchor" / "posterior", load_whisper(workspace["model"])[0])
+    stds = torch.cat([s.double().flatten() for s in first_guide.stddevs().values()])
+    expected = float((1.0 / stds.square()).mean()) ** -0.5
+    previous = first_guide.means()
+    for site in anchor_model.site_names():
+        prior = anchor_model.site_prior(site).base_dist
+        assert torch.equal(prior.loc, previous[site])
+        assert torch.allclose(prior.scale.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-6)
+    summary = read_posterior_config(tmp_path / "anchor" / "posterior")["metadata"]["prior"]
+    assert summary["isotropic_scale"] == pytest.approx(expected) and summary["floored_fraction"] == 0.0
+    config = json.loads((tmp_path / "anchor" / "config.json").read_text())["run"]
+    assert config["prior_transfer"]["scales"] == "mean-precision"
+    assert config["prior_transfer"]["precision_from"] == str(first_blora)
+
+    def distance(folder) -> float:
+        values = load_posterior(folder / "posterior", load_whisper(workspace["model"])[0])[1].means()
+        return float(sum((values[s] - previous[s]).square().sum() for s in previous)) ** 0.5
+
+    assert 0 < distance(tmp_path / "anchor") < 0.5 * distance(tmp_path / "fresh")
+
+
+def test_prior_scale_floor_raises_the_copied_scales_and_says_by_how_much(workspace, first_blora, tmp_path):
+    _, first_guide = load_posterior(first_blora / "posterior", load_whisper(workspace["model"])[0])
+    stds = torch.cat([s.flatten() for s in first_guide.stddevs().values()])
+    floor = float(stds.median())
+    run_training("blora", workspace["model"], workspace["data"]["es-en"], tmp_path / "floored", ADAPTER,
+                 STEPS.replace(steps=1), prior_from=first_blora, prior_transfer=PriorTransfer(scale_floor=floor))
+    model, _ = load_posterior(tmp_path / "floored" / "posterior", load_whisper(workspace["model"])[0])
+    for site, std in first_guide.stddevs().items():
+        assert torch.equal(model.site_prior(site).base_dist.scale, std.clamp(min=floor))
+    summary = read_posterior_config(tmp_path / "floored" / "posterior")["metadata"]["prior"]
+    assert summary["floored_fraction"] == pytest.approx(float((stds < floor).double().mean()))
+    assert summary["mean_precision"] < summary["mean_precision_copied"]
+    assert summary["scale_quantiles"]["q05"] >= floor * (1 - 1e-6)
+    with pytest.raises(ValueError, match="give prior_from too"):
+        run_training("blora", workspace["model"], workspace["data"]["es-en"], tmp_path / "x", ADAPTER, STEPS,
+                     prior_transfer=PriorTransfer(scale_floor=floor))
+    with pytest.raises(ValueError, match="scale_floor must be > 0"):
+        PriorTransfer(scale_floor=0.0)
+
+
 def test_a_run_folder_is_a_model_source(workspace, first_blora, tmp_path):
     # A fresh BLoRA on the first run's posterior mean merged into its base; evaluation loads run -> run -> base.
     fresh = tmp_path / "fresh"
@@ -153,6 +202,17 @@ def test_strategies_plan_their_steps_and_share_first_steps(workspace, tmp_path):
     assert plans["lora"][1].init_from == order / "lora" / "step1-zh-en" and plans["lora"][1].replay == ()
     assert plans["lora-replay"][1].replay == ("zh-en",)
     assert plans["lora-replay"][1].run_dir == order / "lora-replay" / "step2-es-en"
+    assert plans["map-anchor"][0] == plans["blora-fresh"][0]
+    assert plans["map-anchor"][1].method == "map" and plans["map-anchor"][1].prior_transfer.scales == "mean-precision"
+    assert plans["map-anchor"][1].prior_transfer.precision_from == order / "blora-fresh" / "step1-zh-en"
+    # Three domains: step 3 is anchored on map-anchor's step 2, as strong as blora-prior's step-3 prior.
+    three = plan_sequence(sequence_config(workspace, "map-anchor", domains=("zh-en", "es-en", "en-x"),
+                                          original_domains=(), prior_scale_floor=1e-3), tmp_path)
+    folder = tmp_path / "zh-en_es-en_en-x"
+    assert three[2].prior_from == folder / "map-anchor-floor0.001" / "step2-es-en"
+    assert three[2].prior_transfer.precision_from == folder / "blora-prior-floor0.001" / "step2-es-en"
+    assert three[2].prior_transfer.scale_floor == 1e-3
+    assert plans["blora-prior"][1].prior_transfer == PriorTransfer()
 
 
 def test_bad_sequences_are_refused(workspace, tmp_path):
@@ -162,6 +222,11 @@ def test_bad_sequences_are_refused(workspace, tmp_path):
         run_sequence(sequence_config(workspace, "lora", domains=("zh-en", "fr-en")), workspace["testbed"], tmp_path)
     with pytest.raises(ValueError, match="once"):
         sequence_config(workspace, "lora", domains=("zh-en", "en"))
+    with pytest.raises(ValueError, match="prior_scale_floor acts on the copied priors"):
+        sequence_config(workspace, "lora", prior_scale_floor=1e-3)
+    with pytest.raises(ValueError, match="run the blora-prior strategy on this order first"):
+        run_sequence(sequence_config(workspace, "map-anchor", domains=("zh-en", "es-en", "en"), original_domains=()),
+                     workspace["testbed"], tmp_path / "anchor", echo=lambda line: None)
 
 
 def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
@@ -216,3 +281,27 @@ def test_sequence_command_writes_matrices_markdown_and_heatmaps(workspace, tmp_p
     assert "| lora-replay |" in (order / "comparison.md").read_text()
     bad = CliRunner().invoke(app, [str(a) for a in args[:-1]] + ["--strategy", "ewc"])
     assert bad.exit_code != 0 and "unknown strategies" in bad.output
+
+
+def test_sequence_command_takes_the_paper_preset_a_floor_and_map_anchor(workspace, tmp_path):
+    from typer.testing import CliRunner
+
+    from pyro_blora.cli import app
+
+    args = ["sequence", "--testbed", workspace["testbed"], "--out", tmp_path, "--domains", "zh-en", "--domains", "es-en",
+            "--strategy", "map-anchor", "--strategy", "blora-prior", "--model", workspace["model"], "--preset", "paper",
+            "--rank", "2", "--prior-scale-floor", "1e-3", "--steps", "1", "--batch-size", "2", "--warmup-steps", "1",
+            "--eval-limit", "1", "--decode-limit", "0", "--no-progress"]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    order = tmp_path / "zh-en_es-en"
+    recorded = json.loads((order / "map-anchor-floor0.001" / "sequence.json").read_text())
+    assert recorded["blora"]["kl_normalization"] == "matrix" and recorded["train"]["weight_noise"] == "flipout"
+    assert recorded["blora"]["target_modules"] == list(BLoRAConfig.paper().target_modules)
+    assert recorded["prior_scale_floor"] == 1e-3
+    anchor = json.loads((order / "map-anchor-floor0.001" / "step2-es-en" / "config.json").read_text())["run"]
+    assert anchor["method"] == "map" and anchor["prior_from"] == str(order / "blora-fresh" / "step1-zh-en")
+    assert anchor["prior_transfer"] == {"scales": "mean-precision", "scale_floor": 1e-3,
+                                        "precision_from": str(order / "blora-fresh" / "step1-zh-en")}
+    assert (order / "blora-prior-floor0.001" / "matrix.json").is_file()
+    assert "| map-anchor-floor0.001 |" in (order / "comparison.md").read_text()

@@ -162,3 +162,33 @@ def test_built_testbed_becomes_training_batches(tmp_path, processor):
     for row, labels in zip(rows, batch["labels"]):
         text = processor.tokenizer.decode([t for t in labels.tolist() if t != -100], skip_special_tokens=True)
         assert text.strip() == row["text"]
+
+
+def _loading_snippet(text: str) -> str:
+    """The python block that follows a '## Loading' heading or the testbed README section's marker."""
+    start = text.index("```python\nimport datasets, io, soundfile")
+    return text[start + len("```python\n"): text.index("```", start + 3)]
+
+
+def test_documented_loading_reads_the_audio_without_torchcodec(tmp_path):
+    """The card's and the README's two lines (cast to undecoded audio, then soundfile) read what the
+    testbed stores, with plain `datasets`, whether or not torchcodec loads."""
+    from pathlib import Path
+
+    from pyro_blora.testbed.audio import wav_bytes
+    from pyro_blora.testbed.manifest import _CARD_HEAD, DATASET_COLUMNS, save_domain
+
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(8000) / 16000)).astype(np.float32)
+    row = {name: None for name in DATASET_COLUMNS} | {
+        "id": "zh-en-test-0", "audio": {"bytes": wav_bytes(tone), "path": "zh-en-test-0.wav"}, "text": "你好 world",
+        "language": "zh", "languages": "zh+en", "domain": "zh-en", "voice": "cmn+f2|en+f2", "rate": 1.0,
+        "n_switches": 1, "embedded_fraction": 0.3, "template_id": "t0", "duration_s": 0.5,
+    }
+    save_domain(tmp_path / "zh-en", {"test": [row]})
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    snippets = {_loading_snippet(_CARD_HEAD), _loading_snippet(readme)}
+    assert len(snippets) == 1  # the card and the README show the same lines
+    scope: dict = {}
+    exec(snippets.pop().replace("<this folder>", str(tmp_path)), scope)
+    assert scope["rate"] == 16_000
+    np.testing.assert_allclose(scope["audio"], tone, atol=1 / 32768)

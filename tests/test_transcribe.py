@@ -21,6 +21,7 @@ from pyro_blora.inference import minimum_bayes_risk
 from pyro_blora.transcribe import (
     JSONL_KEYS,
     SCHEMA_VERSION,
+    SegmentTranscript,
     TranscribeOptions,
     UtteranceTranscript,
     WordConfidence,
@@ -110,17 +111,18 @@ def example_transcript(**overrides) -> UtteranceTranscript:
     values = dict(
         id="u1", source="a.wav", language="en", text="hello world", chooser="mean", num_samples=2,
         samples=["hello world", "hello word"], uncertainty=0.25, mean_token_entropy=0.4, mean_log_prob=-0.2,
-        words=[WordConfidence("hello", 1.0), WordConfidence("world", 0.5)], reference="hello world",
+        words=[WordConfidence("hello", 1.0), WordConfidence("world", 0.5)], reference="hello world", duration=1.5,
     )
+    values["segments"] = [SegmentTranscript(0.0, 1.5, "hello world", values["words"])]
     values.update(overrides)
     return UtteranceTranscript(**values)
 
 
 def test_json_schema_is_pinned_and_round_trips(tmp_path):
-    assert SCHEMA_VERSION == 1
+    assert SCHEMA_VERSION == 2
     assert JSONL_KEYS == (
         "schema_version", "id", "source", "language", "text", "chooser", "num_samples", "samples",
-        "uncertainty", "mean_token_entropy", "mean_log_prob", "words", "reference",
+        "uncertainty", "mean_token_entropy", "mean_log_prob", "words", "duration", "segments", "reference",
     )
     record = example_transcript().to_json_dict()
     assert tuple(record) == JSONL_KEYS
@@ -130,6 +132,17 @@ def test_json_schema_is_pinned_and_round_trips(tmp_path):
         assert write_jsonl([example_transcript(), example_transcript(id="u2")], handle) == 2
     assert [t.id for t in read_jsonl(path)] == ["u1", "u2"]
     assert read_jsonl(path)[0] == example_transcript()
+    assert record["segments"][0] == {"start": 0.0, "end": 1.5, "text": "hello world", "words": record["words"]}
+
+
+def test_version_1_lines_are_still_read(tmp_path):
+    """Version 2 only added keys: a version 1 line reads with duration and segments null."""
+    record = example_transcript().to_json_dict()
+    old = {key: value for key, value in record.items() if key not in ("duration", "segments")} | {"schema_version": 1}
+    path = tmp_path / "v1.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    [transcript] = read_jsonl(path)
+    assert transcript == example_transcript(duration=None, segments=None)
 
 
 def test_other_schema_versions_are_refused():

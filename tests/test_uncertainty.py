@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -114,3 +115,206 @@ def test_report_needs_references():
         evaluate_uncertainty([no_reference])
     with pytest.raises(ValueError, match="one reference per transcript"):
         evaluate_uncertainty([t], references=["a", "b"])
+
+
+# ----------------------------------------------------------------------------------- bootstrap intervals
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.booleans(), st.integers(1, 3)), min_size=3, max_size=10))
+def test_weighted_scores_equal_the_plain_ones_on_the_repeated_utterances(rows):
+    from pyro_blora.uncertainty import weighted_auroc, weighted_selective_area
+
+    scores = np.array([s for s, _, _ in rows], float)
+    labels = np.array([y for _, y, _ in rows])
+    counts = np.array([c for _, _, c in rows], float)
+    errors, lengths = labels * 2.0, np.full(len(rows), 4.0)
+    repeated = lambda values: np.repeat(values, counts.astype(int))  # noqa: E731
+    expected = auroc(repeated(scores), repeated(labels))
+    got = weighted_auroc(scores, labels, counts[None])[0]
+    assert (math.isnan(expected) and math.isnan(got)) or got == pytest.approx(expected)
+    assert weighted_auroc(scores, labels, np.ones((1, len(rows))))[0] == pytest.approx(auroc(scores, labels), nan_ok=True)
+    plain = np.nanmean(selective_curve(repeated(scores), repeated(errors), repeated(lengths)))
+    assert weighted_selective_area(scores, errors, lengths, counts[None])[0] == pytest.approx(plain)
+
+
+def test_report_intervals_contain_the_estimate_and_pin_a_perfect_score():
+    rng = np.random.default_rng(0)
+    references = [f"w{i} x{i} y{i} z{i}" for i in range(40)]
+    wrong = rng.uniform(size=40) < 0.4
+    texts = [f"v{i} x{i} y{i} z{i}" if bad else ref for i, (bad, ref) in enumerate(zip(wrong, references))]
+    transcripts = [transcript(t, r, [t], -0.1) for t, r in zip(texts, references)]
+    noisy = wrong + rng.normal(scale=0.8, size=40)
+    report = evaluate_uncertainty(transcripts, extra_scores={"perfect": wrong.astype(float), "noisy": noisy},
+                                  bootstrap_samples=500)
+    perfect, noisy_quality = report.scores["perfect"], report.scores["noisy"]
+    assert perfect.auroc == 1.0 and (perfect.auroc_interval.low, perfect.auroc_interval.high) == (1.0, 1.0)
+    assert noisy_quality.auroc_interval.low < noisy_quality.auroc < noisy_quality.auroc_interval.high
+    assert noisy_quality.auroc_interval.high - noisy_quality.auroc_interval.low > 0.05
+    area = noisy_quality.selective_area_interval
+    assert area.low <= noisy_quality.selective_area <= area.high
+    assert area.estimate == pytest.approx(noisy_quality.selective_area)
+
+
+def test_other_word_confidences_get_their_ece_and_auroc():
+    transcripts = [transcript("a b c d", "a b x d", ["a b c d"], -0.1), transcript("e f", "e f", ["e f"], -0.1)]
+    # Words: a b c d e f; only c is wrong.
+    sharp = [[0.9, 0.9, 0.1, 0.9], [0.9, 0.9]]
+    report = evaluate_uncertainty(transcripts, word_confidences={"sharp": sharp, "flat": [[0.5] * 4, [0.5] * 2]},
+                                  bootstrap_samples=200)
+    assert report.word_scores["sharp"].auroc == 1.0 and report.word_scores["flat"].auroc == 0.5
+    assert report.word_scores["sharp"].ece == pytest.approx((5 * 0.1 + 0.1) / 6)
+    with pytest.raises(ValueError, match="one value per word"):
+        evaluate_uncertainty(transcripts, word_confidences={"short": [[0.5], [0.5]]})
+
+
+# ----------------------------------------------------------------------------------- entropy confidence, temperature
+def test_entropy_confidence_is_one_for_certain_zero_for_uniform_and_orders_sharpness():
+    import torch
+
+    from pyro_blora.confidence import entropy_confidence
+
+    vocab = 50
+    certain = torch.full((vocab,), -1e4).index_fill(0, torch.tensor([3]), 0.0).log_softmax(-1)
+    uniform = torch.zeros(vocab).log_softmax(-1)
+    sharp, flat = torch.randn(vocab).mul(6).log_softmax(-1), torch.randn(vocab).mul(0.5).log_softmax(-1)
+    for alpha in (1 / 3, 1.0):
+        values = entropy_confidence(torch.stack([certain, uniform, sharp, flat]), alpha)
+        assert values[0] == pytest.approx(1.0, abs=1e-5) and values[1] == pytest.approx(0.0, abs=1e-5)
+        assert values[2] > values[3]
+    # Gibbs (alpha 1): (V exp(-H) - 1) / (V - 1).
+    entropy = float(-(sharp.exp() * sharp).sum())
+    assert float(entropy_confidence(sharp, 1.0)) == pytest.approx((vocab * math.exp(-entropy) - 1) / (vocab - 1), rel=1e-4)
+
+
+@pytest.mark.parametrize("true_temperature", [0.6, 1.0, 2.0])
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_temperature):
+    import torch
+
+    from pyro_blora.confidence import fit_temperature
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 30, generator=generator) * 3
+    labels = torch.multinomial(torch.softmax(logits / true_temperature, -1), 1, generator=generator).squeeze(-1)
+    fit = fit_temperature([(logits[:10000], labels[:10000]), (logits[10000:], labels[10000:])])
+    assert fit.temperature == pytest.approx(true_temperature, rel=0.05)
+    assert fit.tokens == 20000 and fit.nll <= fit.nll_at_one + 1e-9
+    with pytest.raises(ValueError, match="contain 1.0"):
+        fit_temperature([(logits, labels)], temperatures=(0.5, 2.0))
+
+
+def test_word_entropy_confidence_groups_tokens_into_words():
+    from pyro_blora.confidence import word_entropy_confidences, word_token_groups
+    from pyro_blora.weights import load_processor
+
+    tokenizer = load_processor("tiny.en").tokenizer
+    ids = tokenizer.encode(" Hello world, 我们 go", add_special_tokens=False)
+    words, groups = word_token_groups(tokenizer, ids, "zh")
+    assert words == ["Hello", "world,", "我", "们", "go"]
+    assert sorted(i for g in groups for i in g) == list(range(len(ids)))  # every token in one word
+    spelled = ["".join(tokenizer.decode([ids[i] for i in g]).split()) for g in groups]
+    assert spelled == ["Hello", "world,", "我", "们", "go"]
+    confidences = [0.9] * len(ids)
+    confidences[groups[1][-1]] = 0.2
+    assert word_entropy_confidences(tokenizer, ids, confidences, "zh") == pytest.approx([0.9, 0.2, 0.9, 0.9, 0.9])
+
+
+# ----------------------------------------------------------------------------------- sampling remedies, mutual information
+def test_posterior_temperature_scales_the_draws_and_sites_hold_the_rest_at_the_mean():
+    import pyro
+
+    from pyro_blora.inference import sample_posterior, widest_sites
+    from tests.test_transcribe import noisy_posterior
+
+    model, guide = noisy_posterior(stddev=0.01)
+    means = guide.means()
+    pyro.set_rng_seed(3)
+    plain = sample_posterior(guide, 3)
+    pyro.set_rng_seed(3)
+    hot = sample_posterior(guide, 3, temperature=4.0)
+    for site in means:
+        assert torch_allclose(hot[site] - means[site], 4.0 * (plain[site] - means[site]))
+    stds = guide.stddevs()
+    stds[model.site_names()[0]] = stds[model.site_names()[0]] * 10
+    guide.set_stddevs(stds)
+    chosen = widest_sites(guide, 1)
+    assert chosen == [model.site_names()[0]]
+    partial = sample_posterior(guide, 2, sites=chosen)
+    assert all((partial[s] == means[s]).all() for s in means if s not in chosen)
+    assert not (partial[chosen[0]] == means[chosen[0]]).all()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sample_posterior(guide, 2, temperature=0.0)
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_mutual_information_vanishes_for_a_collapsed_posterior_and_grows_with_its_width():
+    import pyro
+    import torch
+
+    from pyro_blora import monte_carlo_transcribe
+    from tests.test_transcribe import WordTokenizer, noisy_posterior
+    from tests.tiny import FRAMES, MELS
+
+    model, guide = noisy_posterior(stddev=0.3)
+    features = torch.randn(2, MELS, FRAMES, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for tau in (1e-6, 1.0):
+        pyro.set_rng_seed(0)
+        runs[tau] = monte_carlo_transcribe(model, guide, features, WordTokenizer(), num_samples=4,
+                                           posterior_temperature=tau, generate_kwargs={"max_new_tokens": 5})
+    for cold, warm in zip(runs[1e-6], runs[1.0]):
+        assert cold.mutual_information == pytest.approx(0.0, abs=1e-4)
+        assert cold.predictive_entropy == pytest.approx(cold.expected_entropy, abs=1e-4)
+        assert warm.mutual_information > 1e-3
+        assert warm.predictive_entropy == pytest.approx(warm.expected_entropy + warm.mutual_information, rel=1e-5)
+        assert len(warm.token_confidences) == len(warm.token_ids)
+        assert all(0.0 <= c <= 1.0 for c in warm.token_confidences)
+
+
+# ----------------------------------------------------------------------------------- the payoff pass, end to end
+from tests.test_transcribe import real_sized_tiny  # noqa: E402,F401  (fixture)
+
+
+def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_path):
+    import torch
+
+    from pyro_blora.methods import load_training_data
+    from pyro_blora.payoff import (
+        PayoffOptions,
+        decode_payoff_records,
+        fit_model_temperatures,
+        summarise_payoff,
+        write_records,
+    )
+    from pyro_blora.transcribe import collect_utterances
+
+    model, guide, processor, folder = real_sized_tiny
+    lora = {site: value + 0.05 * torch.randn_like(value) for site, value in guide.means().items()}
+    dev = load_training_data(folder / "manifest.csv", processor, split="train")
+    fits = fit_model_temperatures(model, {"mean": guide.means(), "lora": lora}, [dev])
+    assert set(fits) == {"mean", "lora"} and all(f.tokens > 0 and f.nll <= f.nll_at_one + 1e-9 for f in fits.values())
+    options = PayoffOptions(samples=(2, 1), posterior_temperature=2.0, widest_sites=2, max_new_tokens=4)
+    assert options.samples == (1, 2)
+    utterances = collect_utterances(folder / "manifest.csv")
+    records = list(decode_payoff_records(model, guide, processor, utterances, options, lora,
+                                         {"mean": 2.0, "lora": 0.5}))
+    assert [r["id"] for r in records] == [u.id for u in utterances] and all(len(r["samples"]) == 2 for r in records)
+    for record in records:
+        assert record["mean"]["scaled_log_prob"] != record["mean"]["log_prob"]
+        assert record["mutual_information"] >= 0
+        words = word_correctness(record["mean"]["text"], record["reference"], "en")
+        assert len(record["mean"]["word_entropy_confidence"]) == len(words)
+    write_records(iter(records), tmp_path / "rows.jsonl", {"domain": "en"})
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").open()]
+    summary = summarise_payoff(rows, options, fits, bootstrap_samples=50, plot_dir=tmp_path)
+    assert set(summary["error_rate"]) == {"mean", "mbr@1", "mbr@2", "lora"}
+    assert set(summary["against_mean"]) == {"mbr@1", "mbr@2", "lora"}
+    largest = summary["uncertainty"]["S=2"]
+    assert {"mutual_information", "mean_neg_log_prob_scaled", "lora_neg_log_prob_on_mean_errors"} <= set(largest["scores"])
+    assert set(largest["word_scores"]) == {"entropy_mean_model", "entropy_ensemble"}
+    assert "mutual_information" not in summary["uncertainty"]["S=1"]["scores"]
+    assert "lora_neg_log_prob_scaled" in summary["uncertainty"]["lora_own_errors"]["scores"]
+    assert (tmp_path / "S2-reliability.png").is_file()

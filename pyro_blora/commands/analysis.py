@@ -23,7 +23,7 @@ def _values(text: str, convert: Callable[[str], T], option: str) -> tuple[T, ...
 
 
 def inspect(
-    runs: list[Path] = typer.Argument(..., help="run folders, or folders holding them"),
+    runs: list[Path] = typer.Argument(..., exists=True, file_okay=False, help="run folders, or folders holding them"),
     out: Path = typer.Option(Path("inspection"), help="folder for inspect.md, inspect.json and the plots"),
 ) -> None:
     """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots."""
@@ -37,8 +37,8 @@ def inspect(
 
 
 def sweep(
-    data: Path = typer.Option(..., help="training data: a testbed domain folder"),
-    testbed: Path = typer.Option(..., help="testbed folder with the evaluation domains"),
+    data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder"),
+    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder with the evaluation domains"),
     out: Path = typer.Option(Path("sweep"), help="sweep folder (runs/, base/, results.csv, results.json)"),
     model: str = typer.Option("base", help="base model: bundled name, folder or hub id"),
     domains: list[str] = typer.Option(["zh-en", "en"], help="evaluated domains (the trained one and backward ones)"),
@@ -105,7 +105,7 @@ def sweep(
 
 
 def report(
-    runs: list[Path] = typer.Argument(..., help="run folders, or folders holding them (e.g. a sweep or main job)"),
+    runs: list[Path] = typer.Argument(..., exists=True, file_okay=False, help="run folders, or folders holding them (e.g. a sweep or main job)"),
     out: Path = typer.Option(Path("report"), help="folder for report.md, summary.csv/json and the plots"),
     base: Optional[Path] = typer.Option(None, help="eval.json of the base model (default: each run's relative_to_base)"),
     in_domain: Optional[str] = typer.Option(None, help="the trained domain (default: each run's training folder)"),
@@ -118,7 +118,7 @@ def report(
 
 
 def table(
-    sweeps: list[Path] = typer.Argument(..., help="sweep folders, one per trained domain"),
+    sweeps: list[Path] = typer.Argument(..., exists=True, file_okay=False, help="sweep folders, one per trained domain"),
     out: Path = typer.Option(Path("table"), help="stem of table.md, table.csv and table.json"),
 ) -> None:
     """The paper's table over domains: base and every method, mean ± std over seeds, changes against

@@ -9,9 +9,9 @@ from typing import Optional
 
 import typer
 
-from pyro_blora.config import BLoRAConfig, DEFAULT_TARGETS, TrainConfig
+from pyro_blora.config import BLoRAConfig, DEFAULT_TARGETS, RetentionBudget, TrainConfig
 from pyro_blora.evaluation import EvalOptions, format_table
-from pyro_blora.experiment import ALL_LINEAR_TARGETS, MainJobConfig, run_evaluation, run_main_job
+from pyro_blora.experiment import ALL_LINEAR_TARGETS, MainJobConfig, export_run, run_evaluation, run_main_job
 from pyro_blora.methods import METHODS, base_model_of, load_training_data, run_training
 from pyro_blora.weights import load_processor
 
@@ -42,16 +42,28 @@ def preset_configs(preset: str, adapter: dict, train: dict) -> tuple[BLoRAConfig
     return BLoRAConfig(**adapter), TrainConfig(**train)
 
 
-def adapter_config(targets: str, rank: int, alpha: float | None, prior_scale: float, beta: float,
-                   kl_normalization: str) -> BLoRAConfig:
-    """The adapters the command-line options describe (``targets``: a preset name or a regular expression)."""
-    return BLoRAConfig(rank=rank, alpha=alpha, target_modules=TARGET_PRESETS.get(targets, (targets,)),
-                       prior_scale=prior_scale, beta=beta, kl_normalization=kl_normalization)
+RETAIN_HELP = ("retention data (the domain to keep, e.g. testbed/en): with --retain-budget, a forgetting budget; "
+               "utterances without transcripts are labelled by the base model's greedy transcripts")
+BUDGET_HELP = ("how much worse the retention loss (CE per transcript token) may get: 0.03 = 3% over the base model; "
+               "with --retain-absolute, the highest retention loss allowed (nats per token)")
+
+
+def retention_budget(budget: float | None, absolute: bool, retain: Path | None, **options) -> RetentionBudget | None:
+    """The forgetting budget the command-line options describe (None without --retain-budget)."""
+    if (budget is None) != (retain is None):
+        raise typer.BadParameter("a forgetting budget needs both --retain (the retention data) and --retain-budget")
+    if budget is None:
+        return None
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return RetentionBudget(budget, kind="absolute" if absolute else "relative", **given)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
 
 
 def train(
     method: str = typer.Option("blora", help=f"one of {', '.join(METHODS)}"),
-    data: Path = typer.Option(..., help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
+    data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
     out: Path = typer.Option(..., help="run folder"),
     model: str = typer.Option("base", help="base model: bundled name (base, tiny.en), folder or hub id"),
     split: str = typer.Option("train", help="split of --data to train on"),
@@ -89,11 +101,25 @@ def train(
     gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward: less memory, more compute"),
     encoder_window: float = typer.Option(30.0, help="seconds the encoder reads; < 30 is a speed option that changes "
                                                      "the model and refuses longer clips (see README)"),
+    retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
+    retain_split: str = typer.Option("dev", help="split of --retain (test when it has no such split)"),
+    retain_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
+    retain_absolute: bool = typer.Option(False, help="--retain-budget is the highest retention loss allowed"),
+    retain_every: Optional[int] = typer.Option(None, help="measure the retention loss every N steps [10]"),
+    retain_utterances: Optional[int] = typer.Option(None, help="utterances of the fixed retention batch [8]"),
+    retain_lr: Optional[float] = typer.Option(None, help="dual-ascent step of log beta [5]"),
+    retain_decay: Optional[float] = typer.Option(None, help="moving average of the retention loss [0.5]"),
+    beta_min: Optional[float] = typer.Option(None, help="lower bound of the adapted beta [1e-3]"),
+    beta_max: Optional[float] = typer.Option(None, help="upper bound of the adapted beta [1e4]"),
+    retain_scale: bool = typer.Option(True, help="when the final weights break the budget, also try the final "
+                                      "update scaled by the largest lambda inside it"),
 ) -> None:
     """Train one method (blora, lora, map, full) into a run folder; --model may be a finished run folder;
     under torchrun, data-parallel."""
     from pyro_blora.evaluation import load_eval_sets
 
+    if method not in METHODS:
+        raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
     blora, config = preset_configs(
         preset,
         dict(targets=targets, rank=rank, alpha=alpha, prior_scale=prior_scale, beta=beta,
@@ -104,6 +130,9 @@ def train(
              gradient_checkpointing=gradient_checkpointing, encoder_window_seconds=encoder_window,
              weight_noise=weight_noise, weight_decay=weight_decay, scale_lr_multiplier=scale_lr_multiplier),
     )
+    budget = retention_budget(retain_budget, retain_absolute, retain, every=retain_every, utterances=retain_utterances,
+                              lr=retain_lr, decay=retain_decay, beta_min=beta_min, beta_max=beta_max,
+                              scale_at_end=retain_scale)
     processor = load_processor(base_model_of(model))
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit)
     curve_sets = None
@@ -114,14 +143,31 @@ def train(
                                     cache_dir=cache_dir)
     result = run_training(method, model, training, out, blora, config, curve_sets=curve_sets,
                           curve_options=EvalOptions(decode_limit=eval_decoded, progress=False), resume=resume,
-                          init_from=init_from, prior_from=prior_from)
+                          init_from=init_from, prior_from=prior_from, budget=budget, retain=retain,
+                          retain_split=retain_split, cache_dir=cache_dir)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one line from rank 0
         typer.echo(f"{method}: base NLL {result.base_nll:.4f} -> final NLL {result.final_nll:.4f}; run folder {out}")
+        if result.budget is not None:
+            typer.echo(budget_line(result.budget))
+
+
+def budget_line(summary: dict) -> str:
+    """A budgeted run's end in one line: what it kept, its retention loss against the limit, beta."""
+    if summary.get("message") and not summary.get("met_during_training"):
+        head = f"BUDGET NOT MET DURING TRAINING: {summary['message']}"
+    else:
+        head = f"forgetting budget ({summary['described']}) met"
+    kept = {"final": "its final weights", "checkpoint": f"its weights of step {summary['kept_step']}",
+            "scaled": f"its final update scaled by {summary['scale']:.4g}"}[summary["kept"]]
+    beta = f"; final beta {summary['final_beta']:.4g}" if summary.get("final_beta") is not None else ""
+    dev = "".join(f"; {k} {v:.4g}" for k, v in (summary.get("dev") or {}).items() if k.endswith("error_rate"))
+    return (f"{head}: the run keeps {kept}, retention loss {summary['retain_ce']:.4f} (limit "
+            f"{summary['retain_limit']:.4f}, base {summary['base_retain_ce']:.4f}){beta}{dev}")
 
 
 def evaluate(
     source: str = typer.Argument(..., help="a run folder, or a model (bundled name, folder, hub id)"),
-    testbed: Path = typer.Option(..., help="testbed folder"),
+    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder"),
     domains: list[str] = typer.Option(["zh-en", "en"], help="domains to evaluate (in-domain and backward)"),
     split: str = typer.Option("test"),
     limit: Optional[int] = typer.Option(None, help="first N utterances of each domain"),
@@ -136,12 +182,22 @@ def evaluate(
                                               "W0 + λ (W_run - W0), into <run>/eval-scale<λ>.json (1: eval.json)"),
     encoder_window: Optional[float] = typer.Option(None, help="seconds the encoder of a model reads (a base model "
                                                    "scored beside windowed runs); a run uses its own window"),
+    retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
+    retain_split: str = typer.Option("dev", help="split of --retain (test when it has no such split)"),
+    retain_budget: Optional[float] = typer.Option(None, help="evaluate the run with its update scaled by the largest "
+                                                  "lambda inside this budget on --retain, into "
+                                                  "<run>/eval-budget<budget>.json; " + BUDGET_HELP),
+    retain_absolute: bool = typer.Option(False, help="--retain-budget is the highest retention loss allowed"),
+    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured [8]"),
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
     from pyro_blora.commands.analysis import _values
     from pyro_blora.evaluation import load_eval_sets
 
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
+    budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances)
+    if budget is not None and delta_scale is not None:
+        raise typer.BadParameter("give --delta-scale or --retain-budget, not both: the budget chooses the scale")
     scales = (None,) if delta_scale is None else _values(delta_scale, float, "--delta-scale")
     if out is not None and len(scales) > 1:
         raise typer.BadParameter("--out names one file; leave it out with several --delta-scale values (each "
@@ -151,13 +207,35 @@ def evaluate(
     tables = {}
     for scale in scales:
         report = run_evaluation(source, sets, options=options, base=base, against=against, out=out,
-                                delta_scale=scale, encoder_window_seconds=encoder_window)
+                                delta_scale=scale, encoder_window_seconds=encoder_window, retain=retain,
+                                retain_budget=budget, retain_split=retain_split, cache_dir=cache_dir)
         tables[report["model"]] = report["results"]
         for name in ("base", "against"):
             if report.get(f"relative_to_{name}"):
                 typer.echo(f"{report['model']}: relative change against {name} ({report[f'{name}_source']}): "
                            f"{report[f'relative_to_{name}']}")
     typer.echo(format_table(tables))
+
+
+def export(
+    run: Path = typer.Argument(..., help="a finished run folder"),
+    out: Path = typer.Option(..., help="output folder: a transformers Whisper (weights and processor)"),
+    retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
+    retain_split: str = typer.Option("dev", help="split of --retain (test when it has no such split)"),
+    retain_budget: Optional[float] = typer.Option(None, help="scale the run's update by the largest lambda inside this "
+                                                  "budget on --retain; " + BUDGET_HELP),
+    retain_absolute: bool = typer.Option(False, help="--retain-budget is the highest retention loss allowed"),
+    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured [8]"),
+    cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
+) -> None:
+    """Write a run's adapted model as a plain transformers Whisper folder, optionally inside a forgetting budget."""
+    budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances)
+    info = export_run(run, out, retain=retain, retain_budget=budget, retain_split=retain_split, cache_dir=cache_dir)
+    if "retention_budget" in info:
+        chosen = info["retention_budget"]
+        typer.echo(f"update scaled by {chosen['scale']:.4g}: retention loss {chosen['retain_ce']:.4f} (limit "
+                   f"{chosen['retain_limit']:.4f}, base {chosen['base_retain_ce']:.4f})")
+    typer.echo(f"wrote {out}")
 
 
 def main(
@@ -177,4 +255,5 @@ def main(
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
+    app.command("export")(export)
     app.command("main")(main)

@@ -36,7 +36,7 @@ def _load_posterior(folder: Path, base: str | None):
 
 
 def export_peft_command(
-    posterior: Path = typer.Argument(..., help="posterior folder (posterior.json + posterior.safetensors)"),
+    posterior: Path = typer.Argument(..., exists=True, file_okay=False, help="posterior folder (posterior.json + posterior.safetensors)"),
     out: Path = typer.Option(..., help="output folder for adapter_config.json + adapter_model.safetensors"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
     prune_threshold: Optional[float] = typer.Option(None, help="set posterior-mean entries with |w| below this to 0 first"),
@@ -52,7 +52,7 @@ def export_peft_command(
 
 
 def import_peft_command(
-    adapter: Path = typer.Argument(..., help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"),
+    adapter: Path = typer.Argument(..., exists=True, file_okay=False, help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)"),
     out: Path = typer.Option(..., help="output posterior folder"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
     prior_scale: float = typer.Option(BLoRAConfig.prior_scale, help="standard deviation of the Gaussian prior on A and B"),
@@ -78,7 +78,7 @@ def import_peft_command(
 
 
 def export_posterior_command(
-    posterior: Path = typer.Argument(..., help="posterior folder (posterior.json + posterior.safetensors)"),
+    posterior: Path = typer.Argument(..., exists=True, file_okay=False, help="posterior folder (posterior.json + posterior.safetensors)"),
     out: Optional[Path] = typer.Option(None, help="output file or folder (default: the posterior folder)"),
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
 ) -> None:
@@ -92,7 +92,7 @@ def export_posterior_command(
 
 
 def push_command(
-    folder: Path = typer.Argument(..., help="exported folder to publish"),
+    folder: Path = typer.Argument(..., exists=True, file_okay=False, help="exported folder to publish"),
     repo_id: str = typer.Argument(..., help="hub repository, owner/name"),
     kind: str = typer.Option("peft", help=f"what the folder holds: {' | '.join(KINDS)}"),
     run_dir: Optional[Path] = typer.Option(None, help="training run folder: its config.json, result.json, eval.json go into the card"),

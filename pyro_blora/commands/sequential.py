@@ -7,14 +7,13 @@ from typing import Optional
 
 import typer
 
-from pyro_blora.commands.experiment import adapter_config
-from pyro_blora.config import TrainConfig
+from pyro_blora.commands.experiment import preset_configs
 from pyro_blora.evaluation import EvalOptions
-from pyro_blora.sequential import STRATEGIES, SequenceConfig, order_name, run_sequence, write_comparison
+from pyro_blora.sequential import COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, run_sequence, write_comparison
 
 
 def sequence(
-    testbed: Path = typer.Option(..., help="testbed folder with a folder per domain"),
+    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder with a folder per domain"),
     out: Path = typer.Option(Path("sequences"), help="output folder: <order>/<strategy>/step<i>-<domain>/ runs, "
                              "matrix.json, matrix.md, heatmap.png, and <order>/comparison.md"),
     domains: list[str] = typer.Option(["zh-en", "es-en", "ar-en"], help="domains trained on, in order (repeat)"),
@@ -22,10 +21,17 @@ def sequence(
     strategies: list[str] = typer.Option(list(STRATEGIES), "--strategy", help=f"repeat; among {', '.join(STRATEGIES)}"),
     reverse: bool = typer.Option(False, help="run the reverse order of --domains as well"),
     model: str = typer.Option("base", help="start model: bundled name (base, tiny.en), folder or hub id"),
-    targets: str = typer.Option("all-linear", help="adapted layers: qk, all-linear, or a regular expression"),
-    rank: int = typer.Option(32), alpha: Optional[float] = typer.Option(None, help="default 2 * rank"),
-    prior_scale: float = typer.Option(0.01), beta: float = typer.Option(0.5),
-    kl_normalization: str = typer.Option("parameter", help="dataset, token or parameter"),
+    preset: str = typer.Option("default", help="default, or paper: the paper's BLoRA as its authors' code runs it "
+                               "(README: the paper preset); the options below override it"),
+    targets: Optional[str] = typer.Option(None, help="adapted layers: qk, all-linear, or a regular expression "
+                                          "[all-linear; paper: qk]"),
+    rank: Optional[int] = typer.Option(None, help="[32]"),
+    alpha: Optional[float] = typer.Option(None, help="[2 * rank]"),
+    prior_scale: Optional[float] = typer.Option(None, help="[0.01]"), beta: Optional[float] = typer.Option(None, help="[0.5]"),
+    kl_normalization: Optional[str] = typer.Option(None, help="dataset, token, parameter or matrix "
+                                                   "[parameter; paper: matrix]"),
+    prior_scale_floor: Optional[float] = typer.Option(None, help="blora-prior, map-anchor: floor on the copied prior "
+                                                      "scales (runs go to <strategy>-floor<value>/)"),
     steps: int = typer.Option(60, help="training steps per domain"), batch_size: int = typer.Option(4),
     lr: float = typer.Option(1e-3), warmup_steps: int = typer.Option(5),
     precision: str = typer.Option("fp32", help="fp32 or bf16"), checkpoint_every: int = typer.Option(20),
@@ -42,9 +48,15 @@ def sequence(
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise typer.BadParameter(f"unknown strategies {unknown}; choose among {', '.join(STRATEGIES)}")
-    blora = adapter_config(targets, rank, alpha, prior_scale, beta, kl_normalization)
-    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-                        checkpoint_every=checkpoint_every, progress=progress)
+    strategies = sorted(set(strategies), key=STRATEGIES.index)  # map-anchor reads blora-prior's runs
+    if targets is None and preset == "default":
+        targets = "all-linear"
+    blora, train = preset_configs(
+        preset,
+        dict(targets=targets, rank=rank, alpha=alpha, prior_scale=prior_scale, beta=beta, kl_normalization=kl_normalization),
+        dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
+             checkpoint_every=checkpoint_every, progress=progress),
+    )
     evaluation = EvalOptions(batch_size=eval_batch_size, decode_limit=decode_limit, language_id=False,
                              progress=progress)
     orders = [tuple(domains)] + ([tuple(reversed(domains))] if reverse else [])
@@ -53,7 +65,8 @@ def sequence(
         for strategy in strategies:
             config = SequenceConfig(strategy=strategy, domains=order, original_domains=tuple(original), model=model,
                                     blora=blora, train=train, replay_size=replay_size, eval_limit=eval_limit,
-                                    evaluation=evaluation, seed=seed)
+                                    evaluation=evaluation, seed=seed,
+                                    prior_scale_floor=prior_scale_floor if strategy in COPIED_PRIOR else None)
             results.append(run_sequence(config, testbed, out, echo=typer.echo))
         page = write_comparison(results, out / order_name(order) / "comparison.md")
         typer.echo(page.read_text())

@@ -16,7 +16,7 @@ def testbed(
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     small: bool = typer.Option(False, help="tiny sizes, for a smoke test"),
     pairs: Optional[list[str]] = typer.Option(None, help="language pairs, e.g. zh-en es-en ar-en"),
-    text_file: Optional[Path] = typer.Option(None, help="speak these transcripts (one per line) instead"),
+    text_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="speak these transcripts (one per line) instead"),
     pair: str = typer.Option("en", help="language pair of --text-file, e.g. es-en, or en"),
 ) -> None:
     """Synthesise the testbed (English original domain, code-switched domains, backward suite)."""

@@ -1,4 +1,4 @@
-"""``pyro-blora transcribe``: Monte Carlo transcription with word confidences."""
+"""``pyro-blora transcribe``: Monte Carlo transcription of files of any length, with word confidences."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ from typing import Optional
 
 import typer
 
-from pyro_blora.posterior import load_posterior, read_posterior_config
-from pyro_blora.transcribe import TranscribeOptions, render_table, transcribe, write_jsonl
-from pyro_blora.weights import load_whisper
+from pyro_blora.transcribe import TranscribeOptions, load_for_transcription, render_table, transcribe, write_jsonl
 
 
 def transcribe_command(
-    inputs: list[Path] = typer.Argument(..., help="audio files, folders of audio files, or one dataset (manifest or saved dataset)"),
-    posterior: Path = typer.Option(..., help="posterior folder written by save_posterior / pyro-blora train"),
+    inputs: list[Path] = typer.Argument(..., exists=True, help="audio files, folders of audio files, or one dataset (manifest or saved dataset)"),
+    posterior: Path = typer.Option(..., help="posterior folder written by save_posterior / pyro-blora train (runs/x/posterior)"),
     model: Optional[str] = typer.Option(None, help="base Whisper (bundled name, folder or hub id); default: the posterior's metadata base_model"),
     samples: int = typer.Option(8, "--samples", "-S", help="posterior samples per utterance"),
     choose: str = typer.Option("mean", help="chosen hypothesis: 'mean' (posterior mean) or 'mbr' (minimum Bayes risk over samples)"),
@@ -24,12 +22,18 @@ def transcribe_command(
     limit: Optional[int] = typer.Option(None, help="transcribe only the first N utterances"),
     batch_size: int = typer.Option(4, help="utterances per batch"),
     sequential: bool = typer.Option(False, help="decode the samples one after another instead of in one batched pass"),
+    long_form: bool = typer.Option(True, help="decode audio over 30 s with Whisper's sequential 30 s windows and timestamps "
+                                   "(--no-long-form refuses it)"),
     seed: int = typer.Option(0, help="seed of the posterior draws"),
     low_confidence: float = typer.Option(0.5, help="mark words whose confidence is below this"),
     jsonl: Optional[Path] = typer.Option(None, help="write JSON lines here ('-' for standard output)"),
+    srt: Optional[Path] = typer.Option(None, help="write SubRip subtitles: a .srt file (one input) or a folder (one file per input)"),
+    vtt: Optional[Path] = typer.Option(None, help="write WebVTT subtitles: a .vtt file (one input) or a folder (one file per input)"),
+    plot: Optional[Path] = typer.Option(None, help="word confidence along time: a .png file (one input) or a folder (one PNG per input)"),
     table: bool = typer.Option(True, help="print a table with low-confidence words in [brackets]"),
 ) -> None:
-    """Transcribe under S posterior samples: chosen hypothesis, samples, uncertainty, word confidences."""
+    """Transcribe under S posterior samples: chosen hypothesis, samples, uncertainty, word confidences;
+    recordings over 30 s long-form, with timed segments (JSON lines, SRT, WebVTT)."""
     if choose not in ("mean", "mbr"):
         raise typer.BadParameter("use 'mean' or 'mbr'", param_hint="--choose")
     options = TranscribeOptions(
@@ -40,12 +44,9 @@ def transcribe_command(
         vectorized=not sequential,
         seed=seed,
         low_confidence=low_confidence,
+        long_form=long_form,
     )
-    base = model or read_posterior_config(posterior).get("metadata", {}).get("base_model")
-    if not base:
-        raise typer.BadParameter("the posterior does not name its base model; pass --model", param_hint="--model")
-    whisper, processor = load_whisper(base)
-    blora, guide = load_posterior(posterior, whisper)
+    blora, guide, processor = load_for_transcription(posterior, model)
     results = transcribe(blora, guide, processor, [str(p) for p in inputs], options, split=split, limit=limit)
     if jsonl is not None:
         if str(jsonl) == "-":
@@ -55,6 +56,18 @@ def transcribe_command(
             with jsonl.open("w", encoding="utf-8") as handle:
                 write_jsonl(results, handle)
             typer.echo(f"wrote {len(results)} transcripts to {jsonl}", err=True)
+    if srt is not None or vtt is not None or plot is not None:
+        from pyro_blora.subtitles import output_paths, plot_confidence, write_subtitles
+
+        for kind, target in (("srt", srt), ("vtt", vtt)):
+            if target is not None:
+                paths = write_subtitles(results, target, kind, low_confidence)
+                typer.echo(f"wrote {len(paths)} {kind.upper()} file(s): {', '.join(map(str, paths[:3]))}"
+                           + (" ..." if len(paths) > 3 else ""), err=True)
+        if plot is not None:
+            for transcript, path in zip(results, output_paths(plot, results, ".png")):
+                plot_confidence(transcript, path, low_confidence)
+            typer.echo(f"wrote {len(results)} confidence plot(s) to {plot}", err=True)
     if table:
         from rich.console import Console
 

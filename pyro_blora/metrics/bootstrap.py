@@ -27,12 +27,14 @@ __all__ = [
     "backward_gain",
     "bootstrap_evals",
     "bootstrap_ratios",
+    "bootstrap_weighted",
     "compare_evals",
     "degradation_reduction",
     "difference",
     "has_records",
     "paired_bootstrap",
     "relative_change",
+    "resample_counts",
     "utterance_records",
 ]
 
@@ -95,7 +97,7 @@ def degradation_reduction(values: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- resampling
 @functools.lru_cache(maxsize=32)
-def _resample_counts(units: int, samples: int, seed: int, stratum: int) -> np.ndarray:
+def resample_counts(units: int, samples: int, seed: int, stratum: int) -> np.ndarray:
     """How often each of ``units`` utterances is drawn in each of ``samples`` resamples."""
     rng = np.random.default_rng([seed, stratum])
     counts = rng.multinomial(units, np.full(units, 1.0 / units), size=samples).astype(np.float64)
@@ -133,13 +135,30 @@ def bootstrap_ratios(
         if num.shape != den.shape or num.shape[1] == 0:
             raise ValueError(f"stratum {index}: numerators {num.shape} and denominators {den.shape} must match "
                              "and hold at least one utterance")
-        counts = _resample_counts(num.shape[1], samples, seed, index)
+        counts = resample_counts(num.shape[1], samples, seed, index)
         with np.errstate(divide="ignore", invalid="ignore"):
             point.append(num.sum(1) / den.sum(1))
             draws.append((counts @ num.T) / (counts @ den.T))
     with np.errstate(divide="ignore", invalid="ignore"):
         estimate = float(statistic(np.mean(point, axis=0)))
         resampled = statistic(np.mean(draws, axis=0))
+    low, high = np.nanpercentile(resampled, [50 * (1 - level), 50 * (1 + level)])
+    return Interval(estimate, float(low), float(high), level, samples)
+
+
+def bootstrap_weighted(units: int, statistic: Callable[[np.ndarray], np.ndarray], *, samples: int = DEFAULT_SAMPLES,
+                       seed: int = 0, level: float = 0.95) -> Interval:
+    """Interval of a statistic that is not a ratio of sums (e.g. an AUROC): ``statistic`` maps (R, units)
+    weights, how often each utterance is drawn in each of R resamples, to R values; its value on
+    all-ones weights is the estimate. Resamples are those of :func:`bootstrap_ratios` (stratum 0)."""
+    _check_level(samples, level)
+    if units < 1:
+        raise ValueError("no utterances to resample")
+    estimate = float(statistic(np.ones((1, units)))[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        resampled = np.asarray(statistic(resample_counts(units, samples, seed, 0)), dtype=float)
+    if np.isnan(resampled).all():  # e.g. an AUROC when every utterance is of one class
+        return Interval(estimate, float("nan"), float("nan"), level, samples)
     low, high = np.nanpercentile(resampled, [50 * (1 - level), 50 * (1 + level)])
     return Interval(estimate, float(low), float(high), level, samples)
 

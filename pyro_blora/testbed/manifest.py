@@ -129,6 +129,9 @@ Built offline by `pyro_blora.testbed.build_testbed` (seed {seed}). Every folder 
 - **Determinism.** The same configuration and seed give the same text and the same audio bytes.
 
 ## Loading
+`datasets` 5 decodes `Audio` columns with torchcodec, so a plain `load_from_disk(...)["test"][0]` raises
+`ImportError` wherever torchcodec does not load (its PyPI wheel needs CUDA libraries). Read the WAV bytes
+instead, with `soundfile` (its wheel bundles libsndfile); nothing else is needed:
 ```python
 import datasets, io, soundfile
 ds = datasets.load_from_disk("<this folder>/zh-en")["test"].cast_column("audio", datasets.Audio(decode=False))

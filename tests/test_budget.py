@@ -1,0 +1,243 @@
+"""The forgetting budget: a bound on the retention loss, enforced during training and after it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import warnings
+
+import pyro
+import pytest
+import torch
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from pyro_blora import BLoRAConfig, TrainConfig, build_guide, elbo_scaling, train, wrap_whisper
+from pyro_blora.budget import BASE_MODEL_LABELS, RetentionSet, choose_scale, transcript_ce
+from pyro_blora.config import RetentionBudget
+from tests.tiny import VOCAB, TinyTask, collate, tiny_whisper
+
+ALL_LINEAR = (r".*_proj$", r".*fc\d$")
+FAST = dict(lr=1e-2, batch_size=4, warmup_steps=2, progress=False, checkpoint_every=0)
+
+
+class KnownTask(TinyTask):
+    """The domain the base model already knows: other phrases than TinyTask's new domain."""
+
+    PHRASES = ((20, 21, 22, 23), (24, 25, 26, 27), (20, 25, 22, 27))
+
+
+@pytest.fixture(scope="module")
+def base_state():
+    """A tiny Whisper trained on KnownTask, so adapting to TinyTask makes it forget."""
+    torch.manual_seed(0)
+    whisper = tiny_whisper(0)
+    known = KnownTask(8, seed=1)
+    batch = collate([known[i] for i in range(len(known))])
+    optimizer = torch.optim.Adam(whisper.parameters(), lr=3e-3)
+    for _ in range(30):
+        inputs = shift_tokens_right(batch["labels"], 0, 1)
+        logits = whisper(input_features=batch["input_features"], decoder_input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return {k: v.detach().clone() for k, v in whisper.state_dict().items()}
+
+
+def base_whisper(state):
+    whisper = tiny_whisper(0)
+    whisper.load_state_dict(state)
+    # Prompt tokens are the label ids above the end-of-text id; every tiny label is a transcript token.
+    whisper.config.eos_token_id = VOCAB - 1
+    return whisper.eval().requires_grad_(False)
+
+
+def retention() -> RetentionSet:
+    return RetentionSet.from_dataset(KnownTask(8, seed=1), collate, 8)
+
+
+def run(state, budget=None, steps=40, run_dir=None, resume=False, config=None, kind="normal"):
+    pyro.set_rng_seed(0)
+    model = wrap_whisper(base_whisper(state), BLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+    guide = build_guide(model, kind)
+    config = config or TrainConfig(steps=steps, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = train(model, guide, TinyTask(8), collate, config, budget=budget,
+                       retention=retention() if budget else None, run_dir=run_dir, resume=resume)
+    with model.hold_adapters(guide.means()):
+        retained = transcript_ce(model.whisper, retention().batches)
+    return result, model, guide, retained
+
+
+# ---------------------------------------------------------------- options
+@pytest.mark.parametrize("changes, message", [
+    (dict(budget=-0.1), "relative budget must be >= 0"), (dict(budget=0.0, kind="absolute"), "absolute budget"),
+    (dict(budget=0.1, kind="percent"), "kind must be one of"), (dict(budget=0.1, every=0), "every"),
+    (dict(budget=0.1, decay=1.0), "decay"), (dict(budget=0.1, beta_min=2.0, beta_max=1.0), "beta_min <= beta_max"),
+    (dict(budget=0.1, lr=0.0), "dual-ascent"),
+])
+def test_budget_options_are_checked_and_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        RetentionBudget(**changes)
+
+
+def test_the_limit_is_relative_to_the_base_model_or_absolute():
+    assert RetentionBudget(0.03).limit(2.0) == pytest.approx(2.06)
+    assert RetentionBudget(0.9, kind="absolute").limit(2.0) == 0.9
+    assert "3%" in RetentionBudget(0.03).describe()
+
+
+def test_set_beta_rescales_the_kl_weights_exactly(base_state):
+    model = wrap_whisper(base_whisper(base_state), BLoRAConfig(rank=4, kl_normalization="matrix"))
+    model.configure_objective(elbo_scaling(model.config, 8, 40, model.num_adapter_parameters()))
+    model.set_beta(7.5)
+    expected = wrap_whisper(base_whisper(base_state), BLoRAConfig(rank=4, kl_normalization="matrix", beta=7.5))
+    expected.configure_objective(elbo_scaling(expected.config, 8, 40, expected.num_adapter_parameters()))
+    assert model.beta == 7.5
+    assert model.kl_weights() == pytest.approx(expected.kl_weights(), rel=1e-12)
+
+
+def test_choose_scale_returns_the_largest_measured_scale_inside():
+    scale, tried = choose_scale(lambda s: 1.0 + s, limit=1.43, grid=10, refine=4)
+    assert 0.4 <= scale <= 0.43 and (scale, 1.0 + scale) in tried
+    assert all(loss <= 1.43 for s, loss in tried if s <= scale)
+    assert choose_scale(lambda s: 2.0, limit=1.0)[0] is None
+    assert choose_scale(lambda s: 0.0, limit=1.0) == (1.0, [(1.0, 0.0)])
+
+
+def test_transcript_ce_leaves_the_prompt_out(base_state):
+    whisper = base_whisper(base_state)
+    batch = retention().batches[0]
+    whisper.config.eos_token_id = 21  # labels 22.. count as prompt tokens now
+    mask = (batch["labels"] != -100) & (batch["labels"] <= 21)
+    inputs = shift_tokens_right(batch["labels"], 0, 1)
+    with torch.no_grad():
+        logits = whisper(input_features=batch["input_features"], decoder_input_ids=inputs).logits
+    losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100,
+                                               reduction="none")
+    assert transcript_ce(whisper, [batch]) == pytest.approx(float(losses[mask].mean()), rel=1e-5)
+
+
+# ---------------------------------------------------------------- during training
+def test_budgeted_run_keeps_the_retention_loss_inside_where_an_unbudgeted_one_breaks_it(base_state):
+    budget = RetentionBudget(0.2, every=2)
+    free, _, _, free_retained = run(base_state)
+    result, model, guide, retained = run(base_state, budget)
+    summary = result.budget
+    limit = summary["retain_limit"]
+    assert limit == pytest.approx(1.2 * transcript_ce(base_whisper(base_state), retention().batches))
+    assert free_retained > 1.5 * limit  # without a budget the known domain is forgotten
+    assert retained <= limit + 1e-6 and summary["met"]  # with one, the kept model stays inside
+    assert summary["retain_ce"] == pytest.approx(retained, rel=1e-5)
+    assert result.final_nll < 0.8 * result.base_nll  # and it still adapted
+    records = [r for r in result.history if "retain_ce" in r]
+    assert [r["step"] for r in records] == list(range(2, 41, 2))
+    betas = [BLoRAConfig().beta] + [r["beta"] for r in records]
+    for before, after, record in zip(betas, betas[1:], records):  # beta rises exactly while violated
+        assert (after > before) == (record["retain_ce_avg"] > limit)
+        assert record["retain_slack"] == pytest.approx(limit - record["retain_ce"])
+    assert max(betas) > 10 * betas[0]
+    assert summary["final_beta"] == pytest.approx(model.beta) == pytest.approx(betas[-1])
+
+
+def test_a_budget_that_cannot_be_met_says_so(base_state):
+    budget = RetentionBudget(1e-3, kind="absolute", every=5, scale_at_end=False)
+    with pytest.warns(UserWarning, match="never met"):
+        result = train(*_model_and_guide(base_state), TinyTask(8), collate, TrainConfig(steps=5, **FAST),
+                       budget=budget, retention=retention())
+    assert result.budget["met"] is False and result.budget["met_during_training"] is False
+    assert "never met" in result.budget["message"]
+
+
+def _model_and_guide(state):
+    model = wrap_whisper(base_whisper(state), BLoRAConfig(rank=4, target_modules=ALL_LINEAR))
+    return model, build_guide(model)
+
+
+def test_resumed_budgeted_run_matches_uninterrupted_run(base_state, tmp_path):
+    budget = RetentionBudget(0.2, every=2)
+    config = TrainConfig(steps=12, **{**FAST, "checkpoint_every": 6})
+    full, _, full_guide, _ = run(base_state, budget, run_dir=tmp_path / "full", config=config)
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")
+    (tmp_path / "killed" / "checkpoints" / "step-00000012.pt").unlink()
+    (tmp_path / "killed" / "result.json").unlink()
+    saved = torch.load(tmp_path / "killed" / "checkpoints" / "step-00000006.pt", weights_only=False)["budget"]
+    assert saved["log_beta"] != math.log(BLoRAConfig().beta) and saved["average"] is not None
+    resumed, model, guide, _ = run(base_state, budget, run_dir=tmp_path / "killed", resume=True, config=config)
+    assert [r.get("beta") for r in resumed.history] == [r.get("beta") for r in full.history]
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in full.history]
+    assert [r.get("retain_ce_avg") for r in resumed.history] == [r.get("retain_ce_avg") for r in full.history]
+    assert all(torch.equal(a, b) for a, b in zip(guide.state_dict().values(), full_guide.state_dict().values()))
+    config_json = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config_json["retention"]["budget"]["budget"] == 0.2 and config_json["retention"]["labels"] == "transcripts"
+    logged = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("beta") for r in logged] == [r.get("beta") for r in full.history]
+    # `report` draws beta, the retention loss and the in-domain loss of a budgeted run.
+    from pyro_blora.report import budget_rows, plot_budget_curves
+
+    figure = plot_budget_curves(tmp_path / "full")
+    assert [axes.get_title() for axes in figure.axes][:2] == ["β (KL weight)", "retention loss (CE / transcript token)"]
+    [row] = budget_rows([tmp_path / "full"], ["full"])
+    assert row["final_beta"] == pytest.approx(full.budget["final_beta"]) and row["met"] == full.budget["met"]
+
+
+def test_map_adapts_beta_too(base_state):
+    result, model, _, retained = run(base_state, RetentionBudget(0.2, every=4), steps=12, kind="delta")
+    assert any("beta" in r for r in result.history) and retained <= result.budget["retain_limit"] + 1e-6
+
+
+# ---------------------------------------------------------------- runs, evaluate, export
+def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
+    from pyro_blora.commands.experiment import budget_line
+    from pyro_blora.evaluation import EvalOptions, load_eval_sets
+    from pyro_blora.experiment import ALL_LINEAR_TARGETS, export_run, read_eval, run_evaluation
+    from pyro_blora.methods import load_run_model, load_training_data, run_training
+    from pyro_blora.testbed.manifest import save_domain
+    from pyro_blora.weights import load_processor
+    from tests.experiment_fixtures import _rows, fake_testbed, small_whisper_folder
+
+    model = small_whisper_folder(tmp_path / "model")
+    testbed = fake_testbed(tmp_path / "testbed")
+    save_domain(testbed / "unlabelled", {"dev": [{**row, "text": ""} for row in _rows("en", "en", 3, 60)]})
+    processor = load_processor(model)
+    data = load_training_data(testbed / "zh-en", processor, cache_dir=tmp_path / "cache")
+    budget = RetentionBudget(0.05, every=1, utterances=3)
+    steps = TrainConfig(steps=3, batch_size=2, lr=3e-2, warmup_steps=1, checkpoint_every=0, progress=False)
+    adapter = BLoRAConfig(rank=4, target_modules=ALL_LINEAR_TARGETS)
+    out = tmp_path / "runs" / "lora"
+    result = run_training("lora", model, data, out, adapter, steps, budget=budget, retain=testbed / "unlabelled",
+                          cache_dir=tmp_path / "cache")
+    config = json.loads((out / "config.json").read_text())
+    assert config["retention"]["labels"] == BASE_MODEL_LABELS and config["retention"]["utterances"] == 3
+    labels = json.loads((out / "retention-labels.json").read_text())
+    assert len(labels["texts"]) == 3
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all("retain_ce" in r and "beta" not in r for r in records)  # no prior: early stopping only
+    saved = json.loads((out / "result.json").read_text())["budget"]
+    assert saved["kept"] in ("final", "checkpoint", "scaled") and saved["met"]
+    assert saved["retain_ce"] <= saved["retain_limit"]
+    assert "keeps" in budget_line(saved)
+    # The kept model, measured again, is inside the budget.
+    from pyro_blora.budget import load_retention_set
+
+    whisper, _, _ = load_run_model(out)
+    base, _, _ = load_run_model(model)
+    again = load_retention_set(testbed / "unlabelled", processor, base, 3, labels_file=out / "retention-labels.json",
+                               model_name=str(model))
+    assert transcript_ce(whisper, again.batches) == pytest.approx(saved["retain_ce"], rel=1e-4)
+    # After training, with no retraining: the update scaled into a tighter budget.
+    tight = RetentionBudget(0.005, utterances=3)
+    sets = load_eval_sets(testbed, ["en"], processor, cache_dir=tmp_path / "cache")
+    report = run_evaluation(out, sets, options=EvalOptions(batch_size=2, decode_limit=0, progress=False),
+                            retain=testbed / "unlabelled", retain_budget=tight)
+    chosen = report["retention_budget"]
+    assert chosen["retain_ce"] <= chosen["retain_limit"] and 0 <= chosen["scale"] <= 1
+    assert read_eval(out / "eval-budget0.005.json")["delta_scale"] == chosen["scale"]
+    info = export_run(out, tmp_path / "export", retain=testbed / "unlabelled", retain_budget=tight)
+    assert info["retention_budget"]["scale"] == chosen["scale"]
+    from transformers import WhisperForConditionalGeneration
+
+    exported = WhisperForConditionalGeneration.from_pretrained(tmp_path / "export")
+    assert transcript_ce(exported, again.batches) == pytest.approx(chosen["retain_ce"], rel=1e-4)
