@@ -40,12 +40,18 @@ def flipout_linear(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> t
     """x W^T with W ~ N(loc, scale^2) per example (the leading dimension of ``x``), by flipout.
 
     One Gaussian perturbation is drawn for the call and decorrelated between examples by random
-    signs on its input and output sides."""
-    perturbation = (scale * torch.randn_like(scale)).to(x.dtype)
-    shape = (x.shape[0],) + (1,) * (x.dim() - 2)
-    sign_in = _signs(shape + (x.shape[-1],), x)
-    sign_out = _signs(shape + (loc.shape[0],), x)
-    return x @ loc.to(x.dtype).transpose(0, 1) + ((x * sign_in) @ perturbation.transpose(0, 1)) * sign_out
+    signs on its input and output sides: example n uses W_n = loc + perturbation o (s_n r_n^T).
+    The matrices W_n are formed (examples x the matrix's entries: small next to the activations)
+    and applied in one batched product, which is flipout's x_n loc^T + ((x_n o r_n) perturbation^T) o s_n
+    in half the matrix products and without keeping x_n o r_n, an activation-sized tensor, for the
+    backward pass."""
+    perturbation = scale * torch.randn_like(scale)
+    examples = x.shape[0]
+    sign_in = _signs((examples, 1, x.shape[-1]), perturbation)
+    sign_out = _signs((examples, loc.shape[0], 1), perturbation)
+    weights = (loc + perturbation * sign_out * sign_in).to(x.dtype)
+    flat = x.reshape(examples, -1, x.shape[-1])
+    return torch.bmm(flat, weights.transpose(1, 2)).reshape(*x.shape[:-1], loc.shape[0])
 
 
 def lrt_linear(x: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
