@@ -1,11 +1,21 @@
-"""Training step of BLoRA against peft's LoRA on a real Whisper: time, peak memory, profile.
+"""Training step of BLoRA (default and paper preset) against peft's LoRA on a real Whisper: time, peak
+memory, profile, with the machine's load average and thread count next to every figure.
 
-Same base model, rank, targets (q/k), batch and optimiser (Adam); a step is forward + backward +
-optimiser step. The two are timed alternately in one process (so load from other processes hits
-both alike), after one warm-up step each. Peak memory: on CUDA ``max_memory_allocated`` in this
-process; on CPU each method runs in a fresh subprocess that samples its resident set during the
-steps (peak above the resident set after loading). The profile (cProfile) splits one step of each
-by where its time goes. Writes its section of BENCHMARKS.md.
+Same base model, rank 32, alpha 64, targets (q/k of every attention block) and batch; a step is
+forward + backward + optimiser step:
+
+* BLoRA: ``BLoRAConfig(rank=32)``, ``TrainConfig()``: SVI step (guide, model trace, Trace_ELBO terms), Adam;
+* BLoRA, paper preset: ``BLoRAConfig.paper(...)``, ``TrainConfig.paper()``: the same with flipout weight
+  noise, the per-matrix KL and AdamW;
+* LoRA (peft): teacher-forced cross-entropy, Adam.
+
+The three are timed in turn in one process after one warm-up step each, the order rotating every
+repeat, so load from other processes hits all alike; the 1-minute load average is read after every
+timed step. Peak memory: on CUDA ``max_memory_allocated`` in a fresh process per method; on CPU each
+method runs in a fresh subprocess that samples its resident set during two steps (peak above the
+resident set after loading). The profile counts what does not depend on the machine's load:
+Python function calls (cProfile) and torch operator calls (torch.profiler), and splits one step's
+time by where it goes. Writes its section of BENCHMARKS.md.
 
     python scripts/bench_training.py --model base --batch 2 --repeats 7
 """
@@ -17,6 +27,7 @@ import cProfile
 import json
 import os
 import pstats
+import statistics
 import subprocess
 import sys
 import threading
@@ -30,13 +41,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
-from pyro_blora import BLoRAConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
+from pyro_blora import BLoRAConfig, TrainConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
+from pyro_blora.config import DEFAULT_TARGETS  # noqa: E402
 from pyro_blora.distributed import default_device  # noqa: E402
 from pyro_blora.injection import find_target_modules  # noqa: E402
 from pyro_blora.methods import _teacher_forced_loss  # noqa: E402
-from pyro_blora.objective import elbo_scaling, elbo_terms  # noqa: E402
+from pyro_blora.objective import elbo_scaling  # noqa: E402
+from pyro_blora.training import _noisy_elbo_terms, make_optimizer, svi_parameter_groups  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
+BLORA, PAPER, LORA = "BLoRA", "BLoRA, paper preset", "LoRA (peft)"
+TARGETS = {BLORA: 1.05, PAPER: 1.10}  # ratio to LoRA (peft), time and memory
 
 
 def make_batch(processor, batch: int, device) -> dict:
@@ -49,20 +64,23 @@ def make_batch(processor, batch: int, device) -> dict:
     return {"input_features": features.to(device), "labels": labels.to(device), "index": torch.arange(batch, device=device)}
 
 
-def blora_step(model_name: str, batch_size: int, device, precision: str):
+def blora_step(model_name: str, batch_size: int, device, precision: str, paper: bool = False):
+    """One SVI step as the training loop takes it (objective, optimiser and its groups)."""
     whisper, processor = load_whisper(model_name)
-    model = wrap_whisper(whisper.to(device), BLoRAConfig(rank=32))
+    config = BLoRAConfig.paper(target_modules=DEFAULT_TARGETS) if paper else BLoRAConfig(rank=32, target_modules=DEFAULT_TARGETS)
+    train_config = TrainConfig.paper() if paper else TrainConfig()
+    model = wrap_whisper(whisper.to(device), config)
     pyro.set_rng_seed(0)
     guide = build_guide(model)
     model.configure_objective(elbo_scaling(model.config, 1000, 30_000, model.num_adapter_parameters()))
-    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-4)
+    optimizer = make_optimizer(svi_parameter_groups(guide, train_config), train_config)
     batch = make_batch(processor, batch_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = elbo_terms(model, guide, batch).loss
+            loss = _noisy_elbo_terms(model, guide, batch, train_config).loss
         loss.backward()
         optimizer.step()
     return step
@@ -75,7 +93,7 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
     whisper.to(device)
     config = BLoRAConfig(rank=32)
     peft_model = get_peft_model(whisper, LoraConfig(r=32, lora_alpha=config.scaling * 32, lora_dropout=0.0,
-                                                    target_modules=find_target_modules(whisper, config.target_modules)))
+                                                    target_modules=find_target_modules(whisper, DEFAULT_TARGETS)))
     whisper.eval()
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     batch = make_batch(processor, batch_size, device)
@@ -90,7 +108,16 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
     return step
 
 
-STEPS = {"BLoRA": blora_step, "LoRA (peft)": lora_step}
+STEPS = {
+    BLORA: blora_step,
+    PAPER: lambda *args: blora_step(*args, paper=True),
+    LORA: lora_step,
+}
+
+
+def conditions() -> dict[str, float]:
+    """What the machine was doing: the 1-minute load average and this process's torch threads."""
+    return {"load": os.getloadavg()[0], "threads": torch.get_num_threads()}
 
 
 def op_profile(step) -> dict[str, float]:
@@ -103,15 +130,15 @@ def op_profile(step) -> dict[str, float]:
     heavy = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")
                 or "scaled_dot_product" in e.key)
     return {"op_seconds": sum(e.self_cpu_time_total for e in events) / 1e6, "op_calls": sum(e.count for e in events),
-            "matmul_attention_seconds": heavy / 1e6}
+            "matmul_attention_seconds": heavy / 1e6, **conditions()}
 
 
 def resident_mb() -> float:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def memory_of(method: str, args, device) -> float:
-    """Peak memory of two steps above the memory after loading (MiB)."""
+def memory_of(method: str, args, device) -> dict[str, float]:
+    """Peak memory of two steps above the memory after loading (MiB), with the load at the end."""
     step = STEPS[method](args.model, args.batch, device, args.precision)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -119,7 +146,7 @@ def memory_of(method: str, args, device) -> float:
         torch.cuda.reset_peak_memory_stats()
         step(); step()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, **conditions()}
     base, peak, running = resident_mb(), [0.0], [True]
 
     def sample():
@@ -131,31 +158,37 @@ def memory_of(method: str, args, device) -> float:
     step(); step()
     running[0] = False
     thread.join()
-    return peak[0] - base
+    return {"peak_mb": peak[0] - base, **conditions()}
 
 
 CATEGORIES = (
     ("backward pass (autograd engine)", lambda f, name: "run_backward" in name),
     ("Pyro (tracing, sampling, log-densities)", lambda f, name: "/pyro/" in f and "/pyro_blora/" not in f),
     ("pyro_blora (model, guide, ELBO terms)", lambda f, name: "/pyro_blora/" in f),
-    ("Adam step", lambda f, name: "/torch/optim/" in f),
+    ("optimiser step", lambda f, name: "/torch/optim/" in f),
     ("transformers + torch forward (layers, ops)", lambda f, name: True),
 )
 
 
-def profile(step) -> dict[str, float]:
-    """Seconds of one step by category (own time of each function, cProfile)."""
-    profiler = cProfile.Profile()
+def profile(step) -> dict:
+    """One step under cProfile (process CPU time): own seconds by category and Python function calls."""
+    profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     step()
     profiler.disable()
     shares = {name: 0.0 for name, _ in CATEGORIES}
-    for (filename, _, function), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
+    calls = 0
+    for (filename, _, function), (_, count, own, _, _) in pstats.Stats(profiler).stats.items():
+        calls += count
         for name, matches in CATEGORIES:
             if matches(filename, function):
                 shares[name] += own
                 break
-    return shares
+    return {"seconds": shares, "python_calls": calls, **conditions()}
+
+
+def load_note(loads: list[float]) -> str:
+    return f"{statistics.mean(loads):.1f} ({min(loads):.1f}-{max(loads):.1f})"
 
 
 def main() -> None:
@@ -165,48 +198,70 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--memory-of", choices=tuple(STEPS), help=argparse.SUPPRESS)
+    parser.add_argument("--out", help="also write every figure as JSON here")
     parser.add_argument("--no-write", action="store_true", help="print, do not update BENCHMARKS.md")
     args = parser.parse_args()
     device = default_device()
     if args.memory_of:
-        print(json.dumps({"peak_mb": memory_of(args.memory_of, args, device)}))
+        print(json.dumps(memory_of(args.memory_of, args, device)))
         return
 
     steps = {name: make(args.model, args.batch, device, args.precision) for name, make in STEPS.items()}
     for step in steps.values():
         step()  # warm-up
-    times = {name: [] for name in steps}
-    cpu_times = {name: [] for name in steps}
+    names = list(steps)
+    times = {name: [] for name in names}
+    cpu_times = {name: [] for name in names}
+    loads = {name: [] for name in names}
     for repeat in range(args.repeats):
-        order = list(steps) if repeat % 2 == 0 else list(reversed(steps))
-        for name in order:
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:  # every method takes every position in turn
             _, wall, cpu = timed(steps[name], device)
             times[name].append(wall)
             cpu_times[name].append(cpu)
+            loads[name].append(os.getloadavg()[0])
     profiles = {name: profile(step) for name, step in steps.items()}
     ops = {name: op_profile(step) for name, step in steps.items()}
     del steps
     memory = {}
-    for name in STEPS:
+    for name in names:
         command = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
                    "--precision", args.precision, "--memory-of", name]
-        memory[name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])["peak_mb"]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        memory[name] = json.loads(output.splitlines()[-1])
 
-    blora, lora = (spread(times[name]) for name in STEPS)
-    ratio = blora["median"] / lora["median"]
-    cpu_ratio = spread(cpu_times["BLoRA"])["median"] / spread(cpu_times["LoRA (peft)"])["median"]
-    memory_ratio = memory["BLoRA"] / memory["LoRA (peft)"]
-    command = f"OMP_NUM_THREADS={torch.get_num_threads()} python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
+    threads = torch.get_num_threads()
+    medians = {name: spread(times[name])["median"] for name in names}
+    cpu_medians = {name: spread(cpu_times[name])["median"] for name in names}
+    ratio = {name: medians[name] / medians[LORA] for name in TARGETS}
+    cpu_ratio = {name: cpu_medians[name] / cpu_medians[LORA] for name in TARGETS}
+    memory_ratio = {name: memory[name]["peak_mb"] / memory[LORA]["peak_mb"] for name in TARGETS}
+    conditions_columns = {"load (1 min): mean (range)": {name: load_note(loads[name]) for name in names},
+                          "torch threads": {name: str(threads) for name in names}}
+    command = f"OMP_NUM_THREADS={threads} python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
         f" --precision {args.precision}" if args.precision != "fp32" else "")
+
+    def verdicts(ratios: dict[str, float]) -> str:
+        return "; ".join(f"{name} / LoRA **{value:.3f}** (target <= {TARGETS[name]:.2f}, "
+                         f"{'met' if value <= TARGETS[name] else 'not met'})" for name, value in ratios.items())
+
+    memory_rows = "\n".join(
+        f"| {name} | {memory[name]['peak_mb']:.0f} | {memory[name]['load']:.1f} | {memory[name]['threads']} |" for name in names)
     profile_rows = "\n".join(
-        f"| {category} | {profiles['BLoRA'][category]:.3f} | {profiles['LoRA (peft)'][category]:.3f} |"
-        for category, _ in CATEGORIES
-    )
+        f"| {category} | " + " | ".join(f"{profiles[name]['seconds'][category]:.3f}" for name in names) + " |"
+        for category, _ in CATEGORIES)
+    count_rows = "\n".join(
+        f"| {name} | {profiles[name]['python_calls']} | {ops[name]['op_calls']} | {ops[name]['op_seconds']:.2f} | "
+        f"{ops[name]['matmul_attention_seconds']:.2f} | {profiles[name]['load']:.1f} / {ops[name]['load']:.1f} | {threads} |"
+        for name in names)
     body = f"""
-BLoRA (SVI step: guide sample, model trace, Trace_ELBO terms, backward, Adam) against peft's LoRA
-(teacher-forced cross-entropy, backward, Adam) on Whisper `{args.model}`: rank 32, alpha 64, q/k of every
-attention block, batch of {args.batch} utterances (30 s windows, {args.precision}), {args.repeats} alternating
-repeats after one warm-up step each, on {device}.
+Three training steps on Whisper `{args.model}`, rank 32, alpha 64, q/k of every attention block, a batch
+of {args.batch} utterances (30 s windows, {args.precision}), on {device}: **BLoRA** (`BLoRAConfig(rank=32)`,
+`TrainConfig()`: SVI step with guide sample, model trace, Trace_ELBO terms, backward, Adam), **BLoRA,
+paper preset** (`BLoRAConfig.paper(target_modules=...)`, `TrainConfig.paper()`: the same with flipout weight
+noise, the per-matrix KL and AdamW) and peft's **LoRA** (teacher-forced cross-entropy, backward, Adam).
+{args.repeats} repeats after one warm-up step each, the three in turn with the order rotating every repeat; the
+1-minute load average was read after every timed step.
 
 ```
 {command}
@@ -214,36 +269,50 @@ repeats after one warm-up step each, on {device}.
 
 Machine: {machine()}.
 
-{table(times, "s")}
+Wall time per step:
 
-**Step time ratio BLoRA / LoRA (medians): {ratio:.3f}** (target <= 1.05).
+{table(times, "s", extra=conditions_columns)}
 
-CPU time of this process per step (the same steps):
+**Step time ratios (medians):** {verdicts(ratio)}.
 
-{table(cpu_times, "s")}
+CPU time of this process per step (the same steps; less sensitive to other processes than wall time):
 
-**CPU time ratio BLoRA / LoRA (medians): {cpu_ratio:.3f}.**
+{table(cpu_times, "s", extra=conditions_columns)}
 
-Inside torch's operators (torch.profiler, one step each): BLoRA {ops['BLoRA']['op_seconds']:.2f} s in
-{ops['BLoRA']['op_calls']} operator calls, of which {ops['BLoRA']['matmul_attention_seconds']:.2f} s in matrix
-products and attention; LoRA {ops['LoRA (peft)']['op_seconds']:.2f} s in {ops['LoRA (peft)']['op_calls']} calls,
-{ops['LoRA (peft)']['matmul_attention_seconds']:.2f} s in matrix products and attention.
+**CPU time ratios (medians):** {verdicts(cpu_ratio)}.
 
 Peak memory of two steps above the memory after loading (each method in a fresh process; on CPU the
-resident set sampled every 2 ms, on CUDA `max_memory_allocated`): BLoRA {memory['BLoRA']:.0f} MiB, LoRA
-{memory['LoRA (peft)']:.0f} MiB, **ratio {memory_ratio:.3f}** (target <= 1.05).
+resident set sampled every 2 ms, on CUDA `max_memory_allocated`):
 
-Where one step spends its time (cProfile, own time per function, seconds; profiling inflates
+| | peak (MiB) | load (1 min) | torch threads |
+|---|---|---|---|
+{memory_rows}
+
+**Memory ratios:** {verdicts(memory_ratio)}.
+
+What one step does, counted (these counts do not depend on the machine's load; the seconds do): Python
+function calls (cProfile), torch operator calls and the time inside them (torch.profiler, one step each):
+
+| | Python calls | operator calls | operator time (s) | of it matrix products and attention (s) | load (1 min): cProfile / profiler | torch threads |
+|---|---|---|---|---|---|---|
+{count_rows}
+
+Where one step spends its time (cProfile, own process CPU time per function, seconds; profiling inflates
 Python-heavy parts):
 
-| | BLoRA | LoRA (peft) |
-|---|---|---|
+| | {' | '.join(names)} |
+|---|{'---|' * len(names)}
 {profile_rows}
 
 GPU numbers (step time, utterances/s, share of peak FLOP/s) are not measured yet: no GPU was available
 for these runs; the script measures them unchanged on a CUDA machine.
 """
     print(body)
+    if args.out:
+        Path(args.out).write_text(json.dumps({
+            "command": command, "machine": machine(), "times": times, "cpu_times": cpu_times, "loads": loads,
+            "threads": threads, "memory": memory, "profiles": profiles, "ops": ops, "ratio": ratio,
+            "cpu_ratio": cpu_ratio, "memory_ratio": memory_ratio}, indent=1))
     if not args.no_write:
         write_section(f"Training step: BLoRA vs LoRA ({args.model}, {device.type})", body)
 

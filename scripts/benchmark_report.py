@@ -66,9 +66,14 @@ def write_section(title: str, body: str, path: Path = BENCHMARKS) -> None:
     path.write_text(text.rstrip() + "\n")
 
 
-def table(rows: dict[str, Sequence[float]], unit: str, scale: float = 1.0) -> str:
-    lines = [f"| | min ({unit}) | median ({unit}) | max ({unit}) |", "|---|---|---|---|"]
+def table(rows: dict[str, Sequence[float]], unit: str, scale: float = 1.0,
+          extra: dict[str, dict[str, str]] | None = None) -> str:
+    """min / median / max of each row; ``extra`` adds columns (title: text per row name)."""
+    extra = extra or {}
+    lines = ["| | " + " | ".join([f"min ({unit})", f"median ({unit})", f"max ({unit})", *extra]) + " |",
+             "|---|---|---|---|" + "---|" * len(extra)]
     for name, values in rows.items():
         s = spread([v * scale for v in values])
-        lines.append(f"| {name} | {s['min']:.3g} | {s['median']:.3g} | {s['max']:.3g} |")
+        cells = [f"{s['min']:.3g}", f"{s['median']:.3g}", f"{s['max']:.3g}", *(column[name] for column in extra.values())]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
