@@ -239,7 +239,7 @@ def main() -> None:
     conditions_columns = {"load (1 min): mean (range)": {name: load_note(loads[name]) for name in names},
                           "torch threads": {name: str(threads) for name in names}}
     command = f"OMP_NUM_THREADS={threads} python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
-        f" --precision {args.precision}" if args.precision != "fp32" else "")
+        f" --precision {args.precision}" if args.precision != "fp32" else "") + (f" --out {args.out}" if args.out else "")
 
     def verdicts(ratios: dict[str, float]) -> str:
         return "; ".join(f"{name} / LoRA **{value:.3f}** (target <= {TARGETS[name]:.2f}, "
