@@ -21,6 +21,7 @@ ELBO is estimated exactly as without the handler. Guides without Normal sites (M
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from typing import Literal
 
@@ -113,6 +114,6 @@ def active_noise() -> LocalNoise | None:
     return _ACTIVE.get()
 
 
-def local_noise(kind: Literal["shared", "flipout", "lrt"]):
-    """The handler for ``TrainConfig.weight_noise``: None for "shared" (plain sampling)."""
-    return None if kind == "shared" else LocalNoise(kind)
+def local_noise(kind: Literal["shared", "flipout", "lrt"]) -> contextlib.AbstractContextManager:
+    """The handler for ``TrainConfig.weight_noise``; "shared" (plain sampling) needs none."""
+    return contextlib.nullcontext() if kind == "shared" else LocalNoise(kind)

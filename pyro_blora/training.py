@@ -387,8 +387,7 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
 
 def _noisy_elbo_terms(model: BLoRAWhisper, guide, batch: Mapping, config: TrainConfig) -> ElboTerms:
     """One ELBO estimate under the configured weight noise (pyro_blora.noise)."""
-    handler = local_noise(config.weight_noise)
-    with handler if handler is not None else nullcontext():
+    with local_noise(config.weight_noise):
         return elbo_terms(model, guide, batch, config.estimator, config.num_particles)
 
 
