@@ -40,7 +40,7 @@ def _raised_by_this_library(error: BaseException) -> bool:
 
 def expected_failure(error: BaseException) -> bool:
     """Errors shown as one line: missing files and folders, the library's own ValueError/KeyError/OSError checks."""
-    from pyro_blora.weights import HubUnavailableError
+    from pyro_blora.offline import HubUnavailableError
 
     if isinstance(error, (*_EXPECTED, HubUnavailableError)):
         return True

@@ -45,7 +45,7 @@ class BLoRAConfig:
     prior_scale: float = 0.01
     # Weight beta on the KL term of the ELBO (the paper: 0.5). Must be > 0.
     beta: float = 0.5
-    # How the likelihood and the KL are normalised (see pyro_blora.objective):
+    # How the likelihood and the KL are normalised (see pyro_blora.model.objective):
     #   "dataset"   textbook ELBO: sum of token NLL over the data set + beta * KL;
     #   "token"     the same divided by the number of training tokens (identical optimum);
     #   "parameter" mean token NLL + beta * KL / (number of adapter parameters);
@@ -151,7 +151,7 @@ class TrainConfig:
     num_particles: int = 1
     # "trace": Trace_ELBO (Monte Carlo KL); "analytic": closed-form Gaussian KL (mean-field).
     estimator: Literal["trace", "analytic"] = "trace"
-    # How the likelihood sees the posterior's noise (pyro_blora.noise): "shared" draws one A and B
+    # How the likelihood sees the posterior's noise (pyro_blora.model.noise): "shared" draws one A and B
     # per batch (plain reparameterisation); "flipout" gives every utterance its own sign-flipped
     # perturbation of that draw; "lrt" samples every layer output from its Gaussian (local
     # reparameterisation). The KL is estimated the same way under all three.
@@ -171,7 +171,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Seconds of audio the encoder reads. 30 is Whisper's own window; a shorter one (e.g. 10: 1000
     # mel frames, the first 500 encoder positions) is a speed option that CHANGES THE MODEL (see
-    # pyro_blora.encoder_window), refuses longer clips and is used again when the run is evaluated.
+    # pyro_blora.model.encoder_window), refuses longer clips and is used again when the run is evaluated.
     encoder_window_seconds: float = 30.0
     # Seed for the data order and the Monte Carlo draws of training (the initial adapters are
     # drawn by build_guide(model, seed=...)).
@@ -220,7 +220,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RetentionBudget:
     """A forgetting budget: adapt as much as possible while the loss on a retention set (the domain
-    the model already knew) stays inside a limit (README: "A forgetting budget"; pyro_blora.budget).
+    the model already knew) stays inside a limit (README: "A forgetting budget"; pyro_blora.training.budget).
 
     The retention loss is the teacher-forced cross-entropy per transcript token of the first
     ``utterances`` utterances of the retention set. During training it is measured every ``every``

@@ -43,11 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
 from pyro_blora.config import DEFAULT_TARGETS  # noqa: E402
-from pyro_blora.distributed import default_device  # noqa: E402
-from pyro_blora.injection import find_target_modules  # noqa: E402
-from pyro_blora.methods import _teacher_forced_loss  # noqa: E402
-from pyro_blora.objective import elbo_scaling  # noqa: E402
-from pyro_blora.training import _noisy_elbo_terms, make_optimizer, svi_parameter_groups  # noqa: E402
+from pyro_blora.training.distributed import default_device  # noqa: E402
+from pyro_blora.model.injection import find_target_modules  # noqa: E402
+from pyro_blora.training.methods import _teacher_forced_loss  # noqa: E402
+from pyro_blora.model.objective import elbo_scaling  # noqa: E402
+from pyro_blora.training.loop import _noisy_elbo_terms, make_optimizer, svi_parameter_groups  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
 BLORA, PAPER, LORA = "BLoRA", "BLoRA, paper preset", "LoRA (peft)"

@@ -4,7 +4,7 @@ It trains nothing: ``--posterior`` is a finished ``pyro-blora train --method blo
 posterior folder) and ``--lora`` a finished ``pyro-blora train --method lora`` run on the same base
 and adapters, the LoRA of every other table. Temperatures of the posterior mean and of LoRA are
 fitted on ``--dev-clips`` dev utterances per domain (never on test). The work is done by
-:mod:`pyro_blora.payoff`; records go to ``<out>/utterances.jsonl`` (a killed run continues where it
+:mod:`pyro_blora.evaluation.payoff`; records go to ``<out>/utterances.jsonl`` (a killed run continues where it
 stopped), the summary to ``<out>/summary.json`` and the plots next to it.
 
 Example (real base model)::
@@ -20,9 +20,9 @@ import json
 from pathlib import Path
 
 from pyro_blora import load_posterior, load_whisper
-from pyro_blora.methods import load_training_data
-from pyro_blora.confidence import TemperatureFit
-from pyro_blora.payoff import (
+from pyro_blora.training.methods import load_training_data
+from pyro_blora.predict.confidence import TemperatureFit
+from pyro_blora.evaluation.payoff import (
     PayoffOptions,
     decode_payoff_records,
     fit_model_temperatures,
@@ -30,7 +30,7 @@ from pyro_blora.payoff import (
     summarise_payoff,
     write_records,
 )
-from pyro_blora.transcribe import collect_utterances
+from pyro_blora.predict.transcribe import collect_utterances
 
 
 def main() -> None:

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from pyro_blora.config import BLoRAConfig, TrainConfig
-from pyro_blora.evaluation import EvalOptions, evaluate_whisper, format_table, load_eval_sets, relative_changes
-from pyro_blora.experiment import ALL_LINEAR_TARGETS, ensure_testbed, read_eval, run_evaluation
-from pyro_blora.guide import BLoRAMAPGuide, build_guide
-from pyro_blora.injection import find_target_modules
-from pyro_blora.methods import METHODS, load_run_model, load_training_data, run_training
-from pyro_blora.model import wrap_whisper
-from pyro_blora.objective import elbo_scaling, elbo_terms
-from pyro_blora.weights import load_processor, load_whisper
+from pyro_blora.evaluation.scoring import EvalOptions, evaluate_whisper, format_table, load_eval_sets, relative_changes
+from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS, ensure_testbed, read_eval, run_evaluation
+from pyro_blora.model.guide import BLoRAMAPGuide, build_guide
+from pyro_blora.model.injection import find_target_modules
+from pyro_blora.training.methods import METHODS, load_run_model, load_training_data, run_training
+from pyro_blora.model.whisper import wrap_whisper
+from pyro_blora.model.objective import elbo_scaling, elbo_terms
+from pyro_blora.base_models.loading import load_processor, load_whisper
 from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 
 ADAPTER = BLoRAConfig(rank=4, target_modules=ALL_LINEAR_TARGETS)
@@ -159,7 +159,7 @@ def test_evaluation_writes_eval_json_with_relative_changes(workspace, runs):
 
 def test_per_utterance_records_add_up_to_the_aggregates(workspace):
     from pyro_blora.data import SpeechCollator, decoder_start_token_id
-    from pyro_blora.inference import token_nll
+    from pyro_blora.predict.monte_carlo import token_nll
 
     whisper, processor = load_whisper(workspace["model"])
     options = EvalOptions(batch_size=2, extra_new_tokens=2, progress=False)
@@ -216,7 +216,7 @@ def test_ensure_testbed_reuses_a_build_with_the_same_config(tmp_path, monkeypatc
 def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
     from dataclasses import replace
 
-    from pyro_blora.experiment import MainJobConfig, run_main_job
+    from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
     from pyro_blora.testbed import TestbedConfig
 
     config = MainJobConfig(out=tmp_path, model=str(workspace["model"]), testbed=TestbedConfig.small(),
@@ -238,7 +238,7 @@ def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_interpolation_scales_the_update_of_every_method(workspace, runs, method):
-    from pyro_blora.weights import interpolate_weights
+    from pyro_blora.base_models.loading import interpolate_weights
 
     trained, _, _ = load_run_model(runs[method])
     base, _ = load_whisper(workspace["model"])

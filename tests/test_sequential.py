@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from pyro_blora.config import BLoRAConfig, TrainConfig
-from pyro_blora.evaluation import EvalOptions
-from pyro_blora.experiment import ALL_LINEAR_TARGETS
-from pyro_blora.methods import PriorTransfer, base_model_of, load_run_model, load_training_data, run_training
+from pyro_blora.evaluation.scoring import EvalOptions
+from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS
+from pyro_blora.training.methods import PriorTransfer, base_model_of, load_run_model, load_training_data, run_training
 from pyro_blora.posterior import read_posterior_config
-from pyro_blora.objective import analytic_kl
+from pyro_blora.model.objective import analytic_kl
 from pyro_blora.posterior import load_posterior
-from pyro_blora.sequential import (
+from pyro_blora.experiments.sequence import (
     STRATEGIES,
     SequenceConfig,
     SequenceResult,
@@ -27,7 +27,7 @@ from pyro_blora.sequential import (
     run_sequence,
     write_comparison,
 )
-from pyro_blora.weights import load_processor, load_whisper
+from pyro_blora.base_models.loading import load_processor, load_whisper
 from tests.experiment_fixtures import sequence_testbed, small_whisper_folder
 
 ADAPTER = BLoRAConfig(rank=2, target_modules=ALL_LINEAR_TARGETS, kl_normalization="token")

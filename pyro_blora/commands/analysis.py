@@ -29,7 +29,7 @@ def inspect(
     """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots."""
     import json
 
-    from pyro_blora.report import SPARSITY_COLUMNS, markdown_table, write_inspection
+    from pyro_blora.report.pages import SPARSITY_COLUMNS, markdown_table, write_inspection
 
     page = write_inspection(runs, out)
     typer.echo(markdown_table(json.loads((out / "inspect.json").read_text())["sparsity"], SPARSITY_COLUMNS))
@@ -74,11 +74,11 @@ def sweep(
     by-setting.md gives mean ± std over seeds, paired bootstrap intervals against the base model and LoRA,
     and BLoRA's backward gain, degradation reduction and in-domain drop against LoRA."""
     from pyro_blora.commands.experiment import preset_configs
-    from pyro_blora.evaluation import EvalOptions, load_eval_sets
-    from pyro_blora.experiment import load_curve_sets
-    from pyro_blora.methods import load_training_data
-    from pyro_blora.sweep import SweepConfig, run_sweep
-    from pyro_blora.weights import load_processor
+    from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
+    from pyro_blora.experiments.main_job import load_curve_sets
+    from pyro_blora.training.methods import load_training_data
+    from pyro_blora.experiments.sweep import SweepConfig, run_sweep
+    from pyro_blora.base_models.loading import load_processor
 
     adapter, train = preset_configs(
         preset, dict(targets=targets),
@@ -111,7 +111,7 @@ def report(
     in_domain: Optional[str] = typer.Option(None, help="the trained domain (default: each run's training folder)"),
 ) -> None:
     """Markdown and PNG plots of finished runs: frontier, sparsity by method, training curves."""
-    from pyro_blora.report import write_report
+    from pyro_blora.report.pages import write_report
 
     page = write_report(runs, out, base=base, in_domain=in_domain)
     typer.echo(f"report: {page}")
@@ -123,7 +123,7 @@ def table(
 ) -> None:
     """The paper's table over domains: base and every method, mean ± std over seeds, changes against
     the base model, BLoRA against LoRA, sparsity."""
-    from pyro_blora.sweep import write_domain_table
+    from pyro_blora.experiments.sweep import write_domain_table
 
     page = write_domain_table(sweeps, out)
     typer.echo(page.read_text())

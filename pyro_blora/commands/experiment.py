@@ -10,10 +10,10 @@ from typing import Optional
 import typer
 
 from pyro_blora.config import BLoRAConfig, DEFAULT_TARGETS, RetentionBudget, TrainConfig
-from pyro_blora.evaluation import EvalOptions, format_table
-from pyro_blora.experiment import ALL_LINEAR_TARGETS, MainJobConfig, export_run, run_evaluation, run_main_job
-from pyro_blora.methods import METHODS, base_model_of, load_training_data, run_training
-from pyro_blora.weights import load_processor
+from pyro_blora.evaluation.scoring import EvalOptions, format_table
+from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS, MainJobConfig, export_run, run_evaluation, run_main_job
+from pyro_blora.training.methods import METHODS, base_model_of, load_training_data, run_training
+from pyro_blora.base_models.loading import load_processor
 
 TARGET_PRESETS = {"qk": DEFAULT_TARGETS, "all-linear": ALL_LINEAR_TARGETS}
 
@@ -116,7 +116,7 @@ def train(
 ) -> None:
     """Train one method (blora, lora, map, full) into a run folder; --model may be a finished run folder;
     under torchrun, data-parallel."""
-    from pyro_blora.evaluation import load_eval_sets
+    from pyro_blora.evaluation.scoring import load_eval_sets
 
     if method not in METHODS:
         raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
@@ -192,7 +192,7 @@ def evaluate(
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
     from pyro_blora.commands.analysis import _values
-    from pyro_blora.evaluation import load_eval_sets
+    from pyro_blora.evaluation.scoring import load_eval_sets
 
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
     budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances)

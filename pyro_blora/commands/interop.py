@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from pyro_blora.config import BLoRAConfig
-from pyro_blora.hub import KINDS
+from pyro_blora.interop.hub import KINDS
 
 BASE_HELP = "base Whisper model: a local folder, a bundled short name or a hub id (default: the one recorded in the folder)"
 
@@ -18,7 +18,7 @@ def _load_base(source: str | None, folder: Path, recorded: str | None):
     """The base Whisper model (no processor needed to move adapters around)."""
     from transformers import WhisperForConditionalGeneration
 
-    from pyro_blora.weights import load_whisper
+    from pyro_blora.base_models.loading import load_whisper
 
     source = source or recorded
     if not source:
@@ -42,7 +42,7 @@ def export_peft_command(
     prune_threshold: Optional[float] = typer.Option(None, help="set posterior-mean entries with |w| below this to 0 first"),
 ) -> None:
     """Export the posterior mean as a PEFT LoRA adapter."""
-    from pyro_blora.peft_io import export_peft
+    from pyro_blora.interop.peft import export_peft
 
     (model, guide), base_name = _load_posterior(posterior, base)
     report = export_peft(model, guide, out, prune_threshold=prune_threshold, base_model_name_or_path=base_name)
@@ -62,9 +62,9 @@ def import_peft_command(
     """Turn a PEFT LoRA adapter into a BLoRA posterior whose means are its A and B."""
     import pyro
 
-    from pyro_blora.guide import build_guide
-    from pyro_blora.model import wrap_whisper
-    from pyro_blora.peft_io import blora_config_from_peft, import_peft, read_peft_adapter
+    from pyro_blora.model.guide import build_guide
+    from pyro_blora.model.whisper import wrap_whisper
+    from pyro_blora.interop.peft import blora_config_from_peft, import_peft, read_peft_adapter
     from pyro_blora.posterior import save_posterior
 
     peft_adapter = read_peft_adapter(adapter)
@@ -84,7 +84,7 @@ def export_posterior_command(
 ) -> None:
     """Write means and standard deviations under plain names, readable without Pyro."""
     from pyro_blora.posterior import read_posterior_config
-    from pyro_blora.posterior_export import export_posterior_tensors
+    from pyro_blora.posterior import export_posterior_tensors
 
     (model, guide), _ = _load_posterior(posterior, base)
     metadata = read_posterior_config(posterior).get("metadata", {})
@@ -101,7 +101,7 @@ def push_command(
     commit_message: Optional[str] = typer.Option(None, help="commit message"),
 ) -> None:
     """Publish a merged model, a PEFT adapter or a posterior to the Hugging Face hub, with a model card."""
-    from pyro_blora.hub import push_to_hub
+    from pyro_blora.interop.hub import push_to_hub
 
     url = push_to_hub(folder, repo_id, kind, run_dir=run_dir, base_model=base_model, private=private, commit_message=commit_message)
     typer.echo(json.dumps({"repo_id": repo_id, "commit": url}))

@@ -8,8 +8,8 @@ from typing import Optional
 import typer
 
 from pyro_blora.commands.experiment import preset_configs
-from pyro_blora.evaluation import EvalOptions
-from pyro_blora.sequential import COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, run_sequence, write_comparison
+from pyro_blora.evaluation.scoring import EvalOptions
+from pyro_blora.experiments.sequence import COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, run_sequence, write_comparison
 
 
 def sequence(

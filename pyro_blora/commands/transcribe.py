@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from pyro_blora.transcribe import TranscribeOptions, load_for_transcription, render_table, transcribe, write_jsonl
+from pyro_blora.predict.transcribe import TranscribeOptions, load_for_transcription, render_table, transcribe, write_jsonl
 
 
 def transcribe_command(
@@ -57,7 +57,7 @@ def transcribe_command(
                 write_jsonl(results, handle)
             typer.echo(f"wrote {len(results)} transcripts to {jsonl}", err=True)
     if srt is not None or vtt is not None or plot is not None:
-        from pyro_blora.subtitles import output_paths, plot_confidence, write_subtitles
+        from pyro_blora.predict.subtitles import output_paths, plot_confidence, write_subtitles
 
         for kind, target in (("srt", srt), ("vtt", vtt)):
             if target is not None:

@@ -1,0 +1,537 @@
+"""Transcription of audio files, folders or datasets under S posterior samples, with confidences.
+
+Every utterance gets the chosen hypothesis (posterior mean or minimum Bayes risk), the S sample
+hypotheses, an utterance-level uncertainty and a confidence per word of the chosen hypothesis:
+the fraction of samples whose hypothesis contains that word at the aligned position. Words are
+the scoring tokens of :mod:`pyro_blora.metrics` (CJK characters one by one, other text by
+whitespace) and are compared after normalisation, so case and punctuation do not count.
+
+Recordings longer than 30 s are decoded long-form (:mod:`pyro_blora.predict.longform`): Whisper's own
+sequential 30 s windows with timestamps, for the posterior mean and for every posterior draw; word
+confidences are computed per window and stitched. Shorter clips take the batched short-form pass.
+
+JSON lines schema (``SCHEMA_VERSION`` 2), one object per utterance, keys in this order:
+
+- ``schema_version`` (int): 2.
+- ``id`` (str): the dataset row id, or the file name for files.
+- ``source`` (str | null): the audio file path, when there is one.
+- ``language`` (str | null): the language given to Whisper (null: detected by Whisper).
+- ``text`` (str): the chosen hypothesis.
+- ``chooser`` (str): ``"mean"`` or ``"mbr"``.
+- ``num_samples`` (int): S.
+- ``samples`` (list[str]): the S sample hypotheses, in draw order.
+- ``uncertainty`` (float >= 0): mean pairwise error rate between the samples (0: all agree).
+- ``mean_token_entropy`` (float, nats): mean next-token entropy along the sample hypotheses.
+- ``mean_log_prob`` (float | null, nats): mean token log-probability of the posterior-mean
+  hypothesis (null with the MBR chooser).
+- ``words`` (list of ``{"word": str, "confidence": float in [0, 1]}``): the chosen hypothesis
+  tokenised, each with the fraction of samples that agree with it (all segments, in order).
+- ``duration`` (float, s): length of the audio. *New in version 2.*
+- ``segments`` (list of ``{"start": float, "end": float, "text": str, "words": [...]}``): the chosen
+  hypothesis by segment, with start and end in seconds from the start of the audio; ``words`` as
+  above, and the segments' words together are the top-level ``words``. Long-form recordings have
+  Whisper's timestamped segments; a clip of 30 s or less is one segment from 0 to its duration.
+  *New in version 2.*
+- ``reference`` (str | null): the dataset's transcript, when there is one.
+
+Version 2 only adds keys, so a reader of version 1 that looks keys up by name reads version 2
+lines unchanged. :func:`read_jsonl` reads both; version 1 lines get ``duration`` and ``segments``
+null.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator, Literal, Sequence
+
+import jiwer
+import pyro
+from tqdm.auto import tqdm
+
+from pyro_blora.data import load_audio, load_speech_dataset
+from pyro_blora.features import N_SAMPLES, SAMPLING_RATE, log_mel_features, long_form_features
+from pyro_blora.model.guide import BLoRAGuide
+from pyro_blora.predict.monte_carlo import MonteCarloTranscript, monte_carlo_transcribe
+from pyro_blora.predict.longform import LongFormMonteCarlo, monte_carlo_long_form, window_texts
+from pyro_blora.metrics import contains_cjk, normalize_text, scoring_unit, tokenize
+from pyro_blora.model.whisper import BLoRAWhisper
+from pyro_blora.data.labels import check_language
+
+__all__ = [
+    "AUDIO_SUFFIXES",
+    "ClipTooLongError",
+    "JSONL_KEYS",
+    "READABLE_SCHEMA_VERSIONS",
+    "SCHEMA_VERSION",
+    "SegmentTranscript",
+    "TranscribeOptions",
+    "Utterance",
+    "UtteranceTranscript",
+    "WordConfidence",
+    "agreement",
+    "collect_utterances",
+    "read_jsonl",
+    "render_table",
+    "segment_word_confidences",
+    "spaced_words",
+    "transcribe",
+    "transcribe_utterances",
+    "load_for_transcription",
+    "word_confidences",
+    "word_keys",
+    "write_jsonl",
+]
+
+SCHEMA_VERSION = 2
+# Versions read_jsonl accepts: 2 only added keys to 1.
+READABLE_SCHEMA_VERSIONS = (1, 2)
+JSONL_KEYS = (
+    "schema_version",
+    "id",
+    "source",
+    "language",
+    "text",
+    "chooser",
+    "num_samples",
+    "samples",
+    "uncertainty",
+    "mean_token_entropy",
+    "mean_log_prob",
+    "words",
+    "duration",
+    "segments",
+    "reference",
+)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """How utterances are decoded and how their confidences are reported."""
+
+    # S, the number of posterior samples per utterance.
+    num_samples: int = 8
+    # "mean": the posterior-mean hypothesis; "mbr": the sample with minimum Bayes risk.
+    choose: Literal["mean", "mbr"] = "mean"
+    # Utterances per batch (the vectorised pass decodes S x batch_size rows at once).
+    batch_size: int = 4
+    # Language given to Whisper; None uses each dataset row's language, or detection for files.
+    language: str | None = None
+    # Decode the S samples in one batched pass (True) or one after another (False).
+    vectorized: bool = True
+    # Seed of the posterior draws.
+    seed: int = 0
+    # Words with a confidence below this are marked in the table.
+    low_confidence: float = 0.5
+    # Decode recordings over 30 s long-form (Whisper's sequential windows); False refuses them.
+    long_form: bool = True
+    # Extra keyword arguments for ``generate`` (e.g. {"max_new_tokens": 128}; per window in long-form).
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}; use --samples 8 or similar")
+        if self.choose not in ("mean", "mbr"):
+            raise ValueError(f"choose must be 'mean' or 'mbr', got {self.choose!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.low_confidence <= 1.0:
+            raise ValueError(f"low_confidence must lie in [0, 1], got {self.low_confidence}")
+
+
+@dataclass(frozen=True)
+class WordConfidence:
+    word: str
+    # Fraction of the S samples that agree with this word.
+    confidence: float
+
+
+@dataclass(frozen=True)
+class SegmentTranscript:
+    """A timed stretch of the chosen hypothesis (seconds from the start of the audio)."""
+
+    start: float
+    end: float
+    text: str
+    words: list[WordConfidence]
+
+
+class ClipTooLongError(ValueError):
+    """A recording over 30 s was given with long-form decoding turned off."""
+
+
+@dataclass(frozen=True)
+class UtteranceTranscript:
+    """One line of the JSON lines output (see the module docstring for the schema)."""
+
+    id: str
+    source: str | None
+    language: str | None
+    text: str
+    chooser: str
+    num_samples: int
+    samples: list[str]
+    uncertainty: float
+    mean_token_entropy: float
+    mean_log_prob: float | None
+    words: list[WordConfidence]
+    reference: str | None = None
+    duration: float | None = None
+    segments: list[SegmentTranscript] | None = None
+
+    def to_json_dict(self) -> dict[str, Any]:
+        record = {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        return {key: record[key] for key in JSONL_KEYS}
+
+    @classmethod
+    def from_json_dict(cls, record: dict[str, Any]) -> "UtteranceTranscript":
+        version = record.get("schema_version")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise ValueError(
+                f"transcript record has schema_version {version!r}; this version of pyro-blora reads "
+                f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}. Re-run `pyro-blora transcribe` to write it in the "
+                "current schema, or upgrade pyro-blora."
+            )
+        values = {key: record.get(key) for key in JSONL_KEYS if key != "schema_version"}
+        values["words"] = [WordConfidence(**word) for word in values["words"]]
+        if values["segments"] is not None:
+            values["segments"] = [
+                SegmentTranscript(**{**segment, "words": [WordConfidence(**w) for w in segment["words"]]})
+                for segment in values["segments"]
+            ]
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One input: an audio file path or a ``datasets`` audio value, with what is known about it."""
+
+    id: str
+    audio: Any
+    source: str | None = None
+    language: str | None = None
+    reference: str | None = None
+
+
+# ------------------------------------------------------------------ word alignment
+def word_keys(text: str, language: str | None) -> tuple[list[str], list[str]]:
+    """Scoring tokens of ``text`` and their normalised forms (the keys that are compared)."""
+    code = language or "und"
+    words = tokenize(text, scoring_unit(code, [text]))
+    # A normalised token never contains whitespace, so keys can be joined and split again.
+    keys = ["_".join(normalize_text(word, code).split()) or word for word in words]
+    return words, keys
+
+
+def agreement(anchor: Sequence[str], others: Sequence[Sequence[str]]) -> list[list[bool]]:
+    """For each sequence in ``others``: which tokens of ``anchor`` it matches, by edit-distance alignment."""
+    matched = [[False] * len(anchor) for _ in others]
+    if not anchor:
+        return matched
+    pairs = [(i, other) for i, other in enumerate(others) if other]
+    if not pairs:
+        return matched
+    output = jiwer.process_words([" ".join(anchor)] * len(pairs), [" ".join(other) for _, other in pairs])
+    for (i, _), chunks in zip(pairs, output.alignments):
+        for chunk in chunks:
+            if chunk.type == "equal":
+                for position in range(chunk.ref_start_idx, chunk.ref_end_idx):
+                    matched[i][position] = True
+    return matched
+
+
+def segment_word_confidences(
+    chosen_segments: Sequence[str], samples: Sequence[str], language: str | None = None
+) -> list[list[WordConfidence]]:
+    """Words of consecutive segments of the chosen hypothesis, each with the fraction of ``samples``
+    (texts covering the same stretch of audio) that agree with it; the segments are aligned together,
+    so a word that a sample puts across a segment boundary still counts."""
+    if not samples:
+        raise ValueError("word confidences need at least one sample hypothesis")
+    split = [word_keys(text, language) for text in chosen_segments]
+    matches = agreement([key for _, keys in split for key in keys], [word_keys(sample, language)[1] for sample in samples])
+    out, offset = [], 0
+    for words, _ in split:
+        out.append([
+            WordConfidence(word, sum(match[offset + i] for match in matches) / len(samples)) for i, word in enumerate(words)
+        ])
+        offset += len(words)
+    return out
+
+
+def word_confidences(chosen: str, samples: Sequence[str], language: str | None = None) -> list[WordConfidence]:
+    """Each word of ``chosen`` with the fraction of ``samples`` that agree with it after alignment."""
+    return segment_word_confidences([chosen], samples, language)[0]
+
+
+# ------------------------------------------------------------------ inputs
+def collect_utterances(
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], split: str | None = None, limit: int | None = None
+) -> list[Utterance]:
+    """Audio files, folders of audio files (searched recursively) or one dataset, as utterances.
+
+    A dataset is anything ``load_speech_dataset`` reads (a manifest, an audiofolder with
+    metadata.csv, a ``save_to_disk`` folder); give ``split`` when it has several."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    paths = [Path(item) for item in inputs]
+    if not paths:
+        raise ValueError("no inputs: give audio files, folders of audio files, or a dataset")
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
+    if len(paths) == 1 and _is_dataset(paths[0]):
+        utterances = _dataset_utterances(paths[0], split)
+    else:
+        files: list[Path] = []
+        for path in paths:
+            if path.is_dir():
+                found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+                if not found:
+                    raise ValueError(f"folder {path} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+                files.extend(found)
+            else:
+                files.append(path)
+        utterances = [Utterance(id=path.name, audio=str(path), source=str(path)) for path in files]
+    return utterances[:limit] if limit is not None else utterances
+
+
+def _is_dataset(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".json")
+    return any((path / marker).exists() for marker in ("dataset_dict.json", "state.json", "metadata.csv"))
+
+
+def _dataset_utterances(path: Path, split: str | None) -> list[Utterance]:
+    loaded = load_speech_dataset(path, split=split)
+    if not hasattr(loaded, "column_names") or isinstance(loaded.column_names, dict):
+        raise ValueError(f"{path} has several splits ({', '.join(loaded)}); choose one with split= / --split")
+    rows = loaded.select_columns([c for c in ("id", "audio", "text", "language") if c in loaded.column_names])
+    return [
+        Utterance(
+            id=str(row["id"]),
+            audio=row["audio"],
+            source=(row["audio"] or {}).get("path") if isinstance(row["audio"], dict) else None,
+            language=row.get("language") or None,
+            reference=row.get("text"),
+        )
+        for row in rows
+    ]
+
+
+# ------------------------------------------------------------------ transcription
+def _batches(utterances: Sequence[Utterance], options: TranscribeOptions) -> Iterator[list[Utterance]]:
+    """Consecutive utterances of one language, at most batch_size at a time."""
+    batch: list[Utterance] = []
+    for utterance in utterances:
+        if batch and (len(batch) == options.batch_size or _language(batch[0], options) != _language(utterance, options)):
+            yield batch
+            batch = []
+        batch.append(utterance)
+    if batch:
+        yield batch
+
+
+def _language(utterance: Utterance, options: TranscribeOptions) -> str | None:
+    return options.language or utterance.language
+
+
+def _transcript(utterance: Utterance, language: str | None, options: TranscribeOptions, duration: float,
+                text: str, samples: list[str], uncertainty: float, mean_token_entropy: float,
+                mean_log_prob: float | None, segments: list[SegmentTranscript]) -> UtteranceTranscript:
+    """One output line; its words are the segments' words in order."""
+    return UtteranceTranscript(
+        id=utterance.id,
+        source=utterance.source,
+        language=language,
+        text=text,
+        chooser=options.choose,
+        num_samples=options.num_samples,
+        samples=samples,
+        uncertainty=uncertainty,
+        mean_token_entropy=mean_token_entropy,
+        mean_log_prob=mean_log_prob,
+        words=[word for segment in segments for word in segment.words],
+        reference=utterance.reference,
+        duration=duration,
+        segments=segments,
+    )
+
+
+def _record(utterance: Utterance, result: MonteCarloTranscript, language: str | None, options: TranscribeOptions,
+            duration: float) -> UtteranceTranscript:
+    """A clip of 30 s or less: one segment from 0 to its duration."""
+    words = word_confidences(result.chosen, result.hypotheses, language)
+    segments = [SegmentTranscript(0.0, duration, result.chosen, words)] if result.chosen else []
+    return _transcript(utterance, language, options, duration, result.chosen, list(result.hypotheses),
+                       result.disagreement, result.mean_token_entropy, result.mean_log_prob, segments)
+
+
+def _long_form_record(utterance: Utterance, result: LongFormMonteCarlo, language: str | None,
+                      options: TranscribeOptions, duration: float) -> UtteranceTranscript:
+    """Word confidences per window of the chosen hypothesis, stitched in order."""
+    chosen = result.chosen
+    per_sample = [window_texts(chosen, sample) for sample in result.samples]  # [S][window]
+    windows = sorted({segment.window for segment in chosen.segments})
+    segments = []
+    for index, window in enumerate(windows):
+        members = [segment for segment in chosen.segments if segment.window == window]
+        words = segment_word_confidences([m.text for m in members], [texts[index] for texts in per_sample], language)
+        segments.extend(SegmentTranscript(m.start, m.end, m.text, w) for m, w in zip(members, words))
+    return _transcript(utterance, language, options, duration, chosen.text, [sample.text for sample in result.samples],
+                       result.disagreement, result.mean_token_entropy, result.mean_log_prob, segments)
+
+
+def _too_long(utterance: Utterance, seconds: float) -> ClipTooLongError:
+    return ClipTooLongError(
+        f"{utterance.source or utterance.id} is {seconds:.1f} s long and long-form decoding is off; "
+        "turn it on (--long-form, TranscribeOptions(long_form=True)) or cut the audio into clips of 30 s or less"
+    )
+
+
+def transcribe_utterances(
+    model: BLoRAWhisper,
+    guide: BLoRAGuide,
+    processor,
+    utterances: Sequence[Utterance],
+    options: TranscribeOptions = TranscribeOptions(),
+    progress: bool = True,
+) -> Iterator[UtteranceTranscript]:
+    """Transcribe utterances batch by batch under ``options.num_samples`` posterior draws; clips over
+    30 s long-form (one after another within the batch's language), shorter ones in one batched pass."""
+    if options.language is not None:
+        options = replace(options, language=check_language(processor, options.language))
+    pyro.set_rng_seed(options.seed)
+    device = next(model.whisper.parameters()).device
+    dtype = next(model.whisper.parameters()).dtype
+    bar = tqdm(total=len(utterances), disable=not progress, desc="transcribe", unit="utt")
+    try:
+        for batch in _batches(utterances, options):
+            language = _language(batch[0], options)
+            waveforms = [load_audio(utterance.audio) for utterance in batch]
+            durations = [round(w.shape[0] / SAMPLING_RATE, 3) for w in waveforms]
+            long = [i for i, w in enumerate(waveforms) if w.shape[0] > N_SAMPLES]
+            if long and not options.long_form:
+                raise _too_long(batch[long[0]], durations[long[0]])
+            short = [i for i in range(len(batch)) if i not in long]
+            records: dict[int, UtteranceTranscript] = {}
+            if short:
+                features = log_mel_features(processor.feature_extractor, [waveforms[i] for i in short])
+                results = monte_carlo_transcribe(
+                    model, guide, features.to(device=device, dtype=dtype), processor.tokenizer,
+                    num_samples=options.num_samples, choose=options.choose, vectorized=options.vectorized,
+                    language=language, generate_kwargs=options.generate_kwargs,
+                )
+                records.update({i: _record(batch[i], r, language, options, durations[i]) for i, r in zip(short, results)})
+            if long:
+                features, mask = long_form_features(processor.feature_extractor, [waveforms[i] for i in long])
+                results = monte_carlo_long_form(
+                    model, guide, features.to(device=device, dtype=dtype), mask.to(device), processor.tokenizer,
+                    num_samples=options.num_samples, choose=options.choose, language=language,
+                    generate_kwargs=options.generate_kwargs,
+                )
+                records.update({i: _long_form_record(batch[i], r, language, options, durations[i]) for i, r in zip(long, results)})
+            for i in range(len(batch)):
+                yield records[i]
+            bar.update(len(batch))
+    finally:
+        bar.close()
+
+
+def transcribe(
+    model: BLoRAWhisper,
+    guide: BLoRAGuide,
+    processor,
+    inputs: str | os.PathLike | Sequence[str | os.PathLike],
+    options: TranscribeOptions = TranscribeOptions(),
+    split: str | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> list[UtteranceTranscript]:
+    """Transcribe audio files, folders or a dataset (see :func:`collect_utterances`)."""
+    utterances = collect_utterances(inputs, split=split, limit=limit)
+    return list(transcribe_utterances(model, guide, processor, utterances, options, progress))
+
+
+def load_for_transcription(posterior: str | os.PathLike, model: str | os.PathLike | None = None):
+    """The model, guide and processor of a posterior folder, on its recorded base model unless ``model`` is given.
+
+    Runs trained with a shorter encoder window are refused: their adapters were fitted to a model that
+    reads at most that many seconds, and transcription runs Whisper's 30 s windows."""
+    from pyro_blora.training.methods import load_run_model
+    from pyro_blora.posterior import load_posterior, posterior_encoder_window, read_posterior_config
+
+    folder = Path(posterior)
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"posterior folder {folder} does not exist; give the posterior/ folder of a finished blora run "
+            "(e.g. runs/x/posterior, written by `pyro-blora train --method blora`)"
+        )
+    window = posterior_encoder_window(folder)
+    if window < 30.0:
+        raise ValueError(
+            f"{folder} was trained with a {window:g} s encoder window (--encoder-window), and transcription runs "
+            "Whisper's 30 s windows, which that posterior was not fitted to; score it with `pyro-blora evaluate` "
+            "(which keeps the window), or train with the full window (the default) to transcribe"
+        )
+    base = model or read_posterior_config(folder).get("metadata", {}).get("base_model")
+    if not base:
+        raise ValueError(f"{folder} does not name its base model in posterior.json; pass it with --model (e.g. --model base)")
+    whisper, processor, _ = load_run_model(base)
+    blora, guide = load_posterior(folder, whisper)
+    return blora, guide, processor
+
+
+# ------------------------------------------------------------------ output
+def write_jsonl(transcripts: Iterable[UtteranceTranscript], handle: IO[str]) -> int:
+    """Write one JSON object per line; returns the number of lines."""
+    count = 0
+    for transcript in transcripts:
+        handle.write(json.dumps(transcript.to_json_dict(), ensure_ascii=False) + "\n")
+        count += 1
+    return count
+
+
+def read_jsonl(path: str | os.PathLike) -> list[UtteranceTranscript]:
+    with open(path, encoding="utf-8") as handle:
+        return [UtteranceTranscript.from_json_dict(json.loads(line)) for line in handle if line.strip()]
+
+
+def render_table(transcripts: Sequence[UtteranceTranscript], low_confidence: float = 0.5):
+    """A ``rich`` table: low-confidence words in brackets (and red), one row per utterance."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"Monte Carlo transcripts (words below {low_confidence:.2f} confidence in [brackets])")
+    for name in ("id", "transcript", "uncertainty", "min conf."):
+        table.add_column(name, overflow="fold")
+    for transcript in transcripts:
+        text = Text()
+        for separator, word in spaced_words(transcript.words):
+            text.append(separator)
+            if word.confidence < low_confidence:
+                text.append(f"[{word.word}]", style="bold red")
+            else:
+                text.append(word.word)
+        lowest = min((w.confidence for w in transcript.words), default=1.0)
+        table.add_row(transcript.id, text, f"{transcript.uncertainty:.3f}", f"{lowest:.2f}")
+    return table
+
+
+def spaced_words(words: Sequence[WordConfidence]) -> Iterator[tuple[str, WordConfidence]]:
+    """Each word with the separator written before it: a space, or nothing between CJK characters."""
+    for index, word in enumerate(words):
+        yield ("" if index == 0 or _is_cjk_pair(words[index - 1].word, word.word) else " "), word
+
+
+# CJK and full-width punctuation (。，、！？ …) attaches to the word before it.
+_CJK_PUNCTUATION = re.compile(r"[\u3000-\u303f\uff00-\uffef]")
+
+
+def _is_cjk_pair(left: str, right: str) -> bool:
+    """Two neighbouring CJK characters, or CJK punctuation after any word, are written without a space."""
+    return (contains_cjk(left[-1:]) and contains_cjk(right[:1])) or bool(_CJK_PUNCTUATION.match(right[:1]))

@@ -1,0 +1,547 @@
+"""Stochastic variational inference for BLoRA: mini-batches, schedules, checkpoints, resume.
+
+The loop is SVI written out: each step estimates the beta-scaled negative ELBO with
+:func:`pyro_blora.model.objective.elbo_terms` (Trace_ELBO by default) and takes an Adam step on the
+guide's parameters, with its own learning rate for the scales, gradient clipping and a warm-up +
+cosine schedule. A run folder holds the config, checkpoints and a JSONL log; a run resumed from
+its last checkpoint continues exactly where it stopped (same data order, same RNG states).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import pyro
+import torch
+from tqdm.auto import tqdm
+
+from pyro_blora.training import distributed
+from pyro_blora.training.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
+from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
+from pyro_blora.config import RetentionBudget, TrainConfig
+from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, window_frames
+from pyro_blora.model.guide import BLoRAGuide
+from pyro_blora.predict.monte_carlo import token_nll
+from pyro_blora.model.whisper import BLoRAWhisper
+from pyro_blora.model.noise import local_noise
+from pyro_blora.model.objective import ElboTerms, elbo_scaling, elbo_terms
+from pyro_blora.model.recompute import gradient_checkpointing
+
+__all__ = [
+    "NonFiniteLossError",
+    "PosteriorCollapseWarning",
+    "TrainResult",
+    "TrainingInterrupted",
+    "Optimization",
+    "RunFolder",
+    "batch_order",
+    "count_label_tokens",
+    "finish_budget",
+    "lr_schedule",
+    "make_batch",
+    "make_optimizer",
+    "run_steps",
+    "svi_parameter_groups",
+    "train",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The ELBO became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT stopped training after the step in progress, which was checkpointed.
+
+    A KeyboardInterrupt, so an uncaught one ends a program as Ctrl-C does; ``step`` is where a
+    resumed run (``resume=True``) continues."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint saved, "
+            "continue with resume=True (--resume)"
+        )
+        self.signal = signum
+        self.step = step
+
+
+class PosteriorCollapseWarning(UserWarning):
+    """The adapter means stayed at zero and the model is no better than the base model."""
+
+
+@dataclass
+class TrainResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    base_nll: float | None = None
+    final_nll: float | None = None
+    collapsed: bool = False
+    run_dir: Path | None = None
+    # A budgeted run's end (pyro_blora.training.budget.BudgetTracker.finish): what it kept, its retention
+    # loss against the limit, the final beta, and whether the budget was met.
+    budget: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+
+def batch_order(num_items: int, batch_size: int, seed: int, step: int) -> torch.Tensor:
+    """Dataset indices of mini-batch ``step``: a fresh seeded permutation per epoch, so the data
+    position of a run is its step count and nothing else."""
+    per_epoch = max(1, num_items // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    permutation = torch.randperm(num_items, generator=generator)
+    if num_items < batch_size:
+        return permutation
+    return permutation[position * batch_size:(position + 1) * batch_size]
+
+
+def make_batch(dataset, collate_fn: Callable, indices: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    batch = collate_fn([dataset[int(i)] for i in indices])
+    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    batch["index"] = indices.to(device)
+    return batch
+
+
+def count_label_tokens(dataset, collate_fn: Callable, chunk: int = 16) -> int:
+    """Label positions the likelihood scores over the whole data set (padding excluded)."""
+    total = 0
+    for start in range(0, len(dataset), chunk):
+        batch = collate_fn([dataset[i] for i in range(start, min(start + chunk, len(dataset)))])
+        total += int((batch["labels"] != -100).sum())
+    return total
+
+
+def lr_schedule(config: TrainConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.final_lr_fraction + (1 - config.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[dict[str, int | None]]:
+    """Turn SIGTERM/SIGINT into a flag so the loop can checkpoint before exiting; a second
+    signal stops at once (checkpoint files are written atomically, so none is left half-written)."""
+    flag: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag["signal"] is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopped without a checkpoint")
+        flag["signal"] = signum
+
+    previous = {}
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _posterior_nll(model: BLoRAWhisper, guide: BLoRAGuide, batches: Sequence[Mapping]) -> float:
+    with model.hold_adapters(guide.means()):
+        return token_nll(model.whisper, batches)
+
+
+def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> CheckpointDir:
+    config_path = run_dir / "config.json"
+    checkpoints = CheckpointDir(run_dir / "checkpoints")
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        if saved != _as_saved_by(saved, json.loads(json.dumps(fingerprint, sort_keys=True, default=str))):
+            raise ValueError(
+                f"{run_dir} holds a different run (its config.json differs from this one). "
+                "Choose another output folder, or delete that one to start over."
+            )
+        if checkpoints.steps() and not resume:
+            raise ValueError(
+                f"{run_dir} already holds checkpoints of this run; pass resume=True (--resume) to continue it, "
+                "or choose another output folder"
+            )
+    else:
+        atomic_write_json(config_path, fingerprint)
+    return checkpoints
+
+
+def _as_saved_by(saved: Mapping[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """``fingerprint`` without the training options a folder written before they existed lacks,
+    where they hold their defaults (so such a run still resumes)."""
+    defaults = TrainConfig().to_dict()
+    train = dict(fingerprint.get("train") or {})
+    for name in list(train):
+        if name not in (saved.get("train") or {}) and train[name] == defaults.get(name):
+            del train[name]
+    return {**fingerprint, "train": train} if "train" in fingerprint else fingerprint
+
+
+class RunFolder:
+    """A run's folder: ``config.json`` (what the run is), ``log.jsonl`` (one record per step),
+    ``checkpoints/`` and ``result.json``. Shared by every training method."""
+
+    def __init__(self, run_dir: str | Path, fingerprint: Mapping[str, Any], resume: bool, keep: int = 2) -> None:
+        self.path = Path(run_dir)
+        self.checkpoints = _check_run_dir(self.path, dict(fingerprint), resume)
+        self.checkpoints.keep = keep
+        self.resume = resume
+
+    def latest_state(self) -> dict[str, Any] | None:
+        return self.checkpoints.load_latest() if self.resume else None
+
+    def rewrite_log(self, history: Sequence[Mapping[str, Any]]) -> None:
+        """Make log.jsonl hold exactly ``history``: a killed run may have logged steps after its
+        last checkpoint, or a half-written line."""
+        atomic_write_bytes(self.path / "log.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in history).encode())
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        with (self.path / "log.jsonl").open("a") as handle:
+            handle.write(json.dumps(dict(record)) + "\n")
+
+    def write_result(self, result: Mapping[str, Any]) -> None:
+        atomic_write_json(self.path / "result.json", dict(result))
+
+
+@dataclass
+class Optimization:
+    """What a training loop needs besides the data: the objective on one batch, the trainable
+    state (for checkpoints) and the optimiser with its schedule."""
+
+    # The scaled loss on one batch, with its nll and kl parts.
+    objective: Callable[[dict[str, Any]], ElboTerms]
+    # Named objects whose state_dict goes into every checkpoint (e.g. {"guide": guide}).
+    stateful: Mapping[str, Any]
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    scheduler: torch.optim.lr_scheduler.LRScheduler = None  # type: ignore[assignment]
+    # Extra fields evaluated every config.eval_every steps and merged into that step's record.
+    evaluate: Callable[[], Mapping[str, float]] | None = None
+    # Called on every process after each optimiser step with the step number (1-based); its fields
+    # go into the step's record (e.g. a forgetting budget's retention loss and beta).
+    after_step: Callable[[int], Mapping[str, Any]] | None = None
+    # Words that explain a non-finite loss, appended to the error.
+    failure_hint: str = "Likely causes: a learning rate too high, or NaN in the input features."
+    desc: str = "training"
+
+    def __post_init__(self) -> None:
+        if self.scheduler is None:
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_schedule(self.config))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def state(self, step: int, history: list, extra: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "step": step,
+            **{name: obj.state_dict() for name, obj in self.stateful.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": capture_rng(),
+            "history": history,
+            **extra,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> int:
+        """Load a checkpoint's state; returns its step."""
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state[name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        restore_rng(state["rng"])
+        return int(state["step"])
+
+
+def run_steps(
+    optimization: Optimization,
+    dataset,
+    collate_fn: Callable[[list], dict],
+    device: torch.device,
+    history: list[dict[str, Any]],
+    start: int = 0,
+    run: RunFolder | None = None,
+    extra_state: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any]], None]] = (),
+) -> list[dict[str, Any]]:
+    """The optimisation loop every method shares: the project's batch order, LR schedule, gradient
+    clipping, bf16 autocast, JSONL log, checkpoints and checkpoint-on-signal.
+
+    Under torchrun (a process group is initialised) each rank scores its shard of every global
+    batch and the gradients are averaged before clipping (:mod:`pyro_blora.training.distributed`); rank 0
+    alone evaluates, calls ``callbacks``, logs and writes checkpoints."""
+    config = optimization.config
+    context = distributed.current()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if config.precision == "bf16" else nullcontext()
+    params = optimization.parameters()
+    context.broadcast_parameters(params)
+    writer = run if context.is_main else None
+    if writer is not None:
+        writer.rewrite_log(history)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
+               disable=not (config.progress and context.is_main), desc=optimization.desc)
+    with _stop_on_signals() as stop:
+        for step in bar:
+            indices = context.shard(batch_order(len(dataset), config.batch_size, config.seed, step))
+            batch = make_batch(dataset, collate_fn, indices, device)
+            optimization.optimizer.zero_grad(set_to_none=True)
+            terms, problem = _loss_and_gradients(optimization, batch, autocast)
+            local = terms.detached() if terms is not None else dict.fromkeys(("loss", "nll", "kl"), math.nan)
+            reduced = context.combine(params, terms.weight if terms is not None else 1.0, list(local.values()))
+            if problem is not None:
+                raise _non_finite(step, problem, optimization, batch)
+            values = dict(zip(local, reduced))
+            if not math.isfinite(values["loss"]):  # another rank's loss was not finite
+                raise _non_finite(step, _described(values), optimization, batch)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf"))
+            if not torch.isfinite(grad_norm):  # a step would write NaN into the trained parameters
+                raise _non_finite(step, f"{_described(values)}, gradient norm={float(grad_norm)}", optimization, batch)
+            optimization.optimizer.step()
+            optimization.scheduler.step()
+            record = {"step": step + 1, **values, "grad_norm": float(grad_norm),
+                      "lr": optimization.scheduler.get_last_lr()[0]}
+            if optimization.after_step is not None:
+                record.update(optimization.after_step(step + 1))
+            if optimization.evaluate is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+                if context.is_main:
+                    record.update(optimization.evaluate())
+                context.barrier()
+            history.append(record)
+            if context.is_main:
+                for callback in callbacks:
+                    callback(record)
+            if writer is not None:
+                writer.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3g}", nll=f"{record['nll']:.3g}", kl=f"{record['kl']:.3g}")
+            done = step + 1 == config.steps
+            stopping = context.any(bool(stop["signal"]))  # every rank stops after the same step
+            if writer is not None and (
+                (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stopping
+            ):
+                writer.checkpoints.save(step + 1, optimization.state(step + 1, history, extra_state or {}))
+            if stopping and not done:
+                raise TrainingInterrupted(stop["signal"] or signal.SIGTERM, step + 1)
+    return history
+
+
+def _described(values: Mapping[str, float]) -> str:
+    """Loss terms as the error messages show them: ``loss=..., nll=..., kl=...``."""
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _loss_and_gradients(optimization: Optimization, batch: Mapping, autocast) -> tuple[ElboTerms | None, str | None]:
+    """The objective on this rank's batch and its gradients; or what made it non-finite (then no
+    gradients: the caller stops, after taking part in the step's collectives)."""
+    try:
+        with autocast:
+            terms = optimization.objective(batch)
+    except ValueError as error:  # Pyro's validation refuses NaN logits or parameters
+        if "nan" not in str(error).lower() and "constraint" not in str(error):
+            raise
+        return None, f"a distribution got invalid values ({str(error).splitlines()[0]})"
+    if not bool(torch.isfinite(terms.loss)):
+        return terms, _described(terms.detached())
+    terms.loss.backward()
+    return terms, None
+
+
+def _non_finite(step: int, detail: str, optimization: Optimization, batch: Mapping) -> NonFiniteLossError:
+    return NonFiniteLossError(
+        f"the training loss is not finite at step {step}: {detail}. {optimization.failure_hint} "
+        f"Or NaN in the input features (batch rows {batch['index'].tolist()}). The last good checkpoint "
+        "is kept; resume from it with a smaller learning rate."
+    )
+
+
+def svi_parameter_groups(guide, config: TrainConfig) -> list[dict[str, Any]]:
+    """Adam groups: the scales (AutoNormal's ``scales.*``) at ``lr * scale_lr_multiplier``,
+    everything else (means, or a MAP guide's point values) at ``lr``."""
+    scales = [p for n, p in guide.named_parameters() if n.startswith("scales.")]
+    others = [p for n, p in guide.named_parameters() if not n.startswith("scales.")]
+    groups = [{"params": others, "lr": config.lr}]
+    if scales:
+        groups.append({"params": scales, "lr": config.lr * config.scale_lr_multiplier})
+    return groups
+
+
+def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, or AdamW when ``config.weight_decay`` is set: every method's optimiser."""
+    if config.weight_decay:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.Adam(params, lr=config.lr)
+
+
+def _noisy_elbo_terms(model: BLoRAWhisper, guide, batch: Mapping, config: TrainConfig) -> ElboTerms:
+    """One ELBO estimate under the configured weight noise (pyro_blora.model.noise)."""
+    with local_noise(config.weight_noise):
+        return elbo_terms(model, guide, batch, config.estimator, config.num_particles)
+
+
+def train(
+    model: BLoRAWhisper,
+    guide: BLoRAGuide,
+    dataset,
+    collate_fn: Callable[[list], dict],
+    config: TrainConfig = TrainConfig(),
+    eval_batches: Sequence[Mapping] | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    num_tokens: int | None = None,
+    run_info: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callable[[dict[str, Any], BLoRAWhisper, BLoRAGuide], None]] = (),
+    evaluate: Callable[[], Mapping[str, float]] | None = None,
+    save: Callable[[], None] | None = None,
+    budget: RetentionBudget | None = None,
+    retention: RetentionSet | None = None,
+) -> TrainResult:
+    """Fit ``guide`` to the posterior of ``model`` on ``dataset`` by SVI.
+
+    ``dataset[i]`` returns one example, ``collate_fn`` turns a list of them into a batch with
+    ``input_features`` and ``labels`` (padded with -100). ``eval_batches`` (default: the first
+    training batch) are scored at the posterior mean before training, every ``eval_every`` steps
+    and at the end; the first score is the base model's, since B starts at zero. Each callback
+    gets every step's record (step, loss, nll, kl, grad_norm, lr, eval_nll when evaluated) with the
+    model and guide, e.g. for experiment trackers. ``evaluate`` adds its fields to the records of
+    evaluated steps. ``save`` writes the trained weights (on the main process) before ``result.json``,
+    so a run with a result always has its weights. Any guide with ``setup()`` and ``means()`` works:
+    :class:`BLoRAGuide` (SVI) or :class:`~pyro_blora.model.guide.BLoRAMAPGuide` (MAP: the prior as an L2 penalty).
+
+    ``budget`` with ``retention`` (the fixed retention batch) is a forgetting budget
+    (:mod:`pyro_blora.training.budget`): the retention loss is measured every ``budget.every`` steps and logged
+    (``retain_ce``, ``retain_slack``, ``beta``), beta follows it by dual ascent, and at the end the run
+    keeps weights whose measured retention loss is inside the budget (``result.budget`` says which).
+    """
+    if len(dataset) == 0:
+        raise ValueError("the training set is empty; check the data report for rows that were filtered out")
+    window = config.encoder_window_seconds
+    if window != FULL_WINDOW_SECONDS and encoder_input_frames(model.whisper) != window_frames(window):
+        raise ValueError(
+            f"the model's encoder takes {encoder_input_frames(model.whisper)} frames but encoder_window_seconds="
+            f"{config.encoder_window_seconds}; cut the model first with pyro_blora.set_encoder_window (run_training does)"
+        )
+    if config.gradient_checkpointing and config.weight_noise != "shared":
+        raise ValueError(
+            f"gradient checkpointing recomputes layers with the batch's shared adapter draw, so it cannot be combined "
+            f"with weight_noise={config.weight_noise!r}; use weight_noise='shared' or turn gradient checkpointing off"
+        )
+    if (budget is None) != (retention is None):
+        raise ValueError("a forgetting budget needs both budget= (a RetentionBudget) and retention= (a RetentionSet "
+                         "of the domain to keep); give both or neither")
+    device = next(model.whisper.parameters()).device
+    num_tokens = num_tokens or count_label_tokens(dataset, collate_fn)
+    model.configure_objective(elbo_scaling(model.config, len(dataset), num_tokens, model.num_adapter_parameters()))
+    guide.setup()
+    guide.to(device)
+    result = TrainResult(run_dir=Path(run_dir) if run_dir else None)
+    context = distributed.current()
+    run = None
+    if run_dir is not None:
+        fingerprint = {"blora": model.config.to_dict(), "train": config.to_dict(), "run": dict(run_info or {})}
+        if budget is not None:
+            fingerprint["retention"] = budget_fingerprint(budget, retention)
+        run = context.on_main(lambda: RunFolder(run_dir, fingerprint, resume, config.keep_checkpoints))
+    if eval_batches is None:
+        eval_batches = [make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
+
+    def periodic_eval() -> dict[str, float]:
+        fields = {"eval_nll": _posterior_nll(model, guide, eval_batches)}
+        if evaluate is not None:
+            fields.update(evaluate())
+        return fields
+
+    tracker = None
+    if budget is not None:
+        tracker = BudgetTracker(budget, retention.to(device), posterior_update(model, guide), config.steps, model=model)
+    optimization = Optimization(
+        objective=lambda batch: _noisy_elbo_terms(model, guide, batch, config),
+        stateful={"guide": guide, **({"budget": tracker} if tracker is not None else {})},
+        optimizer=make_optimizer(svi_parameter_groups(guide, config), config),
+        config=config,
+        evaluate=periodic_eval,
+        failure_hint=(
+            f"Likely causes: a learning rate too high ({config.lr}, scales x{config.scale_lr_multiplier}), "
+            f"initial scales too large (init_scale_A={model.config.init_scale_A}, init_scale_B="
+            f"{model.config.init_scale_B}), beta / the KL normalisation ({model.config.beta}, "
+            f"{model.config.kl_normalization}) out of range."
+        ),
+        desc="SVI",
+        after_step=tracker.after_step if tracker is not None else None,
+    )
+    state = context.on_main(run.latest_state) if run is not None else None
+    start = 0
+    if state is not None:
+        start = optimization.restore(state)
+        result.history = state["history"]
+        result.base_nll = state["base_nll"]
+    else:
+        pyro.set_rng_seed(config.seed)
+        model.eval()
+        result.base_nll = _posterior_nll(model, guide, eval_batches)
+    model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
+    if tracker is not None:
+        tracker.start()
+    began = time.perf_counter()
+    recompute = gradient_checkpointing(model.whisper, model.adapters().values()) if config.gradient_checkpointing \
+        else nullcontext()
+    with recompute:
+        run_steps(
+            optimization, dataset, collate_fn, device, result.history, start, run,
+            extra_state={"base_nll": result.base_nll},
+            callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
+        )
+    if tracker is not None:
+        result.budget = finish_budget(tracker, lambda whisper: token_nll(whisper, eval_batches),
+                                      time.perf_counter() - began, evaluate)
+    result.final_nll = _posterior_nll(model, guide, eval_batches)
+    result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
+    if result.collapsed:
+        warnings.warn(
+            f"posterior collapse: every adapter mean is ~0 and the NLL ({result.final_nll:.4f}) is no better than the "
+            f"base model's ({result.base_nll:.4f}). The KL dominates: lower beta ({model.config.beta}), use "
+            "kl_normalization='parameter', or raise the prior scale.",
+            PosteriorCollapseWarning,
+            stacklevel=2,
+        )
+    if context.is_main:
+        if save is not None:  # the weights first: result.json, written last, marks a finished run
+            save()
+        if run is not None:
+            run.write_result({k: v for k, v in vars(result).items() if k != "history"})
+    return result
+
+
+def finish_budget(tracker: BudgetTracker, in_domain: Callable[[Any], float], loop_seconds: float,
+                  evaluate: Callable[[], Mapping[str, float]] | None = None) -> dict[str, Any]:
+    """A budgeted run's end: keep the weights the budget allows (:meth:`BudgetTracker.finish`) and
+    score them on the dev curves' sets when the run has them (``dev``: e.g. the in-domain dev error)."""
+    summary = tracker.finish(in_domain, loop_seconds)
+    if evaluate is not None:
+        context = distributed.current()
+        summary["dev"] = dict(context.on_main(evaluate))
+    return summary
+
+
+def _collapsed(model: BLoRAWhisper, guide: BLoRAGuide, base_nll: float, final_nll: float, tol: float = 0.01) -> bool:
+    """Means inside the prior's bulk (mean |mu| of A and of B below sigma_p: A has left its
+    Kaiming start) and an NLL no better than the base model's."""
+    means = guide.means()
+    sigma_p = model.config.prior_scale
+    near_zero = all(
+        float(torch.cat([v.flatten().abs() for k, v in means.items() if k.endswith(which)]).mean()) < sigma_p
+        for which in ("lora_A", "lora_B")
+    )
+    return near_zero and final_nll >= base_nll * (1 - tol)
