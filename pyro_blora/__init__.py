@@ -7,7 +7,8 @@ from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_da
 from pyro_blora.training.distributed import DistributedContext, distributed_session, init_distributed
 from pyro_blora.model.encoder_window import set_encoder_window
 from pyro_blora.evaluation.scoring import EvalOptions, evaluate_whisper, load_eval_sets
-from pyro_blora.experiments.main_job import MainJobConfig, run_evaluation, run_main_job
+from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
+from pyro_blora.experiments.step import run_evaluation
 from pyro_blora.features import log_mel_features
 from pyro_blora.model.guide import BLoRAGuide, BLoRAMAPGuide, build_guide
 from pyro_blora.predict.monte_carlo import (
@@ -18,7 +19,6 @@ from pyro_blora.predict.monte_carlo import (
     point_transcribe,
     posterior_mean_model,
     sample_posterior,
-    token_nll,
 )
 from pyro_blora.metrics import (
     ErrorCounts,
@@ -33,9 +33,12 @@ from pyro_blora.metrics import (
     utterance_error_rates,
     wer,
 )
-from pyro_blora.training.methods import METHODS, base_model_of, load_run_model, load_training_data, run_finished, run_training
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.runs import METHODS, base_model_of, load_run_model
+from pyro_blora.runs import finished as run_finished
+from pyro_blora.training.methods import run_training
 from pyro_blora.model.whisper import BLoRAWhisper, wrap_whisper
-from pyro_blora.model.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
+from pyro_blora.model.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms, token_nll
 from pyro_blora.interop.peft import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
 from pyro_blora.model.recompute import gradient_checkpointing

@@ -64,7 +64,8 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
     from pyro_blora.predict.monte_carlo import _with_language, point_transcribe
     from pyro_blora.predict.longform import long_form_decode
     from pyro_blora.metrics import error_rate
-    from pyro_blora.predict.transcribe import load_for_transcription, read_jsonl
+    from pyro_blora.predict.transcribe import read_jsonl
+    from pyro_blora.runs import load_for_transcription
     from pyro_blora.evaluation.uncertainty import auroc, word_correctness
 
     reference = json.loads((out / "reference.json").read_text())

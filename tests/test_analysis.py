@@ -13,13 +13,14 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from pyro_blora.report.summaries import find_runs, load_run_weights, run_summary
+from pyro_blora.report.summaries import load_run_weights, run_summary
+from pyro_blora.runs import find_runs, read_log
 from pyro_blora.cli import app
 from pyro_blora.commands.analysis import _values
 from pyro_blora.config import BLoRAConfig
-from pyro_blora.training.methods import load_run_model
+from pyro_blora.runs import load_run_model
 from pyro_blora.metrics import sparsity_report
-from pyro_blora.report.pages import markdown_table, read_log
+from pyro_blora.report.tables import markdown_table
 from pyro_blora.experiments.sweep import SweepConfig, SweepPoint, sweep_points
 from pyro_blora.base_models.loading import load_whisper
 from tests.experiment_fixtures import fake_testbed, small_whisper_folder
@@ -203,7 +204,7 @@ def test_sweep_with_baselines_curves_and_the_domain_table(workspace):
 
 
 def test_forgetting_curves_start_at_the_base_model(workspace):
-    from pyro_blora.report.pages import plot_forgetting_curves
+    from pyro_blora.report.plots import plot_forgetting_curves
 
     runs = {m: workspace["root"] / "runs" / m for m in ("blora", "lora")}
     figure = plot_forgetting_curves(runs, start={"backward-es": {"ce": 9.0}})
@@ -297,7 +298,7 @@ def test_report_draws_delta_scale_curves_and_paired_differences(workspace):
 
 
 def test_frontier_draws_one_line_per_run_from_the_base_point(tmp_path):
-    from pyro_blora.report.pages import plot_frontier, save_figure
+    from pyro_blora.report.plots import plot_frontier, save_figure
 
     def point(scale, error, ce):
         return {"scale": scale, "in_domain_error": 0.5 - 0.2 * scale, "backward_error": 0.1 + error * scale,

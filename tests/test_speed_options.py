@@ -98,7 +98,9 @@ def test_training_refuses_a_window_the_model_was_not_cut_to():
 
 
 def test_a_run_is_evaluated_with_the_window_it_was_trained_with(tmp_path):
-    from pyro_blora.training.methods import load_run_model, load_training_data, run_training
+    from pyro_blora.data.training_data import load_training_data
+    from pyro_blora.runs import load_run_model
+    from pyro_blora.training.methods import run_training
     from pyro_blora.base_models.loading import load_processor
     from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 

@@ -14,14 +14,15 @@ from scipy import stats
 
 from pyro_blora.predict.transcribe import UtteranceTranscript, word_confidences
 from pyro_blora.evaluation.uncertainty import (
+    UncertaintyReport,
     auroc,
     evaluate_uncertainty,
     expected_calibration_error,
-    plot_report,
     reliability_bins,
     selective_curve,
     word_correctness,
 )
+from pyro_blora.report.plots import write_uncertainty_plots
 
 
 @settings(max_examples=60, deadline=None)
@@ -103,9 +104,11 @@ def test_report_on_transcripts(tmp_path):
     assert report.num_words == 16
     assert 0.0 <= report.ece <= 1.0
     assert sum(b.count for b in report.reliability) == 16
-    paths = plot_report(report, tmp_path, prefix="x-")
+    paths = write_uncertainty_plots(report, tmp_path, prefix="x-")
     assert [p.name for p in paths] == ["x-selective.png", "x-reliability.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    saved = json.dumps(report.to_dict())  # NaN bins: compared as written
+    assert json.dumps(UncertaintyReport.from_dict(json.loads(saved)).to_dict()) == saved
 
 
 def test_report_needs_references():
@@ -281,7 +284,7 @@ from tests.test_transcribe import real_sized_tiny  # noqa: E402,F401  (fixture)
 def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_path):
     import torch
 
-    from pyro_blora.training.methods import load_training_data
+    from pyro_blora.data.training_data import load_training_data
     from pyro_blora.evaluation.payoff import (
         PayoffOptions,
         decode_payoff_records,
@@ -309,7 +312,7 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
         assert len(record["mean"]["word_entropy_confidence"]) == len(words)
     write_records(iter(records), tmp_path / "rows.jsonl", {"domain": "en"})
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").open()]
-    summary = summarise_payoff(rows, options, fits, bootstrap_samples=50, plot_dir=tmp_path)
+    summary = summarise_payoff(rows, options, fits, bootstrap_samples=50)
     assert set(summary["error_rate"]) == {"mean", "mbr@1", "mbr@2", "lora"}
     assert set(summary["against_mean"]) == {"mbr@1", "mbr@2", "lora"}
     largest = summary["uncertainty"]["S=2"]
@@ -317,4 +320,5 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
     assert set(largest["word_scores"]) == {"entropy_mean_model", "entropy_ensemble"}
     assert "mutual_information" not in summary["uncertainty"]["S=1"]["scores"]
     assert "lora_neg_log_prob_scaled" in summary["uncertainty"]["lora_own_errors"]["scores"]
+    write_uncertainty_plots(UncertaintyReport.from_dict(largest), tmp_path, prefix="S2-")
     assert (tmp_path / "S2-reliability.png").is_file()

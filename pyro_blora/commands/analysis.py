@@ -29,7 +29,8 @@ def inspect(
     """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots."""
     import json
 
-    from pyro_blora.report.pages import SPARSITY_COLUMNS, markdown_table, write_inspection
+    from pyro_blora.report.pages import SPARSITY_COLUMNS, write_inspection
+    from pyro_blora.report.tables import markdown_table
 
     page = write_inspection(runs, out)
     typer.echo(markdown_table(json.loads((out / "inspect.json").read_text())["sparsity"], SPARSITY_COLUMNS))
@@ -76,7 +77,7 @@ def sweep(
     from pyro_blora.commands.experiment import preset_configs
     from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
     from pyro_blora.experiments.main_job import load_curve_sets
-    from pyro_blora.training.methods import load_training_data
+    from pyro_blora.data.training_data import load_training_data
     from pyro_blora.experiments.sweep import SweepConfig, run_sweep
     from pyro_blora.base_models.loading import load_processor
 

@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from pyro_blora.predict.transcribe import TranscribeOptions, load_for_transcription, render_table, transcribe, write_jsonl
+from pyro_blora.predict.transcribe import TranscribeOptions, render_table, transcribe, write_jsonl
+from pyro_blora.runs import load_for_transcription
 
 
 def transcribe_command(
@@ -57,7 +58,8 @@ def transcribe_command(
                 write_jsonl(results, handle)
             typer.echo(f"wrote {len(results)} transcripts to {jsonl}", err=True)
     if srt is not None or vtt is not None or plot is not None:
-        from pyro_blora.predict.subtitles import output_paths, plot_confidence, write_subtitles
+        from pyro_blora.predict.subtitles import output_paths, write_subtitles
+        from pyro_blora.report.plots import plot_confidence, save_figure
 
         for kind, target in (("srt", srt), ("vtt", vtt)):
             if target is not None:
@@ -66,7 +68,7 @@ def transcribe_command(
                            + (" ..." if len(paths) > 3 else ""), err=True)
         if plot is not None:
             for transcript, path in zip(results, output_paths(plot, results, ".png")):
-                plot_confidence(transcript, path, low_confidence)
+                save_figure(plot_confidence(transcript, low_confidence), path)
             typer.echo(f"wrote {len(results)} confidence plot(s) to {plot}", err=True)
     if table:
         from rich.console import Console

@@ -26,11 +26,12 @@ from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
 from pyro_blora.model.guide import BLoRAGuide
 from pyro_blora.predict.monte_carlo import minimum_bayes_risk, monte_carlo_transcribe, point_transcribe, widest_sites
-from pyro_blora.training.methods import TrainingData, read_run_config
+from pyro_blora.data.training_data import TrainingData
+from pyro_blora.runs import read_run_config
 from pyro_blora.metrics.bootstrap import paired_bootstrap
 from pyro_blora.model.whisper import BLoRAWhisper
 from pyro_blora.predict.transcribe import Utterance, UtteranceTranscript, word_confidences
-from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty, plot_report, utterance_errors
+from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty, utterance_errors
 
 __all__ = ["PayoffOptions", "decode_payoff_records", "dev_logits", "fit_model_temperatures", "lora_run_values",
            "summarise_payoff", "write_records"]
@@ -171,9 +172,9 @@ def _report(report: UncertaintyReport, drop: Sequence[str] = ()) -> dict[str, An
 
 def summarise_payoff(rows: Sequence[Mapping[str, Any]], options: PayoffOptions,
                      temperatures: Mapping[str, TemperatureFit] | None = None,
-                     bootstrap_samples: int = 2000, plot_dir: Path | None = None) -> dict[str, Any]:
-    """Error rates (MBR at each S against the posterior mean, paired intervals) and uncertainty reports;
-    with ``plot_dir``, the largest S's selective-prediction and reliability plots."""
+                     bootstrap_samples: int = 2000) -> dict[str, Any]:
+    """Error rates (MBR at each S against the posterior mean, paired intervals) and uncertainty reports
+    (``UncertaintyReport.from_dict`` of one draws it again)."""
     if not rows:
         raise ValueError("no records to summarise; decode some test utterances first")
     references, languages = [r["reference"] for r in rows], [r["language"] for r in rows]
@@ -210,8 +211,6 @@ def summarise_payoff(rows: Sequence[Mapping[str, Any]], options: PayoffOptions,
                                                     and k != "mutual_information"},
                                       word_confidences=words if at_largest else None,
                                       bootstrap_samples=bootstrap_samples)
-        if at_largest and plot_dir is not None:
-            plot_report(report, plot_dir, prefix=f"S{size}-")
         summary["uncertainty"][f"S={size}"] = _report(report, () if at_largest else ("token_entropy",))
     if have_lora:
         report = evaluate_uncertainty(_transcripts(rows, "lora", 1), extra_scores=_scaled(rows, "lora"),

@@ -40,22 +40,17 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from pyro_blora.checkpoint import atomic_write_json
+from pyro_blora.checkpoint import atomic_write_json, atomic_write_text
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, load_eval_sets
-from pyro_blora.experiments.main_job import read_eval, run_evaluation
-from pyro_blora.training.methods import (
-    PriorTransfer,
-    TrainingData,
-    base_model_of,
-    load_training_data,
-    run_finished,
-    run_training,
-)
-from pyro_blora.report.pages import markdown_table, save_figure
+from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
+from pyro_blora.data.training_data import TrainingData, load_training_data
+from pyro_blora.runs import base_model_of, finished
+from pyro_blora.training.methods import PriorTransfer, run_training
+from pyro_blora.report.plots import plot_matrix, save_figure
+from pyro_blora.report.tables import markdown_table, metric_cell
 from pyro_blora.base_models.loading import load_processor
 
 __all__ = [
@@ -66,10 +61,11 @@ __all__ = [
     "SequenceStep",
     "average_final",
     "backward_transfer",
+    "comparison_page",
     "forgetting",
+    "matrix_page",
     "order_name",
     "plan_sequence",
-    "plot_matrix",
     "run_sequence",
     "sequence_metrics",
     "with_replay",
@@ -303,41 +299,22 @@ class SequenceResult:
 
 
 # ----------------------------------------------------------------------------------- reports
-def _format(value: float | None, metric: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.1f}%" if metric == "error_rate" else f"{value:.3f}"
+def _title(result: SequenceResult) -> str:
+    return f"{result.strategy}: {' → '.join(result.domains)}"
 
 
-def plot_matrix(result: SequenceResult, metric: str | None = None) -> Figure:
-    """Heat-map of one matrix (rows: after each step, columns: domains), every cell annotated."""
-    metric = metric or result.metric
-    values = np.asarray(result.matrices[metric])
-    figure = Figure(figsize=(1.4 + 1.1 * len(result.columns), 1.0 + 0.55 * len(result.rows)))
-    axes = figure.add_subplot()
-    image = axes.imshow(values, cmap="viridis_r", aspect="auto")
-    figure.colorbar(image, ax=axes, label="error rate" if metric == "error_rate" else "CE (nats/token)")
-    middle = (values.max() + values.min()) / 2
-    for (i, j), value in np.ndenumerate(values):
-        axes.text(j, i, _format(float(value), metric), ha="center", va="center", fontsize=8,
-                  color="white" if value > middle else "black")
-    axes.set_xticks(range(len(result.columns)), result.columns)
-    axes.set_yticks(range(len(result.rows)), result.rows)
-    axes.set(xlabel="evaluated domain", ylabel="after step",
-             title=f"{result.strategy}: {' → '.join(result.domains)}")
-    return figure
-
-
-def _matrix_markdown(result: SequenceResult) -> str:
-    lines = [f"# {result.strategy}: {' → '.join(result.domains)}", ""]
+def matrix_page(result: SequenceResult) -> str:
+    """``matrix.md``: each matrix of one strategy (rows: after each step) with its average final error,
+    BWT and forgetting per domain."""
+    lines = [f"# {_title(result)}", ""]
     for metric, matrix in result.matrices.items():
-        rows = [{"after": row, **{c: _format(v, metric) for c, v in zip(result.columns, values)}}
+        rows = [{"after": row, **{c: metric_cell(v, metric) for c, v in zip(result.columns, values)}}
                 for row, values in zip(result.rows, matrix)]
         summary = sequence_metrics(matrix, result.columns, result.learned_at)
         lines += [f"## {metric}", "", markdown_table(rows), "",
-                  f"Average final: {_format(summary['average_final'], metric)}; BWT: "
-                  f"{_format(summary['bwt'], metric)} (positive = forgetting); forgetting per domain: "
-                  + ", ".join(f"{d} {_format(v, metric)}" for d, v in summary["forgetting"].items()), ""]
+                  f"Average final: {metric_cell(summary['average_final'], metric)}; BWT: "
+                  f"{metric_cell(summary['bwt'], metric)} (positive = forgetting); forgetting per domain: "
+                  + ", ".join(f"{d} {metric_cell(v, metric)}" for d, v in summary["forgetting"].items()), ""]
     return "\n".join(lines)
 
 
@@ -347,18 +324,16 @@ def _comparison_rows(results: Sequence[SequenceResult]) -> list[dict[str, Any]]:
         metric = result.metric
         summary = sequence_metrics(result.matrices[metric], result.columns, result.learned_at)
         rows.append({"strategy": result.strategy, "metric": metric,
-                     "average final": _format(summary["average_final"], metric),
-                     "BWT": _format(summary["bwt"], metric),
-                     **{f"forgetting {d}": _format(v, metric) for d, v in summary["forgetting"].items()}})
+                     "average final": metric_cell(summary["average_final"], metric),
+                     "BWT": metric_cell(summary["bwt"], metric),
+                     **{f"forgetting {d}": metric_cell(v, metric) for d, v in summary["forgetting"].items()}})
     return rows
 
 
-def write_comparison(results: Sequence[SequenceResult], path: str | Path) -> Path:
-    """A Markdown page comparing strategies on one order: one summary row per strategy."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def comparison_page(results: Sequence[SequenceResult]) -> str:
+    """A Markdown page comparing strategies on one order: one summary row per strategy, in the given order."""
     orders = {" → ".join(r.domains) for r in results}
-    text = "\n".join([
+    return "\n".join([
         f"# Sequential adaptation: {', '.join(sorted(orders))}", "",
         "Average final: mean error over every domain after the last step. BWT: mean over domains learned "
         "before the last step of (final error - error right after learning it); positive = forgetting. "
@@ -366,8 +341,12 @@ def write_comparison(results: Sequence[SequenceResult], path: str | Path) -> Pat
         "learned at step 0 (the start model).", "",
         markdown_table(_comparison_rows(results)), "",
     ])
-    path.write_text(text)
-    return path
+
+
+def write_comparison(results: Sequence[SequenceResult], path: str | Path) -> Path:
+    """:func:`comparison_page` written to ``path``."""
+    atomic_write_text(path, comparison_page(results))
+    return Path(path)
 
 
 # ----------------------------------------------------------------------------------- runner
@@ -378,9 +357,7 @@ def _settings_tag(settings: Mapping[str, Any]) -> str:
 def _evaluated(source: str | Path, folder: Path, sets: Mapping[str, EvalSet], config: SequenceConfig) -> dict[str, Any]:
     """The evaluation of ``source`` under ``config``'s settings, read from ``folder`` if already there."""
     path = folder / f"eval-{_settings_tag(config.evaluation_settings())}.json"
-    if path.is_file():
-        return read_eval(path)
-    return run_evaluation(source, sets, options=config.evaluation, out=path)
+    return ensure_evaluated(path, lambda: run_evaluation(source, sets, options=config.evaluation, out=path))
 
 
 def _record_config(path: Path, config: SequenceConfig) -> None:
@@ -405,7 +382,7 @@ def _check_anchors(steps: Sequence[SequenceStep]) -> None:
     """Refuse, before any training, a map-anchor sequence whose blora-prior runs are missing."""
     own = {step.run_dir for step in steps}
     missing = [str(p) for step in steps if (p := step.prior_transfer.precision_from) is not None
-               and p not in own and not run_finished(p)]
+               and p not in own and not finished(p)]
     if missing:
         raise ValueError(f"map-anchor takes its strength at each step from blora-prior's runs, and {', '.join(missing)} "
                          "are not finished: run the blora-prior strategy on this order first, with the same options "
@@ -444,15 +421,17 @@ def run_sequence(
         return data[domain]
 
     for step in steps:
-        if not run_finished(step.run_dir):
+        def train_step(resume: bool, step: SequenceStep = step) -> None:
             echo(f"[{label}] step {step.number}/{len(steps)}: {step.method} on {step.domain} -> {step.run_dir}")
             train_data = training_data(step.domain)
             if step.replay:
                 train_data = with_replay(train_data, {d: training_data(d) for d in step.replay},
                                          config.replay_size, config.seed)
             run_training(step.method, step.model_source, train_data, step.run_dir, config.blora, config.train,
-                         resume=(step.run_dir / "checkpoints").is_dir(), run_info={"sequence_step": step.number},
+                         resume=resume, run_info={"sequence_step": step.number},
                          init_from=step.init_from, prior_from=step.prior_from, prior_transfer=step.prior_transfer)
+
+        ensure_trained(step.run_dir, train_step)
         echo(f"[{label}] step {step.number}/{len(steps)}: evaluating on {', '.join(config.columns)}")
         evaluations.append(_evaluated(step.run_dir, step.run_dir, sets, config))
         if after_step is not None:
@@ -460,7 +439,8 @@ def run_sequence(
     rows = ["start", *(f"step{s.number}-{s.domain}" for s in steps)]
     result = SequenceResult.from_evaluations(config, evaluations, rows, [str(s.run_dir) for s in steps])
     atomic_write_json(folder / "matrix.json", result.to_dict())
-    (folder / "matrix.md").write_text(_matrix_markdown(result))
-    save_figure(plot_matrix(result), folder / "heatmap.png")
+    atomic_write_text(folder / "matrix.md", matrix_page(result))
+    save_figure(plot_matrix(result.matrices[result.metric], result.rows, result.columns, result.metric, _title(result)),
+                folder / "heatmap.png")
     echo(f"[{label}] matrix: {folder / 'matrix.md'}")
     return result

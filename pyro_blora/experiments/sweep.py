@@ -2,8 +2,8 @@
 
 Every grid point is one run folder ``<out>/runs/<point name>``, trained and evaluated with the
 experiment's own functions (:func:`~pyro_blora.training.methods.run_training`,
-:func:`~pyro_blora.experiments.main_job.run_evaluation`). A point with ``result.json`` and ``eval.json`` is
-finished and skipped on a rerun; an interrupted one resumes from its last checkpoint. After every
+:func:`~pyro_blora.experiments.step.run_evaluation`), one :mod:`~pyro_blora.experiments.step` each: a
+finished and evaluated point is skipped on a rerun; an interrupted one resumes from its last checkpoint. After every
 point ``results.csv`` and ``results.json`` are rewritten with one row per finished point, and
 ``by-setting.csv`` / ``by-setting.json`` / ``by-setting.md`` with the mean and standard deviation over
 seeds of each setting, paired bootstrap intervals of its differences against the base model and
@@ -24,15 +24,18 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from pyro_blora.report.summaries import PRIOR_METHODS, evaluation_fields, paired_intervals, run_summary
-from pyro_blora.checkpoint import atomic_write_json
+from pyro_blora.checkpoint import atomic_write_json, atomic_write_text
 from pyro_blora.config import KL_NORMALIZATIONS, BLoRAConfig, TrainConfig
 from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet
-from pyro_blora.experiments.main_job import eval_file_name, read_eval, run_evaluation
+from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
 from pyro_blora.metrics import Interval, backward_gain, degradation_reduction, relative_change
-from pyro_blora.training.methods import METHODS, TrainingData, run_training
-from pyro_blora.report.pages import BASE_CURVE_FILE, BASE_INTERVALS, INTERVAL_NOTE, LORA_INTERVALS, interval_cell
-from pyro_blora.report.pages import markdown_table, write_rows
+from pyro_blora.data.training_data import TrainingData
+from pyro_blora.runs import METHODS, eval_file_name, evaluated, read_eval
+from pyro_blora.training.methods import run_training
+from pyro_blora.report.pages import BASE_CURVE_FILE
+from pyro_blora.report.tables import BASE_INTERVALS, INTERVAL_NOTE, LORA_INTERVALS, change_cell, formatted_cell
+from pyro_blora.report.tables import interval_cell, markdown_table, mean_std_cell, write_rows
 
 __all__ = [
     "PRIOR_METHODS", "SweepConfig", "SweepPoint", "by_setting_markdown", "domain_table", "paired_intervals",
@@ -115,10 +118,6 @@ def sweep_points(config: SweepConfig) -> list[SweepPoint]:
     return list(dict.fromkeys(points))
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "result.json").is_file() and (run_dir / "eval.json").is_file()
-
-
 def _base_evaluation(path: Path, model: str | Path, eval_sets: Mapping[str, EvalSet], options: EvalOptions,
                      window: float) -> dict[str, Any]:
     """The base model's evaluation at ``path``, reused when it was scored with the runs' encoder window."""
@@ -190,23 +189,26 @@ def run_sweep(
     for number, point in enumerate(points, 1):
         run_dir = out / "runs" / point.name
         prefix = f"[{number}/{len(points)}] {point.name}"
-        if _finished(run_dir):
+        settings = train.replace(seed=point.seed)
+        if point.method == "full" and full_lr is not None:
+            settings = settings.replace(lr=full_lr)
+
+        def train_point(resume: bool, point=point, run_dir=run_dir, settings=settings) -> None:
+            echo(f"{prefix}: training")
+            run_training(point.method, model, data, run_dir, point.adapter(adapter), settings,
+                         curve_sets=curve_sets, curve_options=curve_options,
+                         resume=resume, run_info={"sweep": str(out), "point": asdict(point)})
+
+        if not ensure_trained(run_dir, train_point) and evaluated(run_dir):
             echo(f"{prefix}: finished, skipped")
-        else:
-            if not (run_dir / "result.json").is_file():
-                echo(f"{prefix}: training")
-                settings = train.replace(seed=point.seed)
-                if point.method == "full" and full_lr is not None:
-                    settings = settings.replace(lr=full_lr)
-                run_training(point.method, model, data, run_dir, point.adapter(adapter), settings,
-                             curve_sets=curve_sets, curve_options=curve_options,
-                             resume=(run_dir / "checkpoints").is_dir(), run_info={"sweep": str(out), "point": asdict(point)})
-            echo(f"{prefix}: evaluating")
-            run_evaluation(run_dir, eval_sets, options=eval_options, base=base)
-        for scale, options in scales:
-            if not (run_dir / eval_file_name(scale)).is_file():
-                echo(f"{prefix}: evaluating at delta scale {scale:g}" + (" (CE only)" if options.decode_limit == 0 else ""))
-                run_evaluation(run_dir, eval_sets, options=options, base=base, delta_scale=scale)
+        for scale, options in [(1.0, eval_options), *scales]:
+            def evaluate(scale=scale, options=options, run_dir=run_dir) -> dict[str, Any]:
+                echo(f"{prefix}: evaluating" + (f" at delta scale {scale:g}" if scale != 1 else "")
+                     + (" (CE only)" if options.decode_limit == 0 else ""))
+                return run_evaluation(run_dir, eval_sets, options=options, base=base,
+                                      delta_scale=None if scale == 1 else scale)
+
+            ensure_evaluated(run_dir / eval_file_name(scale), evaluate)
         rows.append({"point": point.name, "setting": point.setting, "seed": point.seed,
                      **run_summary(run_dir, base=base, in_domain=domain)})
         write_rows(rows, out / "results")
@@ -284,15 +286,6 @@ def paper_comparisons(summary: list[Mapping[str, Any]], base: Mapping[str, Any] 
     return out
 
 
-def _mean_std(row: Mapping[str, Any], column: str, percent: bool = True) -> str:
-    if f"{column}_mean" not in row:
-        return "-"
-    mean, std = row[f"{column}_mean"], row[f"{column}_std"]
-    if len(str(row.get("seeds", "")).split(",")) == 1:  # one seed: no spread to show
-        return f"{100 * mean:.1f}%" if percent else f"{mean:.3f}"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}%" if percent else f"{mean:.3f} ± {std:.3f}"
-
-
 def by_setting_markdown(summary: list[Mapping[str, Any]], comparisons: list[Mapping[str, Any]],
                         intervals: Mapping[str, Mapping[str, Interval]] | None = None) -> str:
     """The table of :func:`summarize_seeds` (mean ± std over seeds) with the paired intervals of each
@@ -303,17 +296,17 @@ def by_setting_markdown(summary: list[Mapping[str, Any]], comparisons: list[Mapp
                "dW_thresh_fraction": "dW below 1e-3"}
     mixed = _mixes_scopes([row.get("ce_scope") for row in summary])
     rows = [{"setting": row["setting"], "seeds": row["seeds"],
-             **{header: _mean_std(row, column) for column, header in headers.items()},
-             "dW Hoyer": _mean_std(row, "dW_hoyer_index", percent=False),
+             **{header: mean_std_cell(row, column) for column, header in headers.items()},
+             "dW Hoyer": mean_std_cell(row, "dW_hoyer_index", percent=False),
              **{header: interval_cell(intervals.get(row["setting"], {}).get(name), style)
                 for name, header, style in BASE_INTERVALS},
              **({"CE scope": row.get("ce_scope")} if mixed else {})} for row in summary]
     page = markdown_table(rows) + "\n"
     if comparisons:
         page += "\n" + markdown_table([
-            {"setting": c["setting"], "against": c["against"], "backward gain": _change(c["backward_gain"], digits=1),
-             "degradation reduction": _change(c.get("degradation_reduction"), digits=1),
-             "in-domain drop": _change(c["in_domain_drop"], digits=1),
+            {"setting": c["setting"], "against": c["against"], "backward gain": change_cell(c["backward_gain"], digits=1),
+             "degradation reduction": change_cell(c.get("degradation_reduction"), digits=1),
+             "in-domain drop": change_cell(c["in_domain_drop"], digits=1),
              **{header: interval_cell(intervals.get(c["setting"], {}).get(name), style)
                 for name, header, style in LORA_INTERVALS}} for c in comparisons]) + "\n"
     return page + "\n" + INTERVAL_NOTE + "\n"
@@ -343,7 +336,7 @@ def _write_by_setting(rows: list[Mapping[str, Any]], out: Path, base: Mapping[st
     comparisons = paper_comparisons(summary, _base_fields(rows, base))
     _with_intervals(summary, intervals)
     write_rows(summary, out / "by-setting")
-    (out / "by-setting.md").write_text(by_setting_markdown(summary, comparisons, intervals))
+    atomic_write_text(out / "by-setting.md", by_setting_markdown(summary, comparisons, intervals))
 
 
 def read_results(out: str | Path) -> list[dict[str, Any]]:
@@ -352,14 +345,6 @@ def read_results(out: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; run `pyro-blora sweep --out {out}` first")
     return json.loads(path.read_text())
-
-
-def _change(value: float | None, sign: float = 1.0, digits: int = 0) -> str:
-    return "-" if value is None else f"{100 * sign * value:+.{digits}f}%"
-
-
-def _formatted(value: float | None, style: str) -> str:
-    return "-" if value is None else style.format(value)
 
 
 def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -378,10 +363,10 @@ def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
         base_eval = read_eval(folder / "base" / "eval.json")
         base = evaluation_fields(base_eval["results"], domain)
         rows.append({"domain": domain, "method": "base", "seeds": "-",
-                     "in-domain error": _formatted(base["in_domain_error"], "{:.1%}"),
-                     "backward error": _formatted(base["backward_error"], "{:.1%}"),
-                     "backward CE": _formatted(base["backward_ce"], "{:.3f}"),
-                     "backward language ID": _formatted(base["backward_language_id"], "{:.0%}"),
+                     "in-domain error": formatted_cell(base["in_domain_error"], "{:.1%}"),
+                     "backward error": formatted_cell(base["backward_error"], "{:.1%}"),
+                     "backward CE": formatted_cell(base["backward_ce"], "{:.3f}"),
+                     "backward language ID": formatted_cell(base["backward_language_id"], "{:.0%}"),
                      "CE scope": base["ce_scope"]})
         summary = summarize_seeds(results)
         comparisons = {c["setting"]: c for c in paper_comparisons(summary, base)}
@@ -390,19 +375,19 @@ def domain_table(sweeps: Sequence[str | Path]) -> list[dict[str, Any]]:
             comparison, found = comparisons.get(row["setting"], {}), intervals.get(row["setting"], {})
             rows.append({
                 "domain": domain, "method": row["setting"], "seeds": row["seeds"],
-                "in-domain error": _mean_std(row, "in_domain_error"),
-                "backward error": _mean_std(row, "backward_error"),
-                "in-domain improvement vs base": _change(row.get("in_domain_error_change_mean"), -1.0),
-                "backward degradation vs base": _change(row.get("backward_error_change_mean")),
+                "in-domain error": mean_std_cell(row, "in_domain_error"),
+                "backward error": mean_std_cell(row, "backward_error"),
+                "in-domain improvement vs base": change_cell(row.get("in_domain_error_change_mean"), -1.0),
+                "backward degradation vs base": change_cell(row.get("backward_error_change_mean")),
                 **{header: interval_cell(found.get(name), style) for name, header, style in BASE_INTERVALS[:2]},
-                "backward CE": _mean_std(row, "backward_ce", percent=False),
-                "backward language ID": _mean_std(row, "backward_language_id"),
-                "backward gain vs LoRA": _change(comparison.get("backward_gain")),
-                "degradation reduction vs LoRA": _change(comparison.get("degradation_reduction")),
-                "in-domain drop vs LoRA": _change(comparison.get("in_domain_drop")),
+                "backward CE": mean_std_cell(row, "backward_ce", percent=False),
+                "backward language ID": mean_std_cell(row, "backward_language_id"),
+                "backward gain vs LoRA": change_cell(comparison.get("backward_gain")),
+                "degradation reduction vs LoRA": change_cell(comparison.get("degradation_reduction")),
+                "in-domain drop vs LoRA": change_cell(comparison.get("in_domain_drop")),
                 **{header: interval_cell(found.get(name), style) for name, header, style in LORA_INTERVALS[:3]},
-                "dW below 1e-3": _mean_std(row, "dW_thresh_fraction"),
-                "dW Hoyer": _mean_std(row, "dW_hoyer_index", percent=False),
+                "dW below 1e-3": mean_std_cell(row, "dW_thresh_fraction"),
+                "dW Hoyer": mean_std_cell(row, "dW_hoyer_index", percent=False),
                 "CE scope": row.get("ce_scope"),
             })
     if not _mixes_scopes([row.get("CE scope") for row in rows]):
@@ -419,5 +404,5 @@ def write_domain_table(sweeps: Sequence[str | Path], out: str | Path) -> Path:
     out = Path(out)
     write_rows(rows, out)
     page = out.with_suffix(".md")
-    page.write_text(markdown_table(rows) + "\n\n" + INTERVAL_NOTE + "\n")
+    atomic_write_text(page, markdown_table(rows) + "\n\n" + INTERVAL_NOTE + "\n")
     return page

@@ -80,7 +80,6 @@ __all__ = [
     "spaced_words",
     "transcribe",
     "transcribe_utterances",
-    "load_for_transcription",
     "word_confidences",
     "word_keys",
     "write_jsonl",
@@ -455,35 +454,6 @@ def transcribe(
     """Transcribe audio files, folders or a dataset (see :func:`collect_utterances`)."""
     utterances = collect_utterances(inputs, split=split, limit=limit)
     return list(transcribe_utterances(model, guide, processor, utterances, options, progress))
-
-
-def load_for_transcription(posterior: str | os.PathLike, model: str | os.PathLike | None = None):
-    """The model, guide and processor of a posterior folder, on its recorded base model unless ``model`` is given.
-
-    Runs trained with a shorter encoder window are refused: their adapters were fitted to a model that
-    reads at most that many seconds, and transcription runs Whisper's 30 s windows."""
-    from pyro_blora.training.methods import load_run_model
-    from pyro_blora.posterior import load_posterior, posterior_encoder_window, read_posterior_config
-
-    folder = Path(posterior)
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"posterior folder {folder} does not exist; give the posterior/ folder of a finished blora run "
-            "(e.g. runs/x/posterior, written by `pyro-blora train --method blora`)"
-        )
-    window = posterior_encoder_window(folder)
-    if window < 30.0:
-        raise ValueError(
-            f"{folder} was trained with a {window:g} s encoder window (--encoder-window), and transcription runs "
-            "Whisper's 30 s windows, which that posterior was not fitted to; score it with `pyro-blora evaluate` "
-            "(which keeps the window), or train with the full window (the default) to transcribe"
-        )
-    base = model or read_posterior_config(folder).get("metadata", {}).get("base_model")
-    if not base:
-        raise ValueError(f"{folder} does not name its base model in posterior.json; pass it with --model (e.g. --model base)")
-    whisper, processor, _ = load_run_model(base)
-    blora, guide = load_posterior(folder, whisper)
-    return blora, guide, processor
 
 
 # ------------------------------------------------------------------ output

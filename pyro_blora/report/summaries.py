@@ -31,7 +31,8 @@ from pyro_blora.metrics.bootstrap import (
     has_records,
     relative_change,
 )
-from pyro_blora.training.methods import load_training_data, read_run_config
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.runs import base_evaluation_path, find_runs, read_eval, read_run_config, scaled_evaluations
 from pyro_blora.model.whisper import module_path
 
 __all__ = [
@@ -142,7 +143,7 @@ def _lora_weights(run_dir: Path) -> RunWeights:
 
 @torch.no_grad()
 def _full_weights(run_dir: Path, base_model: str) -> RunWeights:
-    from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS
+    from pyro_blora.config import ALL_LINEAR_TARGETS
     from pyro_blora.model.injection import find_target_modules
     from pyro_blora.base_models.loading import load_whisper
 
@@ -203,24 +204,6 @@ def layer_table(weights: RunWeights) -> list[dict[str, Any]]:
     return rows
 
 
-def find_runs(paths: Sequence[str | Path], finished: bool = True) -> list[Path]:
-    """Run folders (those with config.json and log.jsonl) given directly or found below ``paths``,
-    sorted; with ``finished`` only those with a result.json."""
-    found: list[Path] = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist; give run folders or folders that hold them")
-        candidates = [path] if (path / "log.jsonl").exists() else sorted(p.parent for p in path.rglob("log.jsonl"))
-        found += [c for c in candidates if (c / "config.json").is_file() and (not finished or (c / "result.json").is_file())]
-    unique = sorted(dict.fromkeys(found))
-    if not unique:
-        raise FileNotFoundError(
-            f"no {'finished ' if finished else ''}run folders (config.json, log.jsonl{', result.json' if finished else ''}) "
-            f"in {', '.join(map(str, paths))}; train one with `pyro-blora train`"
-        )
-    return unique
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -255,18 +238,6 @@ def _trained_domain(run: Mapping[str, Any], results: Mapping[str, Any], in_domai
     return domain if domain in results else next(iter(results))
 
 
-def scaled_evaluations(run_dir: str | Path) -> dict[float, dict[str, Any]]:
-    """A run's evaluations by delta scale λ (``eval-scale<λ>.json``; ``eval.json`` is λ = 1), sorted."""
-    run_dir = Path(run_dir)
-    found = {}
-    for path in run_dir.glob("eval-scale*.json"):
-        evaluation = json.loads(path.read_text())
-        found[float(evaluation["delta_scale"])] = evaluation
-    if (run_dir / "eval.json").is_file():
-        found[1.0] = json.loads((run_dir / "eval.json").read_text())
-    return dict(sorted(found.items()))
-
-
 def interpolation_curve(run_dir: str | Path, in_domain: str | None = None) -> list[dict[str, Any]]:
     """In-domain and backward metrics (:func:`evaluation_fields`) of the run at every delta scale it
     was evaluated at, each row with its ``scale``: the run's stability-plasticity curve."""
@@ -281,12 +252,10 @@ def interpolation_curve(run_dir: str | Path, in_domain: str | None = None) -> li
 def base_evaluation(run_dir: str | Path, base: Mapping[str, Any] | str | Path | None = None) -> dict[str, Any] | None:
     """The base model's eval result for a run: ``base`` (a result, its file or folder), else the
     ``base/eval.json`` of the sweep or main job that holds the run (``<job>/runs/<run>``), else None."""
-    from pyro_blora.experiments.main_job import read_eval
-
     if base is not None:
         return dict(base) if isinstance(base, Mapping) else read_eval(base)
-    path = Path(run_dir).parent.parent / "base" / "eval.json"
-    return read_eval(path) if Path(run_dir).parent.name == "runs" and path.is_file() else None
+    path = base_evaluation_path(run_dir)
+    return read_eval(path) if path is not None else None
 
 
 def paired_intervals(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], base: Mapping[str, Any], *,

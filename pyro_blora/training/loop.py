@@ -9,7 +9,6 @@ its last checkpoint continues exactly where it stopped (same data order, same RN
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -25,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pyro_blora.training import distributed
 from pyro_blora.training.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
-from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json, capture_rng, restore_rng
+from pyro_blora.checkpoint import capture_rng, restore_rng
 from pyro_blora.config import RetentionBudget, TrainConfig
 from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, window_frames
 from pyro_blora.model.guide import BLoRAGuide
@@ -34,6 +33,7 @@ from pyro_blora.model.whisper import BLoRAWhisper
 from pyro_blora.model.noise import local_noise
 from pyro_blora.model.objective import ElboTerms, elbo_scaling, elbo_terms
 from pyro_blora.model.recompute import gradient_checkpointing
+from pyro_blora.runs import RunFolder
 
 __all__ = [
     "NonFiniteLossError",
@@ -41,7 +41,6 @@ __all__ = [
     "TrainResult",
     "TrainingInterrupted",
     "Optimization",
-    "RunFolder",
     "batch_order",
     "count_label_tokens",
     "finish_budget",
@@ -159,63 +158,6 @@ def _stop_on_signals() -> Iterator[dict[str, int | None]]:
 def _posterior_nll(model: BLoRAWhisper, guide: BLoRAGuide, batches: Sequence[Mapping]) -> float:
     with model.hold_adapters(guide.means()):
         return token_nll(model.whisper, batches)
-
-
-def _check_run_dir(run_dir: Path, fingerprint: dict[str, Any], resume: bool) -> CheckpointDir:
-    config_path = run_dir / "config.json"
-    checkpoints = CheckpointDir(run_dir / "checkpoints")
-    if config_path.exists():
-        saved = json.loads(config_path.read_text())
-        if saved != _as_saved_by(saved, json.loads(json.dumps(fingerprint, sort_keys=True, default=str))):
-            raise ValueError(
-                f"{run_dir} holds a different run (its config.json differs from this one). "
-                "Choose another output folder, or delete that one to start over."
-            )
-        if checkpoints.steps() and not resume:
-            raise ValueError(
-                f"{run_dir} already holds checkpoints of this run; pass resume=True (--resume) to continue it, "
-                "or choose another output folder"
-            )
-    else:
-        atomic_write_json(config_path, fingerprint)
-    return checkpoints
-
-
-def _as_saved_by(saved: Mapping[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """``fingerprint`` without the training options a folder written before they existed lacks,
-    where they hold their defaults (so such a run still resumes)."""
-    defaults = TrainConfig().to_dict()
-    train = dict(fingerprint.get("train") or {})
-    for name in list(train):
-        if name not in (saved.get("train") or {}) and train[name] == defaults.get(name):
-            del train[name]
-    return {**fingerprint, "train": train} if "train" in fingerprint else fingerprint
-
-
-class RunFolder:
-    """A run's folder: ``config.json`` (what the run is), ``log.jsonl`` (one record per step),
-    ``checkpoints/`` and ``result.json``. Shared by every training method."""
-
-    def __init__(self, run_dir: str | Path, fingerprint: Mapping[str, Any], resume: bool, keep: int = 2) -> None:
-        self.path = Path(run_dir)
-        self.checkpoints = _check_run_dir(self.path, dict(fingerprint), resume)
-        self.checkpoints.keep = keep
-        self.resume = resume
-
-    def latest_state(self) -> dict[str, Any] | None:
-        return self.checkpoints.load_latest() if self.resume else None
-
-    def rewrite_log(self, history: Sequence[Mapping[str, Any]]) -> None:
-        """Make log.jsonl hold exactly ``history``: a killed run may have logged steps after its
-        last checkpoint, or a half-written line."""
-        atomic_write_bytes(self.path / "log.jsonl", "".join(json.dumps(dict(r)) + "\n" for r in history).encode())
-
-    def log(self, record: Mapping[str, Any]) -> None:
-        with (self.path / "log.jsonl").open("a") as handle:
-            handle.write(json.dumps(dict(record)) + "\n")
-
-    def write_result(self, result: Mapping[str, Any]) -> None:
-        atomic_write_json(self.path / "result.json", dict(result))
 
 
 @dataclass

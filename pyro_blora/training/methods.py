@@ -36,52 +36,41 @@ from typing import Any, Callable, Iterator, Literal, Mapping
 import pyro
 import torch
 from transformers import WhisperForConditionalGeneration
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora.training import distributed
 from pyro_blora.training.budget import LABELS_FILE, BudgetTracker, RetentionSet, budget_fingerprint, load_retention_set
 from pyro_blora.training.budget import parameter_update
 from pyro_blora.config import BLoRAConfig, RetentionBudget, TrainConfig
-from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset, prepare_dataset
-from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, set_encoder_window, window_frames
+from pyro_blora.data.training_data import TrainingData, load_training_data
+from pyro_blora.model.encoder_window import set_encoder_window, window_frames
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, evaluate_whisper
 from pyro_blora.model.guide import build_guide, guide_kind
-from pyro_blora.predict.monte_carlo import posterior_mean_model, token_nll
+from pyro_blora.predict.monte_carlo import token_nll
 from pyro_blora.model.injection import find_target_modules
 from pyro_blora.model.whisper import BLoRAWhisper, wrap_whisper
-from pyro_blora.model.objective import ElboTerms
-from pyro_blora.posterior import load_posterior, read_posterior_config, save_posterior
+from pyro_blora.model.objective import IGNORE_INDEX, ElboTerms, token_cross_entropy
+from pyro_blora.posterior import read_posterior_config, save_posterior
 from pyro_blora.model.recompute import gradient_checkpointing
+from pyro_blora.runs import METHODS, RunFolder, finished, load_run_model, read_run_config
 from pyro_blora.training.loop import (
     Optimization,
-    finish_budget,
-    make_optimizer,
-    RunFolder,
     TrainResult,
     batch_order,
+    finish_budget,
     make_batch,
+    make_optimizer,
     run_steps,
     train,
 )
-from pyro_blora.base_models.loading import load_whisper
 
 __all__ = [
-    "METHODS",
-    "WEIGHT_FOLDERS",
     "PriorTransfer",
     "copied_prior",
     "TrainingData",
     "load_training_data",
     "run_training",
-    "base_model_of",
-    "load_run_model",
-    "read_run_config",
-    "run_finished",
 ]
 
-METHODS = ("blora", "lora", "map", "full")
-# Where each method's trained weights lie in its run folder.
-WEIGHT_FOLDERS = {"blora": "posterior", "map": "posterior", "lora": "adapter", "full": "model"}
 # Which previous runs each method can start from (init_from) or take its prior from (prior_from).
 INIT_FROM = {"blora": ("blora", "map"), "map": ("blora", "map"), "lora": ("lora",)}
 PRIOR_FROM = {"blora": ("blora",), "map": ("blora", "map")}
@@ -153,30 +142,6 @@ def copied_prior(locs: Mapping[str, torch.Tensor], stddevs: Mapping[str, torch.T
     return scales, summary
 
 
-@dataclass
-class TrainingData:
-    """A prepared training split and how to batch it."""
-
-    dataset: PreparedSpeechDataset
-    collate: SpeechCollator
-    source: str
-    split: str
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-
-def load_training_data(source: str | Path, processor, split: str = "train", cache_dir: str | Path | None = None,
-                       limit: int | None = None) -> TrainingData:
-    """A split of any source :func:`~pyro_blora.data.load_speech_dataset` reads (e.g. a testbed domain folder)."""
-    rows = load_speech_dataset(source, split=split)
-    if limit is not None:
-        rows = rows.select(range(min(limit, len(rows))))
-    prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
-    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
-    return TrainingData(PreparedSpeechDataset(prepared), collate, str(source), split)
-
-
 def _curve(sets: Mapping[str, EvalSet] | None, options: EvalOptions, processor,
            model_for_eval: Callable[[], Any]) -> Callable[[], dict[str, float]] | None:
     """Log fields ``<domain>/ce``, ``<domain>/error_rate`` (and ``/language_id``) of the model as trained so far."""
@@ -210,12 +175,8 @@ class _TrainableState:
 
 def _teacher_forced_loss(whisper: WhisperForConditionalGeneration, batch: Mapping) -> ElboTerms:
     """Mean token cross-entropy: the NLL term of the other methods' objective, with no KL."""
-    labels = batch["labels"]
-    cfg = whisper.config
-    decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
-    logits = whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
-    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100)
-    num_tokens = int((labels != -100).sum())
+    nll = token_cross_entropy(whisper, batch, reduction="mean")
+    num_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
     return ElboTerms(loss=nll, nll=nll, kl=torch.zeros(()), num_tokens=num_tokens, weight=float(num_tokens))
 
 
@@ -345,15 +306,6 @@ def _run_training(method, model_source, data: TrainingData, out_dir, blora_confi
                         curve_sets, curve_options, resume, previous, budget, retention)
 
 
-def run_finished(run_dir: str | Path) -> bool:
-    """Whether ``run_dir`` holds a finished run: its config, its result and its trained weights."""
-    folder = Path(run_dir)
-    if not (folder / "config.json").is_file() or not (folder / "result.json").is_file():
-        return False
-    method = read_run_config(folder)["run"].get("method")
-    return method in WEIGHT_FOLDERS and (folder / WEIGHT_FOLDERS[method]).is_dir()
-
-
 def _same_source(a: str | Path, b: str | Path) -> bool:
     """Two model sources name the same model: the same folder, or the same name."""
     a, b = Path(a), Path(b)
@@ -380,7 +332,7 @@ def _checked_run(folder: Path, option: str, kinds: tuple[str, ...], model_source
     """``folder``, checked: a finished run of one of ``kinds`` on the same base with the same adapters."""
     folder = Path(folder)
     names = "/".join(kinds)
-    if not run_finished(folder):
+    if not finished(folder):
         raise ValueError(f"{option} {folder} is not a finished {names} run (it needs config.json, result.json "
                          "and its trained weights); train it first, or resume it with --resume")
     config = read_run_config(folder)
@@ -527,54 +479,3 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
         processor.save_pretrained(str(out / "model"))
     run.write_result({k: v for k, v in vars(result).items() if k != "history"})
     return result
-
-
-def read_run_config(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no config.json (train one with `pyro-blora train`)")
-    return json.loads(path.read_text())
-
-
-def _is_run_folder(folder: Path) -> bool:
-    """A run folder, as opposed to a saved model (which has a config.json too, but no log)."""
-    return (folder / "config.json").is_file() and (folder / "log.jsonl").exists()
-
-
-def base_model_of(source: str | Path) -> str:
-    """The model under a chain of run folders (``source`` itself if it is a model): where the
-    processor of a run's model is loaded from."""
-    folder = Path(source)
-    if not _is_run_folder(folder):
-        return str(source)
-    run = read_run_config(folder)["run"]
-    return str(folder / WEIGHT_FOLDERS["full"]) if run["method"] == "full" else base_model_of(run["model_source"])
-
-
-def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration, Any, str]:
-    """A plain Whisper for evaluation, its processor and a description: a run folder (posterior mean,
-    merged adapter, or fully fine-tuned weights, on its base, which may itself be a run folder) or any
-    model :func:`~pyro_blora.base_models.loading.load_whisper` takes."""
-    folder = Path(source)
-    if not _is_run_folder(folder):
-        whisper, processor = load_whisper(source)
-        return whisper, processor, f"model {source}"
-    config = read_run_config(folder)
-    run = config["run"]
-    method, base = run["method"], run["model_source"]
-    weights = folder / WEIGHT_FOLDERS[method]
-    if not weights.is_dir():
-        raise FileNotFoundError(f"{folder} has no {weights.name}/ folder: the {method} run has not finished")
-    window = (config.get("train") or {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS)
-    if method == "full":
-        whisper, processor = load_whisper(weights)
-        return whisper, processor, f"{method} run {folder.name}"
-    whisper, processor, _ = load_run_model(base)
-    set_encoder_window(whisper, window)  # the window the run was trained with
-    if method == "lora":
-        from peft import PeftModel
-
-        merged = PeftModel.from_pretrained(whisper, str(weights)).merge_and_unload()
-        return merged.eval(), processor, f"{method} run {folder.name}"
-    model, guide = load_posterior(weights, whisper)
-    return posterior_mean_model(model, guide), processor, f"{method} run {folder.name} (posterior mean)"
