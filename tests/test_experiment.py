@@ -246,7 +246,7 @@ def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_interpolation_scales_the_update_of_every_method(workspace, runs, method):
-    from pyro_blora.base_models.loading import interpolate_weights
+    from pyro_blora.model.interpolation import interpolate_weights
 
     trained, _, _ = load_run_model(runs[method])
     base, _ = load_whisper(workspace["model"])

@@ -37,7 +37,6 @@ __all__ = [
     "cache_dir",
     "converted_folder",
     "export_ctranslate2",
-    "interpolate_weights",
     "load_processor",
     "load_whisper",
     "modernise_generation_config",
@@ -322,29 +321,3 @@ def export_ctranslate2(
         )
         converter.convert(str(out_dir), quantization=quantization, force=True)
     return out_dir
-
-
-@torch.no_grad()
-def interpolate_weights(base: torch.nn.Module, adapted: torch.nn.Module, scale: float) -> torch.nn.Module:
-    """Move every weight of ``adapted`` (in place) to W0 + scale · (W − W0), W0 being ``base``'s.
-
-    A merged adapter, a posterior mean or a fully fine-tuned model is W0 + ΔW, so this scales the
-    update ΔW of any method alike: 0 gives the base model, 1 the model as trained. Integer buffers
-    are kept. Returns ``adapted``."""
-    state, reference = adapted.state_dict(), base.state_dict()
-    if set(state) != set(reference):
-        different = sorted(set(state) ^ set(reference))
-        raise ValueError(f"the two models hold different weights ({different[:3]}...); give the base model the "
-                         "adapted one was trained from")
-    scaled = {}
-    for name, value in state.items():
-        start = reference[name]
-        if value.shape != start.shape:
-            raise ValueError(f"{name}: {tuple(value.shape)} against the base's {tuple(start.shape)}; give the base "
-                             "model the adapted one was trained from, cut to the same encoder window")
-        if value.is_floating_point():
-            start = start.to(value.device, torch.float32)
-            value = (start + scale * (value.float() - start)).to(value.dtype)
-        scaled[name] = value
-    adapted.load_state_dict(scaled)
-    return adapted

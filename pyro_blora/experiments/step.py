@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from pyro_blora.base_models.loading import interpolate_weights
+from pyro_blora.model.interpolation import interpolate_weights
 from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import RetentionBudget
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, evaluate_whisper, load_eval_sets, relative_changes

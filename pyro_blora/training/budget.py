@@ -38,7 +38,8 @@ import torch
 
 from pyro_blora.training import distributed
 from pyro_blora.config import RetentionBudget
-from pyro_blora.predict.monte_carlo import token_nll_per_utterance
+from pyro_blora.model.interpolation import interpolated
+from pyro_blora.model.objective import token_nll_per_utterance
 
 __all__ = [
     "BASE_MODEL_LABELS",
@@ -69,12 +70,11 @@ def transcript_ce(whisper, batches: Sequence[Mapping]) -> float:
 
     Transcript tokens are the text and the end-of-text token; the forced prompt (label ids above
     the end-of-text id) is left out. Every retention loss of this module goes through here."""
-    scored = token_nll_per_utterance(whisper, batches)
-    tokens = sum(scored.ce_tokens)
+    total, tokens = token_nll_per_utterance(whisper, batches).totals("transcript")
     if tokens == 0:
         raise ValueError("the retention batch has no transcript tokens (every label is prompt or padding); "
                          "give retention utterances with transcripts, or none so that the base model labels them")
-    return sum(scored.ce_sum) / tokens
+    return total / tokens
 
 
 @dataclass
@@ -167,8 +167,7 @@ def parameter_update(forward_model, trainable: Mapping[str, torch.nn.Parameter],
     @torch.no_grad()
     def set_scale(scale: float) -> None:
         for name, parameter in moving.items():
-            origin = start[name].to(parameter.device, parameter.dtype)
-            parameter.copy_(origin + scale * (parameter - origin))
+            parameter.copy_(interpolated(start[name], parameter, scale))
 
     @contextmanager
     def scaled(scale: float) -> Iterator[Any]:
