@@ -52,7 +52,8 @@ from pyro_blora.experiments.sequence import (
     run_sequence,
     sequence_metrics,
 )
-from pyro_blora.predict.transcribe import TranscribeOptions, UtteranceTranscript, WordConfidence, transcribe, word_confidences
+from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
+from pyro_blora.predict.transcripts import UtteranceTranscript, WordConfidence, word_confidences
 from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty
 from pyro_blora.training.loop import NonFiniteLossError, PosteriorCollapseWarning, TrainingInterrupted, TrainResult, train
 from pyro_blora.data.labels import EnglishOnlyModelError, check_language

@@ -64,7 +64,7 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
     from pyro_blora.predict.monte_carlo import _with_language, point_transcribe
     from pyro_blora.predict.longform import long_form_decode
     from pyro_blora.metrics import error_rate
-    from pyro_blora.predict.transcribe import read_jsonl
+    from pyro_blora.predict.transcripts import read_jsonl
     from pyro_blora.runs import load_for_transcription
     from pyro_blora.evaluation.uncertainty import auroc, word_correctness
 
@@ -131,7 +131,7 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
 
 def timing(out: Path) -> None:
     """How far the long-form segments' starts lie from the nearest reference utterance start (seconds)."""
-    from pyro_blora.predict.transcribe import read_jsonl
+    from pyro_blora.predict.transcripts import read_jsonl
 
     starts = np.array([u["start"] for u in json.loads((out / "reference.json").read_text())["utterances"]])
     [transcript] = read_jsonl(out / "recording.jsonl")

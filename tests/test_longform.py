@@ -22,7 +22,8 @@ from pyro_blora.features import SAMPLING_RATE
 from pyro_blora.predict.longform import LongFormHypothesis, LongFormMonteCarlo, Segment, window_texts
 from pyro_blora.metrics import wer
 from pyro_blora.predict.subtitles import format_timestamp, srt_text, vtt_text
-from pyro_blora.predict.transcribe import TranscribeOptions, _long_form_record, read_jsonl
+from pyro_blora.predict.transcribe import TranscribeOptions, _long_form_record
+from pyro_blora.predict.transcripts import read_jsonl
 from tests.test_cli_errors import error_line
 from tests.test_transcribe import example_transcript
 from tests.test_weights import SENTENCES, _normalise, _synthesise
@@ -72,7 +73,7 @@ def test_subtitles_mark_low_confidence_words_and_time_each_segment():
 
 
 def test_cjk_cues_are_written_without_spaces_and_wrapped():
-    from pyro_blora.predict.transcribe import SegmentTranscript, WordConfidence
+    from pyro_blora.predict.transcripts import SegmentTranscript, WordConfidence
 
     words = [WordConfidence(c, 1.0) for c in "我们明天开会"] + [WordConfidence("meeting", 0.2), WordConfidence("。", 1.0)]
     words += [WordConfidence("word", 1.0)] * 12

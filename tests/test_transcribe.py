@@ -18,16 +18,15 @@ from typer.testing import CliRunner
 
 from pyro_blora import BLoRAConfig, build_guide, monte_carlo_transcribe, save_posterior, wrap_whisper
 from pyro_blora.predict.monte_carlo import minimum_bayes_risk
-from pyro_blora.predict.transcribe import (
+from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
+from pyro_blora.predict.transcripts import (
     JSONL_KEYS,
     SCHEMA_VERSION,
     SegmentTranscript,
-    TranscribeOptions,
     UtteranceTranscript,
     WordConfidence,
     read_jsonl,
     render_table,
-    transcribe,
     word_confidences,
     write_jsonl,
 )

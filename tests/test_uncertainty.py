@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from pyro_blora.predict.transcribe import UtteranceTranscript, word_confidences
+from pyro_blora.predict.transcripts import UtteranceTranscript, word_confidences
 from pyro_blora.evaluation.uncertainty import (
     UncertaintyReport,
     auroc,

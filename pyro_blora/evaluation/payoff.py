@@ -30,7 +30,8 @@ from pyro_blora.data.training_data import TrainingData
 from pyro_blora.runs import read_run_config
 from pyro_blora.metrics.bootstrap import paired_bootstrap
 from pyro_blora.model.whisper import BLoRAWhisper
-from pyro_blora.predict.transcribe import Utterance, UtteranceTranscript, word_confidences
+from pyro_blora.predict.transcribe import Utterance
+from pyro_blora.predict.transcripts import UtteranceTranscript, word_confidences
 from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty, utterance_errors
 
 __all__ = ["PayoffOptions", "decode_payoff_records", "dev_logits", "fit_model_temperatures", "lora_run_values",

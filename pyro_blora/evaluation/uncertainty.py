@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from scipy import stats
 
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
 from pyro_blora.metrics.bootstrap import DEFAULT_SAMPLES, Interval, bootstrap_weighted
-from pyro_blora.predict.transcribe import UtteranceTranscript, agreement, word_keys
+from pyro_blora.predict.transcripts import UtteranceTranscript, agreement, word_keys
 
 __all__ = [
     "ReliabilityBin",
@@ -45,7 +44,6 @@ __all__ = [
     "weighted_selective_area",
     "evaluate_uncertainty",
     "expected_calibration_error",
-    "plot_report",
     "reliability_bins",
     "selective_curve",
     "word_correctness",
@@ -167,7 +165,7 @@ def expected_calibration_error(bins: Sequence[ReliabilityBin]) -> float:
 
 
 def word_correctness(hypothesis: str, reference: str, language: str | None = None) -> list[bool]:
-    """Whether each word of ``hypothesis`` (as :func:`pyro_blora.predict.transcribe.word_keys` splits it) is
+    """Whether each word of ``hypothesis`` (as :func:`pyro_blora.predict.transcripts.word_keys` splits it) is
     matched by the reference under edit-distance alignment."""
     _, keys = word_keys(hypothesis, language)
     _, reference_keys = word_keys(reference, language)
@@ -220,6 +218,22 @@ class UncertaintyReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "UncertaintyReport":
+        """A report from its :meth:`to_dict` (e.g. a payoff ``summary.json``): drawn again without re-scoring."""
+        def interval(found: Mapping | None) -> Interval | None:
+            return None if found is None else Interval(**found)
+
+        def bins(rows: Sequence[Mapping]) -> list[ReliabilityBin]:
+            return [ReliabilityBin(**row) for row in rows]
+
+        scores = {name: ScoreQuality(**{**q, "auroc_interval": interval(q.get("auroc_interval")),
+                                        "selective_area_interval": interval(q.get("selective_area_interval"))})
+                  for name, q in data["scores"].items()}
+        words = {name: WordConfidenceQuality(w["ece"], w["auroc"], interval(w.get("auroc_interval")), bins(w["reliability"]))
+                 for name, w in data.get("word_scores", {}).items()}
+        return cls(**{**data, "scores": scores, "reliability": bins(data.get("reliability", [])), "word_scores": words})
 
 
 def utterance_errors(hypotheses: Sequence[str], references: Sequence[str],
@@ -323,47 +337,3 @@ def evaluate_uncertainty(
         reliability=bins,
         word_scores=word_scores,
     )
-
-
-def plot_report(report: UncertaintyReport, out_dir: str | Path, prefix: str = "") -> list[Path]:
-    """Selective-prediction curves and the reliability diagram as PNG files (matplotlib, Agg)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, quality in report.scores.items():
-        ax.plot(report.rejection, quality.selective_error, marker="o", markersize=3, label=f"{name} (area {quality.selective_area:.3f})")
-    ax.plot(report.rejection, report.oracle_selective_error, linestyle="--", color="grey", label="oracle")
-    ax.set_xlabel("fraction rejected (most uncertain first)")
-    ax.set_ylabel("error rate of kept utterances")
-    ax.set_title(f"Selective prediction ({report.num_utterances} utterances)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / f"{prefix}selective.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(4.5, 4))
-    filled = [b for b in report.reliability if b.count]
-    ax.bar([(b.lower + b.upper) / 2 for b in filled], [b.accuracy for b in filled],
-           width=[b.upper - b.lower for b in filled], edgecolor="black", alpha=0.7, label="word accuracy")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    for b in filled:
-        ax.annotate(str(b.count), ((b.lower + b.upper) / 2, b.accuracy), ha="center", va="bottom", fontsize=6)
-    ax.set_xlabel("word confidence (fraction of agreeing samples)")
-    ax.set_ylabel("fraction of words correct")
-    ax.set_title(f"Reliability (ECE {report.ece:.3f}, {report.num_words} words)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
-    paths.append(out_dir / f"{prefix}reliability.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-    return paths

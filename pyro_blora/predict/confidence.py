@@ -20,6 +20,8 @@ from typing import Iterable, Literal, Sequence
 import numpy as np
 import torch
 
+from pyro_blora.predict.transcripts import word_keys
+
 __all__ = [
     "DEFAULT_TEMPERATURES",
     "TemperatureFit",
@@ -52,11 +54,9 @@ def entropy_confidence(log_probs: torch.Tensor, alpha: float = 1 / 3) -> torch.T
 
 
 def word_token_groups(tokenizer, token_ids: Sequence[int], language: str | None = None) -> tuple[list[str], list[list[int]]]:
-    """The words of the decoded text (as :func:`~pyro_blora.predict.transcribe.word_keys` splits it) and, for
+    """The words of the decoded text (as :func:`~pyro_blora.predict.transcripts.word_keys` splits it) and, for
     each, the positions of the tokens that spell it. A token ending inside a multi-byte character, or
     holding only a space, belongs with the token after it."""
-    from pyro_blora.predict.transcribe import word_keys  # transcribe decodes through this module's callers
-
     ids = [int(i) for i in token_ids]
     full = tokenizer.decode(ids, skip_special_tokens=True)
     ends = []

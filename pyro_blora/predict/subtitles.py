@@ -1,4 +1,4 @@
-"""Subtitles (SRT, WebVTT) and a confidence-over-time plot from Monte Carlo transcripts.
+"""Subtitles (SRT, WebVTT) from Monte Carlo transcripts.
 
 One cue per segment of the chosen hypothesis. Words whose confidence (the share of posterior
 draws that agree with them) is below the threshold are marked: in [brackets] in SRT, which has
@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from pyro_blora.predict.transcribe import SegmentTranscript, UtteranceTranscript, spaced_words
+from pyro_blora.predict.transcripts import SegmentTranscript, UtteranceTranscript, spaced_words
 
-__all__ = ["LINE_WIDTH", "format_timestamp", "output_paths", "plot_confidence", "srt_text", "vtt_text", "write_subtitles"]
+__all__ = ["LINE_WIDTH", "format_timestamp", "output_paths", "srt_text", "timed_segments", "vtt_text", "write_subtitles"]
 
 # Characters per subtitle line before wrapping (a common broadcast limit).
 LINE_WIDTH = 42
@@ -30,7 +30,8 @@ def format_timestamp(seconds: float, decimal: str = ",") -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
 
 
-def _segments(transcript: UtteranceTranscript) -> list[SegmentTranscript]:
+def timed_segments(transcript: UtteranceTranscript) -> list[SegmentTranscript]:
+    """The segments of the chosen hypothesis that hold words: one subtitle cue (or plotted span) each."""
     if transcript.segments is None:
         raise ValueError(
             f"transcript {transcript.id!r} has no segments (schema version 1); re-run `pyro-blora transcribe` "
@@ -56,7 +57,7 @@ def _cue_lines(segment: SegmentTranscript, low_confidence: float, style: bool) -
 def srt_text(transcript: UtteranceTranscript, low_confidence: float = 0.5) -> str:
     """SubRip subtitles: numbered cues, low-confidence words in [brackets]."""
     cues = []
-    for number, segment in enumerate(_segments(transcript), start=1):
+    for number, segment in enumerate(timed_segments(transcript), start=1):
         timing = f"{format_timestamp(segment.start)} --> {format_timestamp(segment.end)}"
         cues.append("\n".join([str(number), timing, *_cue_lines(segment, low_confidence, style=False)]))
     return "\n\n".join(cues) + "\n" if cues else ""
@@ -65,7 +66,7 @@ def srt_text(transcript: UtteranceTranscript, low_confidence: float = 0.5) -> st
 def vtt_text(transcript: UtteranceTranscript, low_confidence: float = 0.5) -> str:
     """WebVTT subtitles: low-confidence words in [brackets] inside a styled ``<c.low>`` span."""
     blocks = ["WEBVTT", VTT_STYLE.rstrip("\n")]
-    for segment in _segments(transcript):
+    for segment in timed_segments(transcript):
         timing = f"{format_timestamp(segment.start, '.')} --> {format_timestamp(segment.end, '.')}"
         blocks.append("\n".join([timing, *_cue_lines(segment, low_confidence, style=True)]))
     return "\n\n".join(blocks) + "\n"
@@ -108,36 +109,3 @@ def write_subtitles(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render(transcript, low_confidence), encoding="utf-8")
     return paths
-
-
-def plot_confidence(transcript: UtteranceTranscript, path: str | os.PathLike, low_confidence: float = 0.5) -> Path:
-    """One PNG: each word's confidence at its place in time (words spread evenly over their segment),
-    segments shaded, the threshold dashed. Needs matplotlib (Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    segments = _segments(transcript)
-    fig, ax = plt.subplots(figsize=(max(6.0, min(24.0, (transcript.duration or 30.0) / 10)), 3.2))
-    times, values = [], []
-    for index, segment in enumerate(segments):
-        ax.axvspan(segment.start, segment.end, color="0.92" if index % 2 else "0.85", zorder=0)
-        step = (segment.end - segment.start) / len(segment.words)
-        for k, word in enumerate(segment.words):
-            times.append(segment.start + (k + 0.5) * step)
-            values.append(word.confidence)
-    colours = ["#d62728" if v < low_confidence else "#1f77b4" for v in values]
-    ax.scatter(times, values, s=8, c=colours, zorder=2)
-    ax.axhline(low_confidence, linestyle="--", color="grey", linewidth=0.8)
-    ax.set_xlim(0, transcript.duration or (segments[-1].end if segments else 1.0))
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("word confidence")
-    ax.set_title(f"{transcript.id}: {sum(v < low_confidence for v in values)} of {len(values)} words below {low_confidence:.2f}")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
