@@ -16,6 +16,7 @@ __all__ = [
     "WEIGHT_NOISES",
     "BLoRAConfig",
     "BUDGET_KINDS",
+    "ElboScaling",
     "RetentionBudget",
     "TrainConfig",
 ]
@@ -127,6 +128,44 @@ class BLoRAConfig:
         if "init_rho_range" in data:
             data["init_rho_range"] = tuple(data["init_rho_range"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class ElboScaling:
+    """The two factors of the objective: on the token log-likelihood and on the adapter sites.
+
+    Lives with the options rather than with the ELBO so that the model, which carries one, and the
+    objective, which builds one from a :class:`BLoRAConfig`, need not import each other."""
+
+    # Size N of the plate over utterances: the batch likelihood is scaled by N / B.
+    num_utterances: int
+    # Further factor on the likelihood (1 / T for the "token" and "parameter" normalisations).
+    likelihood: float
+    # Weight on the adapter sites in the model and in the guide, i.e. on the KL: beta / Z.
+    kl: float
+    normalization: str = "dataset"
+    # Divide each adapter matrix's KL further by its number of entries ("matrix" normalisation).
+    per_matrix: bool = False
+    # The beta that ``kl`` was computed from (None: not known, so beta cannot be changed).
+    beta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_utterances <= 0:
+            raise ValueError(f"num_utterances must be > 0, got {self.num_utterances}")
+        if not (self.likelihood > 0 and self.kl > 0):
+            raise ValueError(f"likelihood and kl scales must be > 0, got {self.likelihood}, {self.kl}")
+
+    def with_beta(self, beta: float) -> "ElboScaling":
+        """The same objective with the KL weighted by ``beta`` instead (kl rescaled by beta / self.beta)."""
+        if self.beta is None:
+            raise ValueError("this ElboScaling does not record its beta; build it with elbo_scaling(...) or give beta=")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        return dataclasses.replace(self, kl=self.kl * beta / self.beta, beta=float(beta))
+
+    def site_weight(self, num_entries: int) -> float:
+        """The KL weight of one adapter matrix with ``num_entries`` entries."""
+        return self.kl / num_entries if self.per_matrix else self.kl
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pyro_blora import load_posterior, load_whisper
+from pyro_blora import UncertaintyReport, load_posterior, load_whisper
 from pyro_blora.training.methods import load_training_data
 from pyro_blora.predict.confidence import TemperatureFit
 from pyro_blora.evaluation.payoff import (
@@ -31,6 +31,7 @@ from pyro_blora.evaluation.payoff import (
     write_records,
 )
 from pyro_blora.predict.transcribe import collect_utterances
+from pyro_blora.report.plots import write_uncertainty_plots
 
 
 def main() -> None:
@@ -86,7 +87,9 @@ def main() -> None:
                                      {k: v.temperature for k, v in fits.items()})
         write_records(rows, records, {"domain": domain})
     rows = [json.loads(line) for line in records.open()]
-    summary = summarise_payoff(rows, options, fits, bootstrap_samples=args.bootstrap_samples, plot_dir=out)
+    summary = summarise_payoff(rows, options, fits, bootstrap_samples=args.bootstrap_samples)
+    largest = options.samples[-1]
+    write_uncertainty_plots(UncertaintyReport.from_dict(summary["uncertainty"][f"S={largest}"]), out, prefix=f"S{largest}-")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     print(json.dumps({k: summary[k] for k in ("utterances", "error_rate", "against_mean")}, indent=2))
 

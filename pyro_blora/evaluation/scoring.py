@@ -35,7 +35,6 @@ __all__ = [
     "all_token_ce",
     "ce_scope",
     "evaluate_whisper",
-    "format_table",
     "greedy_transcripts",
     "load_eval_sets",
     "relative_changes",
@@ -286,34 +285,3 @@ def relative_changes(result: Mapping[str, Mapping], reference: Mapping[str, Mapp
                 change = (value - base) / base if base else (0.0 if value == base else math.inf)
                 changes.setdefault(domain, {})[metric] = change
     return changes
-
-
-def _cell(entry: Mapping, metric: str, mixed_scopes: bool = False) -> str:
-    if metric not in entry:
-        return "-"
-    value = float(entry[metric])
-    if metric != "ce":
-        return f"{100 * value:.1f}%"
-    return f"{value:.3f}" + (f" ({ce_scope(entry)})" if mixed_scopes else "")
-
-
-def format_table(results: Mapping[str, Mapping[str, Mapping]], baseline: str | None = None) -> str:
-    """A plain-text table: one row per (model, domain), error rate / CE / language ID, and the change
-    of each against the ``baseline`` model's row (relative, in percent). Where the results mix CE
-    scopes, each CE cell names its scope."""
-    mixed = len({ce_scope(entry) for domains in results.values() for entry in domains.values()}) > 1
-    header = ["model", "domain", "error rate", "CE", "LID", "Δ error", "Δ CE"]
-    rows = []
-    for model, domains in results.items():
-        changes = relative_changes(domains, results[baseline]) if baseline and model != baseline else {}
-        for domain, entry in domains.items():
-            delta = changes.get(domain, {})
-            rows.append([
-                model, domain, _cell(entry, "error_rate"), _cell(entry, "ce", mixed), _cell(entry, "language_id"),
-                f"{100 * delta['error_rate']:+.0f}%" if "error_rate" in delta else "",
-                f"{100 * delta['ce']:+.0f}%" if "ce" in delta else "",
-            ])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)

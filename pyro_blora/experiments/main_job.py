@@ -132,7 +132,7 @@ def run_main_job(config: MainJobConfig = MainJobConfig(), echo=print) -> dict[st
         echo(f"[4/4] evaluating {method}")
         evaluations[method] = ensure_evaluated(run_dir / eval_file_name(),
                                                lambda: run_evaluation(run_dir, sets, base=base))
-    table = main_job_table(evaluations)
+    table = main_job_table(evaluations, config.eval_domains)
     minutes = (time.perf_counter() - start) / 60
     atomic_write_json(out / "comparison.json", {name: e["results"] for name, e in evaluations.items()})
     logs = {method: read_log(out / "runs" / method) for method in config.methods}

@@ -305,9 +305,10 @@ def _title(result: SequenceResult) -> str:
 
 def matrix_page(result: SequenceResult) -> str:
     """``matrix.md``: each matrix of one strategy (rows: after each step) with its average final error,
-    BWT and forgetting per domain."""
+    BWT and forgetting per domain; the headline metric first, also when read back from ``matrix.json``
+    (whose keys are sorted)."""
     lines = [f"# {_title(result)}", ""]
-    for metric, matrix in result.matrices.items():
+    for metric, matrix in sorted(result.matrices.items(), key=lambda item: item[0] != result.metric):
         rows = [{"after": row, **{c: metric_cell(v, metric) for c, v in zip(result.columns, values)}}
                 for row, values in zip(result.rows, matrix)]
         summary = sequence_metrics(matrix, result.columns, result.learned_at)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.model.guide import BLoRAGuide
-from pyro_blora.predict.monte_carlo import token_nll
+from pyro_blora.model.objective import token_nll
 from pyro_blora.model.whisper import BLoRAWhisper
 from pyro_blora.model.whisper import adapted_modules, lora_alpha, module_path, site_name
 

@@ -13,7 +13,7 @@ from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import ExpTransform
 from pyro.infer.autoguide import AutoDelta, AutoNormal
 
-from pyro_blora.model.whisper import BLoRAWhisper
+from pyro_blora.model.whisper import BLoRAWhisper, use_module_local_params
 
 __all__ = ["GUIDE_KINDS", "BLoRAGuide", "BLoRAMAPGuide", "build_guide", "guide_kind"]
 
@@ -50,6 +50,7 @@ class BLoRAGuide(AutoNormal):
     """
 
     def __init__(self, model: BLoRAWhisper) -> None:
+        use_module_local_params()
         self._model_ref = (model,)  # a tuple keeps nn.Module from registering the model as a child
         config = model.config
         if config.scale_parameterization == "exp":
@@ -95,6 +96,11 @@ class BLoRAGuide(AutoNormal):
             self.set_stddevs(self.initial_stddevs())
         return self
 
+    def _loc_and_scale(self, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Normal's loc and scale of one site, read from AutoNormal's public ``locs`` and
+        ``scales`` modules (where its sites' parameters sit under the site names)."""
+        return attrgetter(site)(self.locs), attrgetter(site)(self.scales)
+
     def forward(self, *args, **kwargs):
         with self.blora.weigh_kl():
             return super().forward(*args, **kwargs)
@@ -102,18 +108,18 @@ class BLoRAGuide(AutoNormal):
     def posterior(self, site: str) -> dist.Distribution:
         """The Gaussian q of one adapter site: independent entries, the matrix as one event."""
         self.setup()
-        loc, scale = self._get_loc_and_scale(site)
+        loc, scale = self._loc_and_scale(site)
         return dist.Normal(loc, scale).to_event(loc.dim())
 
     def means(self) -> dict[str, torch.Tensor]:
         """Posterior means of every site (detached)."""
         self.setup()
-        return {name: self._get_loc_and_scale(name)[0].detach().clone() for name in self.blora.site_names()}
+        return {name: self._loc_and_scale(name)[0].detach().clone() for name in self.blora.site_names()}
 
     def stddevs(self) -> dict[str, torch.Tensor]:
         """Posterior standard deviations of every site (detached)."""
         self.setup()
-        return {name: self._get_loc_and_scale(name)[1].detach().clone() for name in self.blora.site_names()}
+        return {name: self._loc_and_scale(name)[1].detach().clone() for name in self.blora.site_names()}
 
     @torch.no_grad()
     def set_means(self, values: dict[str, torch.Tensor]) -> None:
@@ -133,7 +139,7 @@ class BLoRAGuide(AutoNormal):
         """Overwrite the posterior standard deviations (one number for all, or per site)."""
         self.setup()
         for name in self.blora.site_names():
-            current = self._get_loc_and_scale(name)[1]
+            current = self._loc_and_scale(name)[1]
             target = value[name] if isinstance(value, dict) else torch.full_like(current, float(value))
             unconstrained = attrgetter(f"{name}_unconstrained")(self.scales)
             unconstrained.copy_(transform_to(self.scale_constraint).inv(target.to(current)))
@@ -158,6 +164,7 @@ class BLoRAMAPGuide(AutoDelta):
     ``setup()`` / ``means()``, so training, merging and saving take one code path."""
 
     def __init__(self, model: BLoRAWhisper) -> None:
+        use_module_local_params()
         self._model_ref = (model,)
         super().__init__(model.adapter_prior, init_loc_fn=BLoRAGuide._init_loc)
 

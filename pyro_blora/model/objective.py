@@ -23,59 +23,66 @@ the paper's beta = 0.5 equal to beta = 36 under "parameter"; all linear layers (
 under it beta keeps its textbook meaning. Under "parameter" beta weighs the average KL per adapter
 entry against the average NLL per token, which is far weaker. The model and the guide read the
 two factors from one :class:`ElboScaling`; nothing else scales the objective.
+
+The teacher-forced cross-entropy lives here too (:func:`token_cross_entropy`): it is the
+likelihood term without the Pyro machinery, and training, evaluation, the forgetting budget and
+pruning all score tokens through it, so they agree on which tokens count and how.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping, Protocol
 
+import pyro.distributions as dist
 import torch
-from pyro.infer import Trace_ELBO
+from pyro import poutine
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pyro_blora.config import BLoRAConfig
+from pyro_blora.config import BLoRAConfig, ElboScaling
 
-if TYPE_CHECKING:  # pragma: no cover
-    from pyro_blora.model.guide import BLoRAGuide
-    from pyro_blora.model.whisper import BLoRAWhisper
+__all__ = [
+    "IGNORE_INDEX",
+    "ElboScaling",
+    "ElboTerms",
+    "KLWeights",
+    "TokenScope",
+    "UtteranceNLL",
+    "analytic_kl",
+    "elbo_scaling",
+    "elbo_terms",
+    "prompt_token_mask",
+    "teacher_forced_logits",
+    "token_cross_entropy",
+    "token_nll",
+    "token_nll_per_utterance",
+]
 
-__all__ = ["ElboScaling", "ElboTerms", "KLWeights", "elbo_scaling", "elbo_terms", "analytic_kl"]
+# Label value of padding: no token is scored there.
+IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
-class ElboScaling:
-    """The two factors of the objective: on the token log-likelihood and on the adapter sites."""
+class AdapterModel(Protocol):
+    """What the ELBO needs of the model (a :class:`~pyro_blora.model.whisper.BLoRAWhisper`):
+    called on a batch it is the Pyro model; the rest names and weighs its adapter sites."""
 
-    # Size N of the plate over utterances: the batch likelihood is scaled by N / B.
-    num_utterances: int
-    # Further factor on the likelihood (1 / T for the "token" and "parameter" normalisations).
-    likelihood: float
-    # Weight on the adapter sites in the model and in the guide, i.e. on the KL: beta / Z.
-    kl: float
-    normalization: str = "dataset"
-    # Divide each adapter matrix's KL further by its number of entries ("matrix" normalisation).
-    per_matrix: bool = False
-    # The beta that ``kl`` was computed from (None: not known, so beta cannot be changed).
-    beta: float | None = None
+    def __call__(self, batch: Mapping) -> torch.Tensor: ...
 
-    def __post_init__(self) -> None:
-        if self.num_utterances <= 0:
-            raise ValueError(f"num_utterances must be > 0, got {self.num_utterances}")
-        if not (self.likelihood > 0 and self.kl > 0):
-            raise ValueError(f"likelihood and kl scales must be > 0, got {self.likelihood}, {self.kl}")
+    def site_names(self) -> list[str]: ...
 
-    def with_beta(self, beta: float) -> "ElboScaling":
-        """The same objective with the KL weighted by ``beta`` instead (kl rescaled by beta / self.beta)."""
-        if self.beta is None:
-            raise ValueError("this ElboScaling does not record its beta; build it with elbo_scaling(...) or give beta=")
-        if not beta > 0:
-            raise ValueError(f"beta must be > 0, got {beta!r}")
-        return replace(self, kl=self.kl * beta / self.beta, beta=float(beta))
+    def site_prior(self, site: str) -> dist.Distribution: ...
 
-    def site_weight(self, num_entries: int) -> float:
-        """The KL weight of one adapter matrix with ``num_entries`` entries."""
-        return self.kl / num_entries if self.per_matrix else self.kl
+    def kl_weights(self) -> dict[str, float]: ...
+
+
+class AdapterPosterior(Protocol):
+    """What the ELBO needs of the guide (a :class:`~pyro_blora.model.guide.BLoRAGuide`)."""
+
+    def __call__(self, batch: Mapping) -> object: ...
+
+    def posterior(self, site: str) -> dist.Distribution: ...
 
 
 class KLWeights(Messenger):
@@ -130,7 +137,7 @@ class ElboTerms:
         return {name: float(torch.as_tensor(getattr(self, name)).detach()) for name in ("loss", "nll", "kl")}
 
 
-def analytic_kl(model: "BLoRAWhisper", guide: "BLoRAGuide") -> dict[str, torch.Tensor]:
+def analytic_kl(model: AdapterModel, guide: AdapterPosterior) -> dict[str, torch.Tensor]:
     """Closed-form KL(q || p) of every adapter site, summed over its entries, unscaled (nats)."""
     return {
         site: torch.distributions.kl_divergence(guide.posterior(site), model.site_prior(site))
@@ -138,9 +145,42 @@ def analytic_kl(model: "BLoRAWhisper", guide: "BLoRAGuide") -> dict[str, torch.T
     }
 
 
+def _scored(name: str, site: dict) -> bool:
+    """Sites that carry a density: samples, but not the plate's record of which rows it drew."""
+    return not site_is_subsample(site)
+
+
+def _one_particle(model: Callable, guide: Callable, batch: Mapping, monte_carlo_kl: bool):
+    """(NLL, KL) of one draw from the guide, each scaled as its sites are.
+
+    The guide is traced, the model replayed on its draws, and both densities computed site by site
+    with every ``scale`` applied (the plate's N / B, the likelihood factor, the KL weights). The
+    model's only plate has its dimension given (-1), so ``max_plate_nesting`` has nothing to place."""
+    guide_trace = poutine.trace(guide).get_trace(batch)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    guide_trace.compute_log_prob(_scored)
+    model_trace.compute_log_prob(_scored)
+    nll = kl = 0.0
+    log_q = {name: site["log_prob_sum"] for name, site in guide_trace.nodes.items()
+             if site["type"] == "sample" and not site["is_observed"] and _scored(name, site)}
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not _scored(name, site):
+            continue
+        if site["is_observed"]:
+            nll = nll - site["log_prob_sum"]
+        elif monte_carlo_kl:
+            # log q - log p site by site (AutoNormal's density sits at "<site>_unconstrained"), so a
+            # prior equal to the posterior gives exactly 0 rather than a difference of large sums.
+            q = log_q.pop(name, 0.0) + log_q.pop(f"{name}_unconstrained", 0.0)
+            kl = kl + (q - site["log_prob_sum"])
+    if monte_carlo_kl:
+        kl = kl + sum(log_q.values())
+    return nll, kl
+
+
 def elbo_terms(
-    model: "BLoRAWhisper",
-    guide: "BLoRAGuide",
+    model: AdapterModel,
+    guide: AdapterPosterior,
     batch: dict,
     estimator: Literal["trace", "analytic"] = "trace",
     num_particles: int = 1,
@@ -152,30 +192,104 @@ def elbo_terms(
     mean-field ELBO would do if AutoNormal exposed its Normal at the latent site (it exposes a
     Delta of the sampled value, so Pyro's TraceMeanField_ELBO can only make the entropy analytic).
     """
-    traces = Trace_ELBO(num_particles=num_particles, max_plate_nesting=1)._get_traces(model, guide, (batch,), {})
+    if estimator not in ("trace", "analytic"):
+        raise ValueError(f"estimator must be 'trace' or 'analytic', got {estimator!r}")
     nll = kl = 0.0
-    num_tokens = int((batch["labels"] != -100).sum())
-    for model_trace, guide_trace in traces:
-        nll_particle = kl_particle = 0.0
-        log_q = {name: site["log_prob_sum"] for name, site in guide_trace.nodes.items()
-                 if site["type"] == "sample" and not site["is_observed"]}
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                nll_particle = nll_particle - site["log_prob_sum"]
-            elif estimator == "trace":
-                # log q - log p site by site (AutoNormal's density sits at "<site>_unconstrained"), so a
-                # prior equal to the posterior gives exactly 0 rather than a difference of large sums.
-                q = log_q.pop(name, 0.0) + log_q.pop(f"{name}_unconstrained", 0.0)
-                kl_particle = kl_particle + (q - site["log_prob_sum"])
-        if estimator == "trace":
-            kl_particle = kl_particle + sum(log_q.values())
+    for _ in range(num_particles):
+        nll_particle, kl_particle = _one_particle(model, guide, batch, monte_carlo_kl=estimator == "trace")
         nll = nll + nll_particle / num_particles
         kl = kl + kl_particle / num_particles
     if estimator == "analytic":
         weights = model.kl_weights()
         kl = sum(weights[site] * value for site, value in analytic_kl(model, guide).items())
-    elif estimator != "trace":
-        raise ValueError(f"estimator must be 'trace' or 'analytic', got {estimator!r}")
+    num_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
     return ElboTerms(loss=nll + kl, nll=nll, kl=kl, num_tokens=num_tokens, weight=float(batch["labels"].shape[0]))
+
+
+# ------------------------------------------------------------- teacher-forced cross-entropy
+def teacher_forced_logits(whisper, batch: Mapping) -> torch.Tensor:
+    """Decoder logits with the labels, shifted right behind the start token, as decoder input."""
+    config = whisper.config
+    decoder_input_ids = shift_tokens_right(batch["labels"], config.pad_token_id, config.decoder_start_token_id)
+    return whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
+
+
+def token_cross_entropy(whisper, batch: Mapping, reduction: Literal["none", "mean"] = "none") -> torch.Tensor:
+    """Teacher-forced cross-entropy (nats) of the label tokens, computed in float32 whatever the
+    model's dtype, padding (``IGNORE_INDEX``) skipped.
+
+    ``"none"``: one value per label position (0 at padding); ``"mean"``: the mean over every label
+    token of the batch, the loss of the methods without a prior. Differentiable."""
+    logits = teacher_forced_logits(whisper, batch)
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"],
+                                             ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def prompt_token_mask(labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """The forced prompt tokens (language, task, no-timestamps) of the labels: Whisper's special
+    tokens follow the end-of-text token in the vocabulary. Transcript tokens are the other
+    non-padding ones: the text and the end-of-text token."""
+    return labels > eos_token_id
+
+
+TokenScope = Literal["all", "transcript", "prompt"]
+
+
+@dataclass(frozen=True)
+class UtteranceNLL:
+    """Teacher-forced NLL per utterance, split into transcript and prompt tokens.
+
+    Transcript tokens are the text and the end-of-text token; prompt tokens are the forced special
+    tokens before the text (language, task, no-timestamps). Evaluation reports the transcript part,
+    which adaptation and forgetting change; the prompt is near-certain and dilutes the mean."""
+
+    ids: list[str]
+    ce_sum: list[float]
+    ce_tokens: list[int]
+    prompt_ce_sum: list[float]
+    prompt_tokens: list[int]
+
+    def totals(self, tokens: TokenScope = "all") -> tuple[float, int]:
+        """(summed cross-entropy, number of tokens) of one kind of token over every utterance."""
+        transcript = (sum(self.ce_sum), sum(self.ce_tokens))
+        prompt = (sum(self.prompt_ce_sum), sum(self.prompt_tokens))
+        if tokens == "transcript":
+            return transcript
+        if tokens == "prompt":
+            return prompt
+        return transcript[0] + prompt[0], transcript[1] + prompt[1]
+
+    def mean(self, tokens: TokenScope = "all") -> float:
+        """Cross-entropy (nats) per token of one kind, over every utterance together."""
+        total, count = self.totals(tokens)
+        if count == 0:
+            kind = "label tokens to score: every label is padding (-100)" if tokens == "all" else f"{tokens} tokens"
+            raise ValueError(f"no {kind}")
+        return total / count
+
+
+@torch.no_grad()
+def token_nll_per_utterance(whisper, batches: Iterable[Mapping]) -> UtteranceNLL:
+    """Summed cross-entropy (nats, summed in float64) and token counts of every label row,
+    transcript and prompt apart (:func:`prompt_token_mask`); batches are moved to the model's device.
+    Rows are named by the batch's ``ids`` (their positions when it has none)."""
+    device = next(whisper.parameters()).device
+    out = UtteranceNLL([], [], [], [], [])
+    for batch in batches:
+        labels = batch["labels"].to(device)
+        loss = token_cross_entropy(whisper, {"input_features": batch["input_features"].to(device),
+                                             "labels": labels}).double()
+        prompt = prompt_token_mask(labels, whisper.config.eos_token_id)
+        transcript = (labels != IGNORE_INDEX) & ~prompt
+        out.ids.extend(batch.get("ids") or [str(len(out.ids) + row) for row in range(labels.shape[0])])
+        out.ce_sum.extend((loss * transcript).sum(1).tolist())
+        out.ce_tokens.extend(transcript.sum(1).tolist())
+        out.prompt_ce_sum.extend((loss * prompt).sum(1).tolist())
+        out.prompt_tokens.extend(prompt.sum(1).tolist())
+    return out
+
+
+def token_nll(whisper, batches: Iterable[Mapping], tokens: TokenScope = "all") -> float:
+    """Teacher-forced cross-entropy per token (nats) of ``batches``: every label token counted
+    (prompt too) by default, or only the ``"transcript"`` or ``"prompt"`` ones."""
+    return token_nll_per_utterance(whisper, batches).mean(tokens)

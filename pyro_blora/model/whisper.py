@@ -14,18 +14,32 @@ from pyro.nn import PyroModule, pyro_method
 from pyro.nn.module import to_pyro_module_
 from pyro.poutine.runtime import am_i_wrapped
 from transformers import WhisperForConditionalGeneration
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
+from pyro_blora.config import BLoRAConfig, ElboScaling
 from pyro_blora.model.adapters import BayesianLoRALinear, lora_delta_weight
-from pyro_blora.config import BLoRAConfig
 from pyro_blora.model.injection import inject_adapters
-from pyro_blora.model.objective import ElboScaling, KLWeights
+from pyro_blora.model.objective import IGNORE_INDEX, KLWeights, teacher_forced_logits
 
-__all__ = ["BLoRAWhisper", "adapted_modules", "lora_alpha", "module_path", "site_name", "wrap_whisper"]
+__all__ = [
+    "BLoRAWhisper",
+    "adapted_modules",
+    "lora_alpha",
+    "module_path",
+    "site_name",
+    "use_module_local_params",
+    "wrap_whisper",
+]
 
-# Library Pyro modules keep their parameters to themselves: a global parameter store would leak
-# one guide's values into the next one built in the same process.
-pyro.settings.set(module_local_params=True)
+
+def use_module_local_params() -> None:
+    """Make Pyro modules keep their parameters to themselves instead of in Pyro's global store.
+
+    With the global store, a guide's values would leak into the next guide built in the same
+    process (two posteriors compared, a sequence of tasks) and ``pyro.clear_param_store()`` would
+    wipe a trained posterior. The setting is Pyro's and process-wide; it is switched on where a
+    model or guide is built rather than when this package is imported, so importing pyro_blora
+    leaves other Pyro code alone."""
+    pyro.settings.set(module_local_params=True)
 
 
 def _frozen_weights_hidden():
@@ -62,6 +76,7 @@ class BLoRAWhisper(PyroModule):
     """
 
     def __init__(self, whisper: WhisperForConditionalGeneration, config: BLoRAConfig | None = None) -> None:
+        use_module_local_params()
         super().__init__()
         self.config = config or BLoRAConfig()
         adapters = inject_adapters(whisper, self.config)
@@ -162,15 +177,13 @@ class BLoRAWhisper(PyroModule):
 
     def logits(self, batch: Mapping) -> torch.Tensor:
         """Decoder logits under teacher forcing, for labels padded with -100."""
-        cfg = self.whisper.config
-        decoder_input_ids = shift_tokens_right(batch["labels"], cfg.pad_token_id, cfg.decoder_start_token_id)
         with _frozen_weights_hidden():
-            return self.whisper(input_features=batch["input_features"], decoder_input_ids=decoder_input_ids).logits
+            return teacher_forced_logits(self.whisper, batch)
 
     def forward(self, batch: Mapping) -> torch.Tensor:
         self.adapter_prior()
         labels = batch["labels"]
-        mask = labels != -100
+        mask = labels != IGNORE_INDEX
         with self.utterance_plate(batch), poutine.scale(scale=self.elbo_scaling.likelihood):
             logits = self.logits(batch)
             pyro.sample(

@@ -11,16 +11,17 @@ splits into the expected entropy and the mutual information (BALD), the part due
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Collection, Iterable, Literal, Mapping
+from typing import Collection, Literal, Mapping
 
 import torch
 from pyro.infer import Predictive
 from transformers import WhisperForConditionalGeneration
-from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora.predict.confidence import entropy_confidence
 from pyro_blora.predict.decoding import generate
 from pyro_blora.model.guide import BLoRAGuide
+# The teacher-forced cross-entropy lives with the objective; its names stay importable from here.
+from pyro_blora.model.objective import UtteranceNLL, token_nll, token_nll_per_utterance
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
 from pyro_blora.model.whisper import BLoRAWhisper
 
@@ -367,54 +368,3 @@ def _decode_held(model: BLoRAWhisper, values: Mapping[str, torch.Tensor], input_
                  generate_kwargs: Mapping) -> _Decoded:
     with model.hold_adapters(values):
         return _decode(model, input_features, generate_kwargs)
-
-
-@dataclass(frozen=True)
-class UtteranceNLL:
-    """Teacher-forced NLL per utterance, split into transcript and prompt tokens.
-
-    Transcript tokens are the text and the end-of-text token; prompt tokens are the forced special
-    tokens before the text (language, task, no-timestamps). Evaluation reports the transcript part,
-    which adaptation and forgetting change; the prompt is near-certain and dilutes the mean."""
-
-    ids: list[str]
-    ce_sum: list[float]
-    ce_tokens: list[int]
-    prompt_ce_sum: list[float]
-    prompt_tokens: list[int]
-
-
-@torch.no_grad()
-def token_nll_per_utterance(whisper: WhisperForConditionalGeneration, batches: Iterable[Mapping]) -> UtteranceNLL:
-    """Summed cross-entropy (nats) and token counts of every label row, transcript and prompt apart.
-
-    Prompt tokens are the label ids above the end-of-text id (Whisper's special tokens follow it in
-    the vocabulary); ``-100`` is padding. Rows are named by the batch's ``ids`` (their positions
-    when it has none)."""
-    cfg = whisper.config
-    device = next(whisper.parameters()).device
-    out = UtteranceNLL([], [], [], [], [])
-    for batch in batches:
-        labels = batch["labels"].to(device)
-        decoder_input_ids = shift_tokens_right(labels, cfg.pad_token_id, cfg.decoder_start_token_id)
-        logits = whisper(input_features=batch["input_features"].to(device), decoder_input_ids=decoder_input_ids).logits
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none"
-        ).double()
-        prompt = labels > cfg.eos_token_id
-        transcript = (labels != -100) & ~prompt
-        out.ids.extend(batch.get("ids") or [str(len(out.ids) + row) for row in range(labels.shape[0])])
-        out.ce_sum.extend((loss * transcript).sum(1).tolist())
-        out.ce_tokens.extend(transcript.sum(1).tolist())
-        out.prompt_ce_sum.extend((loss * prompt).sum(1).tolist())
-        out.prompt_tokens.extend(prompt.sum(1).tolist())
-    return out
-
-
-def token_nll(whisper: WhisperForConditionalGeneration, batches: Iterable[Mapping]) -> float:
-    """Teacher-forced cross-entropy per label token (nats), every label token counted (prompt too)."""
-    scored = token_nll_per_utterance(whisper, batches)
-    count = sum(scored.ce_tokens) + sum(scored.prompt_tokens)
-    if count == 0:
-        raise ValueError("no label tokens to score: every label is padding (-100)")
-    return (sum(scored.ce_sum) + sum(scored.prompt_ce_sum)) / count

@@ -277,9 +277,11 @@ def write_report(runs: Sequence[str | Path], out: str | Path, *, base: Mapping[s
     return page
 
 
-def main_job_table(evaluations: Mapping[str, Mapping[str, Any]]) -> str:
-    """The main job's evaluations side by side, with the change of each against the base model."""
-    return evaluation_table({name: e["results"] for name, e in evaluations.items()}, baseline="base")
+def main_job_table(evaluations: Mapping[str, Mapping[str, Any]], domains: Sequence[str]) -> str:
+    """The main job's evaluations side by side, with the change of each against the base model; the
+    domains in the job's order, whether an evaluation was just scored or read back (sorted) from disk."""
+    return evaluation_table({name: {d: e["results"][d] for d in domains if d in e["results"]}
+                             for name, e in evaluations.items()}, baseline="base")
 
 
 def dev_curve_table(records: Sequence[Mapping[str, Any]]) -> str | None:
@@ -310,7 +312,7 @@ def main_job_page(settings: Mapping[str, Any], evaluations: Mapping[str, Mapping
         "",
         "Δ columns: relative change against the base model (positive = worse for error and CE).",
         "",
-        main_job_table(evaluations),
+        main_job_table(evaluations, settings["eval_domains"]),
         "",
         f"Wall time: {minutes:.1f} min on {machine} with {threads} torch threads. "
         "One seed: differences of a few points are within seed noise.",
