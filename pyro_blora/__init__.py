@@ -55,7 +55,8 @@ from pyro_blora.experiments.sequence import (
 from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
 from pyro_blora.predict.transcripts import UtteranceTranscript, WordConfidence, word_confidences
 from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty
-from pyro_blora.training.loop import NonFiniteLossError, PosteriorCollapseWarning, TrainingInterrupted, TrainResult, train
+from pyro_blora.training.loop import NonFiniteLossError, TrainingInterrupted, TrainResult
+from pyro_blora.training.svi import PosteriorCollapseWarning, train
 from pyro_blora.data.labels import EnglishOnlyModelError, check_language
 from pyro_blora.offline import HubUnavailableError
 from pyro_blora.base_models.loading import export_ctranslate2, load_processor, load_whisper

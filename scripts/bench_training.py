@@ -47,7 +47,8 @@ from pyro_blora.training.distributed import default_device  # noqa: E402
 from pyro_blora.model.injection import find_target_modules  # noqa: E402
 from pyro_blora.training.methods import _teacher_forced_loss  # noqa: E402
 from pyro_blora.model.objective import elbo_scaling  # noqa: E402
-from pyro_blora.training.loop import _noisy_elbo_terms, make_optimizer, svi_parameter_groups  # noqa: E402
+from pyro_blora.training.loop import make_optimizer  # noqa: E402
+from pyro_blora.training.svi import _noisy_elbo_terms, svi_parameter_groups  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
 BLORA, PAPER, LORA = "BLoRA", "BLoRA, paper preset", "LoRA (peft)"

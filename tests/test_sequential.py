@@ -13,7 +13,8 @@ from pyro_blora.evaluation.scoring import EvalOptions
 from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS
 from pyro_blora.data.training_data import load_training_data
 from pyro_blora.runs import base_model_of, load_run_model
-from pyro_blora.training.methods import PriorTransfer, run_training
+from pyro_blora.training.continual import PriorTransfer
+from pyro_blora.training.methods import run_training
 from pyro_blora.posterior import read_posterior_config
 from pyro_blora.model.objective import analytic_kl
 from pyro_blora.posterior import load_posterior

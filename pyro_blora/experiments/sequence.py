@@ -48,7 +48,8 @@ from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, load_eval_sets
 from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
 from pyro_blora.data.training_data import TrainingData, load_training_data
 from pyro_blora.runs import base_model_of, finished
-from pyro_blora.training.methods import PriorTransfer, run_training
+from pyro_blora.training.continual import PriorTransfer
+from pyro_blora.training.methods import run_training
 from pyro_blora.report.plots import plot_matrix, save_figure
 from pyro_blora.report.tables import markdown_table, metric_cell
 from pyro_blora.base_models.loading import load_processor

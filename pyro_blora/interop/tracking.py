@@ -1,6 +1,6 @@
 """Experiment tracking: TensorBoard or MLflow, fed by the training loop's callbacks.
 
-A tracker is a callback of :func:`pyro_blora.training.loop.train` (``callbacks=[tracker]``). Every step
+A tracker is a callback of :func:`pyro_blora.training.svi.train` (``callbacks=[tracker]``). Every step
 it logs the record's scalars (``train/loss`` is the scaled negative ELBO, ``train/nll``,
 ``train/kl``, ``train/grad_norm``, ``train/lr``, ``eval/nll`` when evaluated); every ``every``
 steps (and at step 1) also the closed-form KL of the posterior from the prior in nats (``kl/total`` and
