@@ -25,7 +25,7 @@ from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start
 from pyro_blora.data import load_speech_dataset, prepare_dataset
 from pyro_blora.predict.decoding import generate, greedy_generate_kwargs
 from pyro_blora.model.encoder_window import encoder_input_frames
-from pyro_blora.predict.monte_carlo import UtteranceNLL, token_nll_per_utterance
+from pyro_blora.model.objective import UtteranceNLL, token_nll_per_utterance
 from pyro_blora.metrics import corpus_rate, language_error_counts
 
 __all__ = [
@@ -185,15 +185,10 @@ def _teacher_forced_ce(whisper, processor, eval_set: EvalSet, options: EvalOptio
 
 def _ce_fields(scored: UtteranceNLL) -> dict[str, Any]:
     """``ce`` per transcript token, ``prompt_ce`` per prompt token and ``ce_all_tokens`` over both."""
-    transcript, prompt = sum(scored.ce_tokens), sum(scored.prompt_tokens)
-    if transcript + prompt == 0:
-        raise ValueError("no label tokens to score: every label is padding (-100)")
-    fields: dict[str, Any] = {"ce_scope": CE_SCOPE,
-                              "ce_all_tokens": (sum(scored.ce_sum) + sum(scored.prompt_ce_sum)) / (transcript + prompt)}
-    if transcript:
-        fields["ce"] = sum(scored.ce_sum) / transcript
-    if prompt:
-        fields["prompt_ce"] = sum(scored.prompt_ce_sum) / prompt
+    fields: dict[str, Any] = {"ce_scope": CE_SCOPE, "ce_all_tokens": scored.mean("all")}
+    for name, tokens in (("ce", "transcript"), ("prompt_ce", "prompt")):
+        if scored.totals(tokens)[1]:
+            fields[name] = scored.mean(tokens)
     return fields
 
 
