@@ -1,28 +1,10 @@
 """Scoring models on test sets: error rates, transcript-token CE and language ID (``scoring``), and the
-quality of uncertainty estimates (``uncertainty``, ``payoff``)."""
+quality of uncertainty estimates (``uncertainty``, ``payoff``).
 
-from pyro_blora.evaluation.scoring import (
-    CE_SCOPE,
-    EvalOptions,
-    EvalSet,
-    all_token_ce,
-    ce_scope,
-    detects_language,
-    evaluate_whisper,
-    greedy_transcripts,
-    load_eval_sets,
-    relative_changes,
-)
+The package re-exports ``scoring``, which was the module ``pyro_blora.evaluation`` before the layout by
+pipeline stage, so old imports keep working."""
 
-__all__ = [
-    "CE_SCOPE",
-    "EvalOptions",
-    "EvalSet",
-    "all_token_ce",
-    "ce_scope",
-    "detects_language",
-    "evaluate_whisper",
-    "greedy_transcripts",
-    "load_eval_sets",
-    "relative_changes",
-]
+from pyro_blora.evaluation import scoring
+from pyro_blora.evaluation.scoring import *  # noqa: F401,F403
+
+__all__ = list(scoring.__all__)
