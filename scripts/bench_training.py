@@ -49,6 +49,7 @@ from pyro_blora.training.methods import _teacher_forced_loss  # noqa: E402
 from pyro_blora.model.objective import elbo_scaling  # noqa: E402
 from pyro_blora.training.loop import make_optimizer  # noqa: E402
 from pyro_blora.training.svi import _noisy_elbo_terms, svi_parameter_groups  # noqa: E402
+from pyro_blora.report.tables import markdown_table  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
 BLORA, PAPER, LORA = "BLoRA", "BLoRA, paper preset", "LoRA (peft)"
@@ -246,15 +247,18 @@ def main() -> None:
         return "; ".join(f"{name} / LoRA **{value:.3f}** (target <= {TARGETS[name]:.2f}, "
                          f"{'met' if value <= TARGETS[name] else 'not met'})" for name, value in ratios.items())
 
-    memory_rows = "\n".join(
-        f"| {name} | {memory[name]['peak_mb']:.0f} | {memory[name]['load']:.1f} | {memory[name]['threads']} |" for name in names)
-    profile_rows = "\n".join(
-        f"| {category} | " + " | ".join(f"{profiles[name]['seconds'][category]:.3f}" for name in names) + " |"
-        for category, _ in CATEGORIES)
-    count_rows = "\n".join(
-        f"| {name} | {profiles[name]['python_calls']} | {ops[name]['op_calls']} | {ops[name]['op_seconds']:.2f} | "
-        f"{ops[name]['matmul_attention_seconds']:.2f} | {profiles[name]['load']:.1f} / {ops[name]['load']:.1f} | {threads} |"
-        for name in names)
+    memory_table = markdown_table([
+        {"": name, "peak (MiB)": f"{memory[name]['peak_mb']:.0f}", "load (1 min)": f"{memory[name]['load']:.1f}",
+         "torch threads": memory[name]["threads"]} for name in names])
+    profile_table = markdown_table([
+        {"": category, **{name: f"{profiles[name]['seconds'][category]:.3f}" for name in names}}
+        for category, _ in CATEGORIES])
+    count_table = markdown_table([
+        {"": name, "Python calls": profiles[name]["python_calls"], "operator calls": ops[name]["op_calls"],
+         "operator time (s)": f"{ops[name]['op_seconds']:.2f}",
+         "of it matrix products and attention (s)": f"{ops[name]['matmul_attention_seconds']:.2f}",
+         "load (1 min): cProfile / profiler": f"{profiles[name]['load']:.1f} / {ops[name]['load']:.1f}",
+         "torch threads": threads} for name in names])
     body = f"""
 Three training steps on Whisper `{args.model}`, rank 32, alpha 64, q/k of every attention block, a batch
 of {args.batch} utterances (30 s windows, {args.precision}), on {device}: **BLoRA** (`BLoRAConfig(rank=32)`,
@@ -285,25 +289,19 @@ CPU time of this process per step (the same steps; less sensitive to other proce
 Peak memory of two steps above the memory after loading (each method in a fresh process; on CPU the
 resident set sampled every 2 ms, on CUDA `max_memory_allocated`):
 
-| | peak (MiB) | load (1 min) | torch threads |
-|---|---|---|---|
-{memory_rows}
+{memory_table}
 
 **Memory ratios:** {verdicts(memory_ratio)}.
 
 What one step does, counted (these counts do not depend on the machine's load; the seconds do): Python
 function calls (cProfile), torch operator calls and the time inside them (torch.profiler, one step each):
 
-| | Python calls | operator calls | operator time (s) | of it matrix products and attention (s) | load (1 min): cProfile / profiler | torch threads |
-|---|---|---|---|---|---|---|
-{count_rows}
+{count_table}
 
 Where one step spends its time (cProfile, own process CPU time per function, seconds; profiling inflates
 Python-heavy parts):
 
-| | {' | '.join(names)} |
-|---|{'---|' * len(names)}
-{profile_rows}
+{profile_table}
 
 GPU numbers (step time, utterances/s, share of peak FLOP/s) are not measured yet: no GPU was available
 for these runs; the script measures them unchanged on a CUDA machine.

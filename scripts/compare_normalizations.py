@@ -25,6 +25,7 @@ import torch
 
 import pyro_blora as pb
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id
+from pyro_blora.report.tables import markdown_table
 
 SETTINGS = {
     "dataset": dict(kl_normalization="dataset"),
@@ -101,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows)
     print(table)
     if args.markdown:
         args.markdown.write_text(f"Command: `python scripts/compare_normalizations.py {' '.join(argv or sys.argv[1:])}`\n\n{table}\n")
