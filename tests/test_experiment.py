@@ -164,7 +164,7 @@ def test_evaluation_writes_eval_json_with_relative_changes(workspace, runs):
 
 def test_per_utterance_records_add_up_to_the_aggregates(workspace):
     from pyro_blora.data import SpeechCollator, decoder_start_token_id
-    from pyro_blora.predict.monte_carlo import token_nll
+    from pyro_blora.model.objective import token_nll
 
     whisper, processor = load_whisper(workspace["model"])
     options = EvalOptions(batch_size=2, extra_new_tokens=2, progress=False)

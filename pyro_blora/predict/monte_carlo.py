@@ -21,7 +21,6 @@ from pyro_blora.predict.confidence import entropy_confidence
 from pyro_blora.predict.decoding import generate
 from pyro_blora.model.guide import BLoRAGuide
 # The teacher-forced cross-entropy lives with the objective; its names stay importable from here.
-from pyro_blora.model.objective import UtteranceNLL, token_nll, token_nll_per_utterance
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
 from pyro_blora.model.whisper import BLoRAWhisper
 
@@ -35,9 +34,6 @@ __all__ = [
     "sample_posterior",
     "monte_carlo_transcribe",
     "widest_sites",
-    "UtteranceNLL",
-    "token_nll",
-    "token_nll_per_utterance",
 ]
 
 

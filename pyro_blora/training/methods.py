@@ -34,7 +34,7 @@ from pyro_blora.data.training_data import TrainingData, load_training_data
 from pyro_blora.model.encoder_window import set_encoder_window, window_frames
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, evaluate_whisper
 from pyro_blora.model.guide import build_guide
-from pyro_blora.predict.monte_carlo import token_nll
+from pyro_blora.model.objective import token_nll
 from pyro_blora.model.injection import find_target_modules
 from pyro_blora.model.whisper import BLoRAWhisper, wrap_whisper
 from pyro_blora.model.objective import IGNORE_INDEX, ElboTerms, token_cross_entropy

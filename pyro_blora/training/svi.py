@@ -24,7 +24,7 @@ from pyro_blora.model.noise import local_noise
 from pyro_blora.model.objective import ElboTerms, elbo_scaling, elbo_terms
 from pyro_blora.model.recompute import gradient_checkpointing
 from pyro_blora.model.whisper import BLoRAWhisper
-from pyro_blora.predict.monte_carlo import token_nll
+from pyro_blora.model.objective import token_nll
 from pyro_blora.runs import RunFolder
 from pyro_blora.training import distributed
 from pyro_blora.training.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
