@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pyro_blora.report.summaries import load_run_weights, run_summary
 from pyro_blora.runs import find_runs, read_log
 from pyro_blora.cli import app
-from pyro_blora.commands.analysis import _values
+from pyro_blora.commands.options import comma_values
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.runs import load_run_model
 from pyro_blora.metrics import sparsity_report
@@ -234,7 +234,7 @@ def test_sweep_config_names_the_problem(changes, message):
 
 def test_bad_inputs_say_what_to_do(tmp_path):
     with pytest.raises(typer.BadParameter, match="comma-separated"):
-        _values("0.1,x", float, "--betas")
+        comma_values("0.1,x", float, "--betas")
     with pytest.raises(FileNotFoundError, match="pyro-blora train"):
         find_runs([tmp_path])
     assert markdown_table([{"a": 1.23456, "b": None}]) == "| a | b |\n|---|---|\n| 1.235 | - |"

@@ -18,6 +18,11 @@ from pyro_blora.commands.options import (
     RETAIN_HELP,
     RETAIN_SPLIT_HELP,
     TARGETS_HELP,
+    AlphaOption,
+    BetaOption,
+    KLNormalizationOption,
+    PriorScaleOption,
+    RankOption,
     adapter_default,
     budget_default,
     comma_values,
@@ -27,7 +32,7 @@ from pyro_blora.commands.options import (
     targets_default,
     training_default,
 )
-from pyro_blora.config import KL_NORMALIZATIONS, WEIGHT_NOISES, RetentionBudget, TrainConfig
+from pyro_blora.config import WEIGHT_NOISES, RetentionBudget, TrainConfig
 from pyro_blora.data.training_data import load_training_data
 from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
 from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
@@ -49,12 +54,8 @@ def train(
     split: str = typer.Option("train", help="split of --data to train on"),
     preset: str = typer.Option("default", help=PRESET_HELP),
     targets: Optional[str] = typer.Option(None, help=f"{TARGETS_HELP} {targets_default()}"),
-    rank: Optional[int] = typer.Option(None, help=adapter_default("rank")),
-    alpha: Optional[float] = typer.Option(None, help=adapter_default("alpha", none="2 * rank")),
-    prior_scale: Optional[float] = typer.Option(None, help=adapter_default("prior_scale")),
-    beta: Optional[float] = typer.Option(None, help=adapter_default("beta")),
-    kl_normalization: Optional[str] = typer.Option(None, help=f"{', '.join(KL_NORMALIZATIONS)} "
-                                                   f"{adapter_default('kl_normalization')}"),
+    rank: RankOption = None, alpha: AlphaOption = None, prior_scale: PriorScaleOption = None,
+    beta: BetaOption = None, kl_normalization: KLNormalizationOption = None,
     init_scale_a: Optional[str] = typer.Option(None, help="initial posterior std of A, or 'rho' for softplus(rho), "
                                                "rho ~ U(--init-rho-range) " + adapter_default("init_scale_A", none="rho")),
     init_scale_b: Optional[str] = typer.Option(None, help="the same for B " + adapter_default("init_scale_B", none="rho")),
