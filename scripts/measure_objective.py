@@ -25,7 +25,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_blora as pb
 from pyro_blora.report.tables import markdown_table
-from tests.tiny import TinyTask, collate, tiny_whisper
+from pyro_blora.base_models.tiny import TinyTask, collate, tiny_whisper
 
 TARGETS = (r".*_proj$", r".*fc\d$", r"proj_out")
 
