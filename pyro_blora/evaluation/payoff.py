@@ -8,6 +8,9 @@ the same model, ``run_training("lora")``'s adapter). Temperatures are fitted on 
 one per deterministic model. :func:`summarise_payoff` turns the records into error rates (MBR at each
 S against the posterior mean, with paired bootstrap intervals) and uncertainty reports (AUROC and
 selective area with intervals, ECE of each word confidence).
+
+:func:`run_payoff_study` is the whole study on a testbed, resumable (its LoRA baseline, trained to match
+the BLoRA run, comes from :mod:`pyro_blora.experiments.uncertainty`).
 """
 
 from __future__ import annotations
@@ -26,16 +29,22 @@ from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
 from pyro_blora.model.guide import BLoRAGuide
 from pyro_blora.predict.monte_carlo import minimum_bayes_risk, monte_carlo_transcribe, point_transcribe, widest_sites
-from pyro_blora.data.training_data import TrainingData
-from pyro_blora.runs import read_run_config
+from pyro_blora.data import load_speech_dataset
+from pyro_blora.data.training_data import TrainingData, load_training_data
+from pyro_blora.runs import WEIGHT_FOLDERS, load_for_transcription, read_run_config
+from pyro_blora.testbed import testbed_domains
 from pyro_blora.metrics.bootstrap import paired_bootstrap
 from pyro_blora.model.whisper import BLoRAWhisper
-from pyro_blora.predict.transcribe import Utterance
+from pyro_blora.predict.transcribe import Utterance, collect_utterances
 from pyro_blora.predict.transcripts import UtteranceTranscript, word_confidences
 from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty, utterance_errors
 
 __all__ = ["PayoffOptions", "decode_payoff_records", "dev_logits", "fit_model_temperatures", "lora_run_values",
-           "summarise_payoff", "write_records"]
+           "read_records", "run_payoff_study", "summarise_payoff", "write_records"]
+
+RECORDS_FILE = "utterances.jsonl"
+SUMMARY_FILE = "summary.json"
+TEMPERATURES_FILE = "temperatures.json"
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,8 @@ def lora_run_values(run_dir: str | Path, model: BLoRAWhisper) -> dict[str, torch
     method = read_run_config(run_dir)["run"]["method"]
     if method != "lora" or not (run_dir / "adapter").is_dir():
         raise ValueError(f"{run_dir} is not a finished lora run (method {method!r}); train the baseline with "
-                         "`pyro-blora train --method lora` on the same base and adapters")
+                         "`pyro-blora train --method lora` on the same base and adapters, or let "
+                         "scripts/evaluate_uncertainty.py --train-lora train it to match the blora run")
     return peft_site_values(run_dir / "adapter", model)
 
 
@@ -230,3 +240,64 @@ def write_records(records: Iterator[Mapping[str, Any]], path: Path, extra: Mappi
             handle.flush()
             count += 1
     return count
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records :func:`write_records` appended to ``path`` (none when it does not exist yet)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _split_exists(domain: Path, split: str) -> bool:
+    return split in load_speech_dataset(domain)
+
+
+def _dev_temperatures(model: BLoRAWhisper, models: Mapping[str, Mapping[str, torch.Tensor]], processor,
+                      domains: Sequence[Path], dev_clips: int, out: Path) -> dict[str, TemperatureFit]:
+    """The temperatures of the study in ``out`` (fitted once, on the first ``dev_clips`` dev utterances of
+    every domain that has a dev split, and kept in ``temperatures.json``)."""
+    path = out / TEMPERATURES_FILE
+    if path.exists():
+        return {name: TemperatureFit(**fit) for name, fit in json.loads(path.read_text()).items()}
+    if not dev_clips:
+        return {}
+    dev = [load_training_data(domain, processor, split="dev", cache_dir=out / "cache", limit=dev_clips)
+           for domain in domains if _split_exists(domain, "dev")]
+    if not dev:
+        raise ValueError("no domain of the testbed has a dev split to fit the temperatures on; pass dev_clips=0 "
+                         "(--dev-clips 0) for no temperature scaling")
+    fits = fit_model_temperatures(model, models, dev)
+    path.write_text(json.dumps({name: asdict(fit) for name, fit in fits.items()}, indent=2))
+    return fits
+
+
+def run_payoff_study(testbed: str | Path, posterior: str | Path, out: str | Path, options: PayoffOptions = PayoffOptions(),
+                     *, lora: str | Path | None = None, model: str | None = None, domains: Sequence[str] | None = None,
+                     clips_per_domain: int = 50, dev_clips: int = 50, bootstrap_samples: int = 2000) -> dict[str, Any]:
+    """The study of a posterior (a finished blora run or a posterior folder) against the LoRA
+    run ``lora`` (None: no baseline) on the first ``clips_per_domain`` test utterances of every testbed
+    domain (or of ``domains``), temperatures fitted on ``dev_clips`` dev utterances per domain (0: none).
+
+    Writes ``temperatures.json``, ``utterances.jsonl`` (appended utterance by utterance: a killed study
+    continues where it stopped) and ``summary.json`` into ``out``, and returns the summary. ``model``
+    replaces the base model the posterior records."""
+    testbed, out = Path(testbed), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    posterior = Path(posterior)
+    inside_run = posterior / WEIGHT_FOLDERS["blora"]
+    blora, guide, processor = load_for_transcription(inside_run if inside_run.is_dir() else posterior, model)
+    lora_values = lora_run_values(lora, blora) if lora is not None else None
+    names = list(domains) if domains else testbed_domains(testbed)
+    baselines = {"mean": guide.means(), **({"lora": lora_values} if lora_values is not None else {})}
+    fits = _dev_temperatures(blora, baselines, processor, [testbed / name for name in names], dev_clips, out)
+    records = out / RECORDS_FILE
+    done = {(row["domain"], row["id"]) for row in read_records(records)}
+    for name in names:
+        utterances = [u for u in collect_utterances(testbed / name, split="test", limit=clips_per_domain)
+                      if (name, u.id) not in done]
+        write_records(decode_payoff_records(blora, guide, processor, utterances, options, lora_values,
+                                            {k: fit.temperature for k, fit in fits.items()}), records, {"domain": name})
+    summary = summarise_payoff(read_records(records), options, fits, bootstrap_samples=bootstrap_samples)
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    return summary

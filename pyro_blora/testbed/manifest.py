@@ -14,7 +14,10 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["DATASET_COLUMNS", "save_domain", "split_statistics", "write_manifest", "write_card"]
+__all__ = ["DATASET_COLUMNS", "save_domain", "split_statistics", "testbed_domains", "write_manifest", "write_card"]
+
+# What `save_to_disk` writes into a DatasetDict's folder: how a testbed's domain folders are told apart.
+_DATASET_DICT_FILE = "dataset_dict.json"
 
 # Row fields stored in the datasets, in order; `embedded_runs` and `n_tokens` only feed the statistics.
 DATASET_COLUMNS = (
@@ -58,6 +61,14 @@ def save_domain(folder: Path, splits: Mapping[str, list[dict]]) -> Path:
         built[split] = dataset.cast_column("audio", datasets.Audio(sampling_rate=16_000))
     datasets.DatasetDict(built).save_to_disk(str(folder))
     return folder
+
+
+def testbed_domains(out_dir: str | Path) -> list[str]:
+    """The domains of a built testbed (its folders written by :func:`save_domain`), sorted by name."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"testbed folder {out_dir} does not exist; build one with `pyro-blora testbed --out {out_dir}`")
+    return sorted(p.name for p in out_dir.iterdir() if (p / _DATASET_DICT_FILE).is_file())
 
 
 def split_statistics(rows: list[dict]) -> dict:
