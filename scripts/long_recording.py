@@ -31,12 +31,10 @@ import soundfile
 
 
 def build(testbed: Path, domain: str, minutes: float, out: Path, seed: int) -> None:
-    import datasets
-
-    from pyro_blora.data import load_audio
+    from pyro_blora.data import load_audio, load_speech_dataset
     from pyro_blora.features import SAMPLING_RATE
 
-    rows = datasets.load_from_disk(str(testbed / domain))["test"].cast_column("audio", datasets.Audio(decode=False))
+    rows = load_speech_dataset(testbed / domain, split="test")
     rng = np.random.default_rng(seed)
     pieces, reference, position = [], [], 0.0
     for row in rows:
