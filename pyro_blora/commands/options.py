@@ -46,12 +46,12 @@ def shown(value: Any, none: str = "none") -> str:
     return str(value)
 
 
-def default_note(default: Any, paper: Any = _NOT_GIVEN, none: str = "none") -> str:
-    """``[default]``, or ``[default; paper: value]`` where the paper preset differs, escaped so that the
-    help renderer shows the brackets instead of reading them as markup."""
+def default_note(default: Any, other: Any = _NOT_GIVEN, none: str = "none", other_name: str = "paper") -> str:
+    """``[default]``, or ``[default; paper: value]`` where another preset (``other_name``) differs, escaped
+    so that the help renderer shows the brackets instead of reading them as markup."""
     text = shown(default, none)
-    if paper is not _NOT_GIVEN and paper != default:
-        text += f"; paper: {shown(paper, none)}"
+    if other is not _NOT_GIVEN and other != default:
+        text += f"; {other_name}: {shown(other, none)}"
     return escape(f"[{text}]")
 
 

@@ -7,16 +7,16 @@ from typing import Optional
 
 import typer
 
+from pyro_blora.commands.options import default_note
 from pyro_blora.testbed import BUILTIN_PAIRS, TestbedConfig, build_from_text, build_testbed
 
 DEFAULT_BUILD = TestbedConfig()
 SMALL_BUILD = TestbedConfig.small()
 
 
-def _sizes_help(field: str) -> str:
-    """The default of a (train, dev, test) field in the full and the --small build."""
-    return f"TRAIN DEV TEST [{' '.join(map(str, getattr(DEFAULT_BUILD, field)))}; " \
-           f"--small: {' '.join(map(str, getattr(SMALL_BUILD, field)))}]"
+def build_default(field: str) -> str:
+    """The default of a ``TestbedConfig`` field, and the --small build's where it differs."""
+    return default_note(getattr(DEFAULT_BUILD, field), getattr(SMALL_BUILD, field), other_name="--small")
 
 
 def testbed_config(small: bool, **options) -> TestbedConfig:
@@ -32,19 +32,18 @@ def testbed(
     overwrite: bool = typer.Option(False, help="replace an existing output folder"),
     small: bool = typer.Option(False, help="tiny sizes, for a smoke test"),
     pairs: Optional[list[str]] = typer.Option(None, help=f"language pair to build (repeat): among "
-                                              f"{', '.join(BUILTIN_PAIRS)} [{' '.join(DEFAULT_BUILD.pairs)}]"),
-    codeswitch_sizes: Optional[tuple[int, int, int]] = typer.Option(None, help="utterances of each code-switched "
-                                                                    "pair: " + _sizes_help("codeswitch_sizes")),
-    english_sizes: Optional[tuple[int, int, int]] = typer.Option(None, help="utterances of the English domain: "
-                                                                 + _sizes_help("english_sizes")),
+                                              f"{', '.join(BUILTIN_PAIRS)} {build_default('pairs')}"),
+    codeswitch_sizes: Optional[tuple[int, int, int]] = typer.Option(
+        None, help="utterances of each code-switched pair: TRAIN DEV TEST " + build_default("codeswitch_sizes")),
+    english_sizes: Optional[tuple[int, int, int]] = typer.Option(
+        None, help="utterances of the English domain: TRAIN DEV TEST " + build_default("english_sizes")),
     backward_languages: Optional[list[str]] = typer.Option(
-        None, "--backward-language", help=f"monolingual backward probe (repeat) "
-        f"[{' '.join(DEFAULT_BUILD.backward_languages)}; none: --backward-size 0]"),
-    backward_size: Optional[int] = typer.Option(None, help=f"test utterances per backward language "
-                                                f"[{DEFAULT_BUILD.backward_size}; --small: {SMALL_BUILD.backward_size}]"),
-    english_noise_fraction: Optional[float] = typer.Option(
-        None, help=f"share of English utterances with added noise [{DEFAULT_BUILD.english_noise_fraction}; "
-        f"--small: {SMALL_BUILD.english_noise_fraction}]"),
+        None, "--backward-language", help="monolingual backward probe (repeat; none: --backward-size 0) "
+        + build_default("backward_languages")),
+    backward_size: Optional[int] = typer.Option(None, help="test utterances per backward language "
+                                                + build_default("backward_size")),
+    english_noise_fraction: Optional[float] = typer.Option(None, help="share of English utterances with added noise "
+                                                           + build_default("english_noise_fraction")),
     text_file: Optional[Path] = typer.Option(None, exists=True, dir_okay=False, help="speak these transcripts (one per line) instead"),
     pair: str = typer.Option("en", help="language pair of --text-file, e.g. es-en, or en"),
 ) -> None:
