@@ -15,7 +15,7 @@ PACKAGE = ROOT / "pyro_blora"
 
 # Bottom to top, in pipeline order. A module may import its own floor and the floors below.
 FLOORS = (
-    ("config", "checkpoint", "features", "offline"),
+    ("config", "checkpoint", "features", "offline", "markdown"),
     ("base_models", "data", "testbed", "metrics"),
     ("model",),
     ("posterior",),

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from pyro_blora.report.summaries import PRIOR_METHODS, evaluation_fields, paired_intervals, run_summary
+from pyro_blora.report.summaries import PRIOR_METHODS, evaluation_fields, paired_intervals, run_summary, setting_name
 from pyro_blora.checkpoint import atomic_write_json, atomic_write_text
 from pyro_blora.config import KL_NORMALIZATIONS, BLoRAConfig, TrainConfig
 from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS
@@ -57,10 +57,7 @@ class SweepPoint:
     @property
     def setting(self) -> str:
         """The name without the seed: the runs of one setting over several seeds share it."""
-        parts = [self.method, f"r{self.rank}"]
-        if self.method in PRIOR_METHODS:
-            parts += [f"beta{self.beta:g}", f"sp{self.prior_scale:g}", str(self.kl_normalization)]
-        return "-".join(parts)
+        return setting_name(**asdict(self))
 
     @property
     def name(self) -> str:

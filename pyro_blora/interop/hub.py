@@ -18,6 +18,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from pyro_blora.markdown import markdown_table
 from pyro_blora.offline import HubUnavailableError
 
 __all__ = ["KINDS", "REQUIRED_FILES", "model_card", "push_to_hub", "stage_folder"]
@@ -45,8 +46,7 @@ model = PeftModel.from_pretrained(base, "{repo_id}")  # the BLoRA posterior mean
 ```""",
     "posterior": """```python
 from huggingface_hub import snapshot_download
-from pyro_blora.base_models.loading import load_whisper
-from pyro_blora.posterior import load_posterior
+from pyro_blora import load_posterior, load_whisper
 whisper, processor = load_whisper("{base_model}")
 model, guide = load_posterior(snapshot_download("{repo_id}"), whisper)
 ```
@@ -164,9 +164,8 @@ def model_card(
     if not results:
         lines.append("No measured results were found (result.json / eval.json).")
     for name, data in results.items():
-        lines += [f"From `{name}`:", "", "| metric | value |", "| --- | --- |"]
-        lines += [f"| {key} | {_format(value)} |" for key, value in _scalar_rows(data)]
-        lines.append("")
+        table = markdown_table([{"metric": key, "value": value} for key, value in _scalar_rows(data)])
+        lines += [f"From `{name}`:", "", table, ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -176,10 +175,6 @@ def _describe(kind: str) -> str:
         "peft": "posterior mean as a standard PEFT LoRA adapter",
         "posterior": "full Gaussian posterior over the adapters (means and standard deviations)",
     }[kind]
-
-
-def _format(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def stage_folder(folder: str | Path, staging: str | Path, card: str | None) -> Path:

@@ -42,6 +42,7 @@ from pyro_blora.report.summaries import (
     load_run_weights,
     paired_intervals,
     run_summary,
+    setting_name,
     sparsity_rows,
 )
 from pyro_blora.report.tables import (
@@ -185,15 +186,13 @@ def _paired_groups(paths: Sequence[Path], summaries: Sequence[Mapping[str, Any]]
     """Evaluated runs grouped by the base evaluation they are compared with (the given one, else each
     sweep's or main job's): {folder: (base eval, [(row with setting and seed, eval.json)])}. A run of
     a sweep takes its sweep setting, so that its seeds are pooled; any other run is its own setting."""
-    from pyro_blora.experiments.sweep import SweepPoint
-
     groups: dict[str, tuple[dict[str, Any], list]] = {}
     for path, summary in zip(paths, summaries):
         reference = base_evaluation(path, base)
         if "in_domain" not in summary or reference is None:
             continue
         run = read_run_config(path)["run"]
-        setting = SweepPoint(**run["point"]).setting if "point" in run else summary["run"]
+        setting = setting_name(**run["point"]) if "point" in run else summary["run"]
         key = "" if base is not None else str(path.parent.parent)
         groups.setdefault(key, (reference, []))[1].append(
             ({**summary, "setting": setting, "seed": run.get("seed", 0)}, read_eval(path)))

@@ -50,12 +50,22 @@ __all__ = [
     "monte_carlo_examples",
     "paired_intervals",
     "run_summary",
+    "setting_name",
     "scaled_evaluations",
     "sparsity_rows",
 ]
 
 # Methods whose objective has the prior: β, σp and the KL normalisation act only on these.
 PRIOR_METHODS = ("blora", "map")
+
+
+def setting_name(method: str, rank: int, beta: float | None = None, prior_scale: float | None = None,
+                 kl_normalization: str | None = None, seed: int = 0) -> str:  # noqa: ARG001 - a sweep point's fields
+    """A sweep setting's name, without the seed: the runs of one setting over several seeds share it."""
+    parts = [method, f"r{rank}"]
+    if method in PRIOR_METHODS:
+        parts += [f"beta{beta:g}", f"sp{prior_scale:g}", str(kl_normalization)]
+    return "-".join(parts)
 # The pools of weights whose sparsity is measured, and the four statistics measured on each.
 MATRICES = ("A", "B", "dW")
 STATISTICS = ("thresh_fraction", "adaptive_thresh_fraction", "top_energy_share", "hoyer_index")

@@ -1,6 +1,8 @@
-"""Markdown tables: the one formatter every page and printed table goes through, the formats of its
-cells, and the CSV/JSON twin of a results table. One formatter, so that a committed table regenerates
-byte for byte from its run folders (``scripts/regenerate_results.py``)."""
+"""Report tables: the formats of their cells, evaluation tables, and the CSV/JSON twin of a results table.
+
+Every table goes through the one formatter, :func:`pyro_blora.markdown.markdown_table` (re-exported
+here), so that a committed table regenerates byte for byte from its run folders
+(``scripts/regenerate_results.py``)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pyro_blora.checkpoint import atomic_write_text
+from pyro_blora.markdown import cell, markdown_table
 from pyro_blora.evaluation.scoring import ce_scope, relative_changes
 from pyro_blora.metrics import Interval
 from pyro_blora.metrics.bootstrap import DEFAULT_SAMPLES
@@ -56,27 +59,6 @@ _CE_METRICS = ("ce", "ce_all_tokens", "prompt_ce")
 
 
 # ----------------------------------------------------------------------------------- the formatter
-def cell(value: Any) -> str:
-    """``-`` for a missing value (None, NaN), four significant digits for a float, else ``str``."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
-                   aligned: bool = False) -> str:
-    """A GitHub Markdown table of ``rows`` (columns: given, or every key in first-seen order).
-    ``aligned`` pads every column to its widest cell, so that the table also reads in a terminal."""
-    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
-    body = [[cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(text) for text in [c, *(r[i] for r in body)]) if aligned else 0 for i, c in enumerate(columns)]
-    rule = "|" + "|".join("-" * max(3, w + 2) for w in widths) + "|" if aligned else "|" + "---|" * len(columns)
-    lines = ["| " + " | ".join(text.ljust(w) for text, w in zip(cells, widths)) + " |" for cells in [columns, *body]]
-    return "\n".join([lines[0], rule, *lines[1:]])
-
-
 def write_rows(rows: Sequence[Mapping[str, Any]], stem: str | Path) -> tuple[Path, Path]:
     """``<stem>.csv`` and ``<stem>.json`` of a results table, each written whole (atomically)."""
     stem = Path(stem)

@@ -14,6 +14,8 @@ from typing import Mapping
 
 import numpy as np
 
+from pyro_blora.markdown import markdown_table
+
 __all__ = ["DATASET_COLUMNS", "save_domain", "split_statistics", "testbed_domains", "write_manifest", "write_card"]
 
 # What `save_to_disk` writes into a DatasetDict's folder: how a testbed's domain folders are told apart.
@@ -159,8 +161,6 @@ statistics below.
 `words/switch` is the mean length in tokens of an embedded stretch; `English tokens` is the token-weighted
 share of embedded (English) tokens.
 
-| domain | split | what | utterances | hours | templates | voices | noisy | switches/utt | words/switch | English tokens |
-|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 _CARD_TAIL = """
@@ -203,14 +203,14 @@ def write_card(
         pitches=settings["espeak_pitch"], gaps=settings["segment_gap_s"], snrs=settings["noise_snr_db"],
     )
     config_text = "TestbedConfig(" + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ")"
-    lines = []
-    for domain, splits in _statistics(rows).items():
-        for split, s in splits.items():
-            lines.append(
-                f"| {domain} | {split} | {descriptions.get(domain, '')} | {s['utterances']} | {s['hours']:.3f} | "
-                f"{s['templates']} | {s['voices']} | {s['noisy_fraction']:.2f} | {s['switches_per_utterance']:.2f} | "
-                f"{s['words_per_switch']:.2f} | {s['embedded_token_fraction']:.3f} |"
-            )
+    table = [
+        {"domain": domain, "split": split, "what": descriptions.get(domain, ""), "utterances": s["utterances"],
+         "hours": f"{s['hours']:.3f}", "templates": s["templates"], "voices": s["voices"],
+         "noisy": f"{s['noisy_fraction']:.2f}", "switches/utt": f"{s['switches_per_utterance']:.2f}",
+         "words/switch": f"{s['words_per_switch']:.2f}", "English tokens": f"{s['embedded_token_fraction']:.3f}"}
+        for domain, splits in _statistics(rows).items() for split, s in splits.items()
+    ]
+    lines = [markdown_table(table)]
     speed = "".join(
         f"\n- {engine}: {t['audio_s']:.0f} s of audio in {t['wall_s']:.0f} s ({t['x_real_time']:.0f}x real time)"
         for engine, t in sorted((timing or {}).items())
