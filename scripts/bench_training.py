@@ -45,10 +45,10 @@ from pyro_blora import BLoRAConfig, TrainConfig, build_guide, load_whisper, wrap
 from pyro_blora.config import DEFAULT_TARGETS  # noqa: E402
 from pyro_blora.training.distributed import default_device  # noqa: E402
 from pyro_blora.model.injection import find_target_modules  # noqa: E402
-from pyro_blora.training.methods import _teacher_forced_loss  # noqa: E402
+from pyro_blora.training.methods import teacher_forced_loss  # noqa: E402
 from pyro_blora.model.objective import elbo_scaling  # noqa: E402
 from pyro_blora.training.loop import make_optimizer  # noqa: E402
-from pyro_blora.training.svi import _noisy_elbo_terms, svi_parameter_groups  # noqa: E402
+from pyro_blora.training.svi import noisy_elbo_terms, svi_parameter_groups  # noqa: E402
 from pyro_blora.report.tables import markdown_table  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
@@ -82,7 +82,7 @@ def blora_step(model_name: str, batch_size: int, device, precision: str, paper: 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = _noisy_elbo_terms(model, guide, batch, train_config).loss
+            loss = noisy_elbo_terms(model, guide, batch, train_config).loss
         loss.backward()
         optimizer.step()
     return step
@@ -104,7 +104,7 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = _teacher_forced_loss(whisper, batch).loss
+            loss = teacher_forced_loss(whisper, batch).loss
         loss.backward()
         optimizer.step()
     return step

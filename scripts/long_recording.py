@@ -59,7 +59,7 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
 
     from pyro_blora.data import load_audio
     from pyro_blora.features import log_mel_features, long_form_features
-    from pyro_blora.predict.monte_carlo import _with_language, point_transcribe
+    from pyro_blora.predict.monte_carlo import with_language, point_transcribe
     from pyro_blora.predict.longform import long_form_decode
     from pyro_blora.metrics import error_rate
     from pyro_blora.predict.transcripts import read_jsonl
@@ -76,7 +76,7 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
 
     # Long-form with the posterior mean alone, timed.
     features, mask = long_form_features(processor.feature_extractor, [audio])
-    kwargs = _with_language(model, None, language)
+    kwargs = with_language(model, None, language)
     start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad(), model.hold_adapters(guide.means()):
         [mean] = long_form_decode(model.whisper, processor.tokenizer, features, mask, kwargs)

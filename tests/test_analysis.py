@@ -323,11 +323,11 @@ def test_frontier_draws_one_line_per_run_from_the_base_point(tmp_path):
 
 
 def test_sweep_preset_paper_builds_its_configs_from_the_paper_classmethods(workspace, monkeypatch):
-    import pyro_blora.experiments.sweep
+    import pyro_blora.commands.analysis
     from pyro_blora.config import DEFAULT_TARGETS, TrainConfig
 
     calls = {}
-    monkeypatch.setattr(pyro_blora.experiments.sweep, "run_sweep", lambda grid, *args, **kwargs: calls.update(grid=grid, **kwargs))
+    monkeypatch.setattr(pyro_blora.commands.analysis, "run_sweep", lambda grid, *args, **kwargs: calls.update(grid=grid, **kwargs))
     invoke("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--model",
            workspace["model"], "--domains", "zh-en", "--preset", "paper", "--betas", "0.5", "--steps", "3",
            "--encoder-window", "10", "--delta-scales", "0.5,1", "--ce-only-scales", "0.2", "--cache-dir",

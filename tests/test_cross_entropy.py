@@ -16,7 +16,7 @@ from pyro_blora import BLoRAConfig, ElboScaling, build_guide, wrap_whisper
 from pyro_blora.evaluation.scoring import _ce_fields
 from pyro_blora.model.objective import token_cross_entropy, token_nll, token_nll_per_utterance
 from pyro_blora.training.budget import transcript_ce
-from pyro_blora.training.methods import _teacher_forced_loss
+from pyro_blora.training.methods import teacher_forced_loss
 from tests.tiny import TinyTask, collate, tiny_whisper
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pyro_blora"
@@ -42,7 +42,7 @@ def scored():
 def test_training_evaluation_and_budget_agree_on_one_batch(scored):
     model, batch, transcript = scored
     whisper = model.whisper
-    training = _teacher_forced_loss(whisper, batch)
+    training = teacher_forced_loss(whisper, batch)
     with torch.no_grad():
         per_token = token_cross_entropy(whisper, batch)
     evaluation = _ce_fields(token_nll_per_utterance(whisper, [batch]))

@@ -32,7 +32,7 @@ from typing import Any, Iterator, Literal, Mapping
 import torch
 
 from pyro_blora.model.guide import BLoRAGuide
-from pyro_blora.predict.monte_carlo import _with_language, minimum_bayes_risk, sample_posterior
+from pyro_blora.predict.monte_carlo import with_language, minimum_bayes_risk, sample_posterior
 from pyro_blora.model.whisper import BLoRAWhisper
 
 __all__ = [
@@ -208,7 +208,7 @@ def monte_carlo_long_form(
     batch as it goes, so rows cannot carry one adapter draw each as the short-form vectorised pass does."""
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
-    kwargs = _with_language(model, generate_kwargs, language)
+    kwargs = with_language(model, generate_kwargs, language)
     model.eval()
     draws = sample_posterior(guide, num_samples)
     per_draw = []

@@ -34,6 +34,7 @@ __all__ = [
     "sample_posterior",
     "monte_carlo_transcribe",
     "widest_sites",
+    "with_language",
 ]
 
 
@@ -123,7 +124,7 @@ class MonteCarloTranscript:
         return asdict(self)
 
 
-def _with_language(model: BLoRAWhisper, generate_kwargs: Mapping | None, language: str | None) -> dict:
+def with_language(model: BLoRAWhisper, generate_kwargs: Mapping | None, language: str | None) -> dict:
     """``generate`` keyword arguments with the language, for multilingual checkpoints only: English-only
     ones refuse a language argument (the language still selects the scoring unit)."""
     kwargs = dict(generate_kwargs or {})
@@ -267,7 +268,7 @@ def point_transcribe(
 
 
 def _point_decode(model, adapter_values, input_features, language, generate_kwargs, temperature=None) -> _Decoded:
-    generate_kwargs = _with_language(model, generate_kwargs, language)
+    generate_kwargs = with_language(model, generate_kwargs, language)
     model.eval()
     with model.hold_adapters(adapter_values):
         return _decode(model, input_features, generate_kwargs, temperature)
@@ -309,7 +310,7 @@ def monte_carlo_transcribe(
     """
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
-    generate_kwargs = _with_language(model, generate_kwargs, language)
+    generate_kwargs = with_language(model, generate_kwargs, language)
     model.eval()
     samples = sample_posterior(guide, num_samples, temperature=posterior_temperature, sites=sampled_sites)
     batch = input_features.shape[0]

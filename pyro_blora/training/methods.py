@@ -58,7 +58,9 @@ __all__ = [
     "TrainingData",
     "load_training_data",
     "run_training",
+    "teacher_forced_loss",
 ]
+
 
 def _curve(sets: Mapping[str, EvalSet] | None, options: EvalOptions, processor,
            model_for_eval: Callable[[], Any]) -> Callable[[], dict[str, float]] | None:
@@ -91,7 +93,7 @@ class _TrainableState:
             params[name].copy_(value)
 
 
-def _teacher_forced_loss(whisper: WhisperForConditionalGeneration, batch: Mapping) -> ElboTerms:
+def teacher_forced_loss(whisper: WhisperForConditionalGeneration, batch: Mapping) -> ElboTerms:
     """Mean token cross-entropy: the NLL term of the other methods' objective, with no KL."""
     nll = token_cross_entropy(whisper, batch, reduction="mean")
     num_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
@@ -261,7 +263,7 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
                   for n, p in named.items() if method != "lora" or ".lora_B." in n}
         tracker = BudgetTracker(budget, retention, parameter_update(whisper, named, origin), train_config.steps)
     optimization = Optimization(
-        objective=lambda batch: _teacher_forced_loss(whisper, batch),
+        objective=lambda batch: teacher_forced_loss(whisper, batch),
         stateful={"trainable": _TrainableState(trainable), **({"budget": tracker} if tracker is not None else {})},
         optimizer=make_optimizer(params, train_config),
         config=train_config,

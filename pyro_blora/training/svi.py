@@ -39,7 +39,7 @@ from pyro_blora.training.loop import (
     run_steps,
 )
 
-__all__ = ["PosteriorCollapseWarning", "svi_parameter_groups", "train"]
+__all__ = ["PosteriorCollapseWarning", "noisy_elbo_terms", "svi_parameter_groups", "train"]
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -62,7 +62,7 @@ def _posterior_nll(model: BLoRAWhisper, guide: BLoRAGuide, batches: Sequence[Map
         return token_nll(model.whisper, batches)
 
 
-def _noisy_elbo_terms(model: BLoRAWhisper, guide, batch: Mapping, config: TrainConfig) -> ElboTerms:
+def noisy_elbo_terms(model: BLoRAWhisper, guide, batch: Mapping, config: TrainConfig) -> ElboTerms:
     """One ELBO estimate under the configured weight noise (pyro_blora.model.noise)."""
     with local_noise(config.weight_noise):
         return elbo_terms(model, guide, batch, config.estimator, config.num_particles)
@@ -144,7 +144,7 @@ def train(
     if budget is not None:
         tracker = BudgetTracker(budget, retention.to(device), posterior_update(model, guide), config.steps, model=model)
     optimization = Optimization(
-        objective=lambda batch: _noisy_elbo_terms(model, guide, batch, config),
+        objective=lambda batch: noisy_elbo_terms(model, guide, batch, config),
         stateful={"guide": guide, **({"budget": tracker} if tracker is not None else {})},
         optimizer=make_optimizer(svi_parameter_groups(guide, config), config),
         config=config,
