@@ -22,14 +22,12 @@ from pyro_blora.experiments.sequence import (
     STRATEGIES,
     SequenceConfig,
     SequenceResult,
-    average_final,
-    backward_transfer,
-    forgetting,
     matrix_page,
     plan_sequence,
     run_sequence,
     write_comparison,
 )
+from pyro_blora.metrics.continual import average_final, backward_transfer, forgetting
 from pyro_blora.report.plots import plot_matrix
 from pyro_blora.base_models.loading import load_processor, load_whisper
 from tests.experiment_fixtures import sequence_testbed, small_whisper_folder

@@ -34,17 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
-
-import numpy as np
 
 from pyro_blora.checkpoint import atomic_write_json, atomic_write_text
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, load_eval_sets
+from pyro_blora.metrics.continual import sequence_metrics
 from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
 from pyro_blora.data.training_data import TrainingData, load_training_data
 from pyro_blora.runs import base_model_of, finished
@@ -60,15 +58,11 @@ __all__ = [
     "SequenceConfig",
     "SequenceResult",
     "SequenceStep",
-    "average_final",
-    "backward_transfer",
     "comparison_page",
-    "forgetting",
     "matrix_page",
     "order_name",
     "plan_sequence",
     "run_sequence",
-    "sequence_metrics",
     "with_replay",
     "write_comparison",
 ]
@@ -220,40 +214,6 @@ def with_replay(current: TrainingData, earlier: Mapping[str, TrainingData], size
     mixed = datasets.concatenate_datasets([part.with_format(None) for part in parts])
     names = ", ".join(f"{domain}:{min(size, len(data))}" for domain, data in earlier.items())
     return TrainingData(PreparedSpeechDataset(mixed), current.collate, f"{current.source} + replay({names})", current.split)
-
-
-# ----------------------------------------------------------------------------------- metrics
-def average_final(matrix: Sequence[Sequence[float]]) -> float:
-    """Mean error over every evaluated domain after the last step."""
-    return float(np.mean(matrix[-1]))
-
-
-def backward_transfer(matrix: Sequence[Sequence[float]], learned_at: Sequence[int]) -> float:
-    """BWT: the mean, over domains learned before the last step, of error after the last step minus
-    error right after the domain was learned (original domains: minus the start model's error).
-
-    Sign convention for error rates (and CE): positive = forgetting, negative = later steps helped.
-    ``matrix[i][j]`` is the error on domain j after step i (row 0: the start model)."""
-    last = len(matrix) - 1
-    changes = [matrix[last][j] - matrix[t][j] for j, t in enumerate(learned_at) if t < last]
-    return float(np.mean(changes)) if changes else math.nan
-
-
-def forgetting(matrix: Sequence[Sequence[float]], learned_at: Sequence[int]) -> list[float | None]:
-    """Per domain: error after the last step minus the best (lowest) error it had from the step it was
-    learned up to the step before last; None for the domain learned at the last step. Positive = forgotten."""
-    last = len(matrix) - 1
-    return [None if t >= last else float(matrix[last][j] - min(matrix[i][j] for i in range(t, last)))
-            for j, t in enumerate(learned_at)]
-
-
-def sequence_metrics(matrix: Sequence[Sequence[float]], columns: Sequence[str], learned_at: Sequence[int]) -> dict[str, Any]:
-    """Average final error, BWT and forgetting per domain of one matrix."""
-    return {
-        "average_final": average_final(matrix),
-        "bwt": backward_transfer(matrix, learned_at),
-        "forgetting": dict(zip(columns, forgetting(matrix, learned_at))),
-    }
 
 
 @dataclass
