@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pyro_blora.checkpoint import atomic_write_json
+from pyro_blora.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_safetensors
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.model.guide import BLoRAGuide
 from pyro_blora.model.objective import token_nll
@@ -148,7 +149,7 @@ def export_peft(
     for site, value in means.items():
         path, leaf = module_path(site)
         tensors[f"base_model.model.{path}.{leaf}.weight"] = value.float().cpu().contiguous()
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    atomic_write_safetensors(folder / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
     config = LoraConfig(
         r=model.config.rank,
         lora_alpha=lora_alpha(model),
@@ -158,7 +159,9 @@ def export_peft(
         base_model_name_or_path=base_model_name_or_path,
         inference_mode=True,
     )
-    config.save_pretrained(str(folder))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".adapter-config-") as staging:
+        config.save_pretrained(staging)  # peft's own serialisation, then one atomic rename, written last
+        atomic_write_bytes(folder / ADAPTER_CONFIG, (Path(staging) / ADAPTER_CONFIG).read_bytes())
     return report
 
 
