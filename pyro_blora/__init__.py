@@ -1,16 +1,17 @@
 """pyro-blora: Bayesian low-rank adaptation of Whisper with Pyro."""
 
-from pyro_blora.adapters import BayesianLoRALinear, lora_delta_weight
-from pyro_blora.budget import RetentionSet
+from pyro_blora.model.adapters import BayesianLoRALinear, lora_delta_weight
+from pyro_blora.training.budget import RetentionSet
 from pyro_blora.config import BLoRAConfig, RetentionBudget, TrainConfig
 from pyro_blora.data import DataReport, load_audio, load_speech_dataset, make_dataloader, prepare_dataset
-from pyro_blora.distributed import DistributedContext, distributed_session, init_distributed
-from pyro_blora.encoder_window import set_encoder_window
-from pyro_blora.evaluation import EvalOptions, evaluate_whisper, load_eval_sets
-from pyro_blora.experiment import MainJobConfig, run_evaluation, run_main_job
+from pyro_blora.training.distributed import DistributedContext, distributed_session, init_distributed
+from pyro_blora.model.encoder_window import set_encoder_window
+from pyro_blora.evaluation.scoring import EvalOptions, evaluate_whisper, load_eval_sets
+from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
+from pyro_blora.experiments.step import run_evaluation
 from pyro_blora.features import log_mel_features
-from pyro_blora.guide import BLoRAGuide, BLoRAMAPGuide, build_guide
-from pyro_blora.inference import (
+from pyro_blora.model.guide import BLoRAGuide, BLoRAMAPGuide, build_guide
+from pyro_blora.predict.monte_carlo import (
     MonteCarloTranscript,
     PointTranscript,
     minimum_bayes_risk,
@@ -18,7 +19,6 @@ from pyro_blora.inference import (
     point_transcribe,
     posterior_mean_model,
     sample_posterior,
-    token_nll,
 )
 from pyro_blora.metrics import (
     ErrorCounts,
@@ -33,27 +33,26 @@ from pyro_blora.metrics import (
     utterance_error_rates,
     wer,
 )
-from pyro_blora.methods import METHODS, base_model_of, load_run_model, load_training_data, run_finished, run_training
-from pyro_blora.model import BLoRAWhisper, wrap_whisper
-from pyro_blora.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms
-from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.runs import METHODS, base_model_of, load_run_model
+from pyro_blora.runs import finished as run_finished
+from pyro_blora.training.methods import run_training
+from pyro_blora.model.whisper import BLoRAWhisper, wrap_whisper
+from pyro_blora.model.objective import ElboScaling, analytic_kl, elbo_scaling, elbo_terms, token_nll
+from pyro_blora.interop.peft import blora_config_from_peft, export_peft, import_peft
 from pyro_blora.posterior import load_posterior, save_posterior
-from pyro_blora.recompute import gradient_checkpointing
-from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
-from pyro_blora.sequential import (
-    STRATEGIES,
-    SequenceConfig,
-    SequenceResult,
-    backward_transfer,
-    forgetting,
-    run_sequence,
-    sequence_metrics,
-)
-from pyro_blora.transcribe import TranscribeOptions, UtteranceTranscript, WordConfidence, transcribe, word_confidences
-from pyro_blora.uncertainty import UncertaintyReport, evaluate_uncertainty
-from pyro_blora.training import NonFiniteLossError, PosteriorCollapseWarning, TrainingInterrupted, TrainResult, train
-from pyro_blora.validation import EnglishOnlyModelError, check_language
-from pyro_blora.weights import HubUnavailableError, export_ctranslate2, load_processor, load_whisper
+from pyro_blora.model.recompute import gradient_checkpointing
+from pyro_blora.posterior import export_posterior_tensors, read_posterior_tensors
+from pyro_blora.experiments.sequence import STRATEGIES, SequenceConfig, SequenceResult, run_sequence
+from pyro_blora.metrics.continual import backward_transfer, forgetting, sequence_metrics
+from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
+from pyro_blora.predict.transcripts import UtteranceTranscript, WordConfidence, word_confidences
+from pyro_blora.evaluation.uncertainty import UncertaintyReport, evaluate_uncertainty
+from pyro_blora.training.loop import NonFiniteLossError, TrainingInterrupted, TrainResult
+from pyro_blora.training.svi import PosteriorCollapseWarning, train
+from pyro_blora.data.labels import EnglishOnlyModelError, check_language
+from pyro_blora.offline import HubUnavailableError
+from pyro_blora.base_models.loading import export_ctranslate2, load_processor, load_whisper
 
 __all__ = [
     "DistributedContext",

@@ -1,4 +1,5 @@
-"""Crash-safe checkpoints: atomic writes, the last K kept, every RNG captured."""
+"""Crash-safe files: the one atomic writer (bytes, JSON, text, safetensors), checkpoints with the last K kept,
+every RNG captured."""
 
 from __future__ import annotations
 
@@ -15,7 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "capture_rng", "restore_rng", "CheckpointDir"]
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_safetensors",
+    "atomic_write_text",
+    "capture_rng",
+    "restore_rng",
+    "CheckpointDir",
+]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -54,6 +63,17 @@ def _fsync_folder(folder: Path) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file written whole or not at all (``metadata`` is its header)."""
+    from safetensors.torch import save
+
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def capture_rng() -> dict[str, Any]:

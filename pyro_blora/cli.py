@@ -11,7 +11,6 @@ traceback of expected failures too.
 
 from __future__ import annotations
 
-import importlib
 import traceback
 from pathlib import Path
 
@@ -22,6 +21,9 @@ try:  # typer vendors its own click since 0.2x; its exceptions are not click's
     from typer._click import exceptions as click_exceptions
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_exceptions
+
+from pyro_blora.commands import analysis, experiment, interop, sequential, testbed, transcribe
+from pyro_blora.offline import HubUnavailableError
 
 EXIT_USAGE = 2
 DEBUG_ENV = "PYRO_BLORA_DEBUG"
@@ -40,8 +42,6 @@ def _raised_by_this_library(error: BaseException) -> bool:
 
 def expected_failure(error: BaseException) -> bool:
     """Errors shown as one line: missing files and folders, the library's own ValueError/KeyError/OSError checks."""
-    from pyro_blora.weights import HubUnavailableError
-
     if isinstance(error, (*_EXPECTED, HubUnavailableError)):
         return True
     return isinstance(error, (ValueError, KeyError, OSError, ModuleNotFoundError)) and _raised_by_this_library(error)
@@ -95,17 +95,11 @@ def _options(
     """Bayesian low-rank adaptation of Whisper with Pyro."""
 
 
-COMMAND_MODULES = (
-    "pyro_blora.commands.testbed",
-    "pyro_blora.commands.experiment",
-    "pyro_blora.commands.sequential",
-    "pyro_blora.commands.interop",
-    "pyro_blora.commands.analysis",
-    "pyro_blora.commands.transcribe",
-)
+# In the order `--help` lists their commands.
+COMMAND_MODULES = (testbed, experiment, sequential, interop, analysis, transcribe)
 
 for _module in COMMAND_MODULES:
-    importlib.import_module(_module).register(app)
+    _module.register(app)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -11,23 +11,47 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
+    "ALL_LINEAR_TARGETS",
+    "ATTENTION_TARGETS",
     "DEFAULT_TARGETS",
     "KL_NORMALIZATIONS",
+    "TARGET_PRESETS",
     "WEIGHT_NOISES",
     "BLoRAConfig",
     "BUDGET_KINDS",
+    "ElboScaling",
     "RetentionBudget",
     "TrainConfig",
+    "target_patterns",
 ]
 
 # q and k projections of every attention block: encoder self-attention, decoder
 # self-attention and decoder cross-attention (the paper's choice).
 DEFAULT_TARGETS: tuple[str, ...] = (r".*\.q_proj$", r".*\.k_proj$")
+# Every projection (q, k, v, out) of every attention block.
+ATTENTION_TARGETS: tuple[str, ...] = (r".*layers\.\d+\.(self_attn|encoder_attn)\.(q|k|v|out)_proj$",)
+# Every linear layer of the attention and feed-forward blocks of encoder and decoder. LoRA on these
+# forgets visibly on the testbed (q/k-only LoRA at this scale barely does).
+ALL_LINEAR_TARGETS: tuple[str, ...] = (*ATTENTION_TARGETS, r".*layers\.\d+\.fc[12]$")
+# Names the command line and the experiments accept for `target_modules` (see `target_patterns`).
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "qk": DEFAULT_TARGETS,
+    "attention": ATTENTION_TARGETS,
+    "all-linear": ALL_LINEAR_TARGETS,
+}
 
 KL_NORMALIZATIONS = ("dataset", "token", "parameter", "matrix")
 KLNormalization = Literal["dataset", "token", "parameter", "matrix"]
 WEIGHT_NOISES = ("shared", "flipout", "lrt")
 BUDGET_KINDS = ("relative", "absolute")
+
+
+def target_patterns(targets: str | tuple[str, ...]) -> tuple[str, ...]:
+    """``BLoRAConfig.target_modules`` from a preset name of ``TARGET_PRESETS`` or one regular expression
+    (a tuple of patterns is kept), so that every entry point reads a name the same way."""
+    if not isinstance(targets, str):
+        return tuple(targets)
+    return TARGET_PRESETS.get(targets, (targets,))
 
 
 @dataclass(frozen=True)
@@ -45,7 +69,7 @@ class BLoRAConfig:
     prior_scale: float = 0.01
     # Weight beta on the KL term of the ELBO (the paper: 0.5). Must be > 0.
     beta: float = 0.5
-    # How the likelihood and the KL are normalised (see pyro_blora.objective):
+    # How the likelihood and the KL are normalised (see pyro_blora.model.objective):
     #   "dataset"   textbook ELBO: sum of token NLL over the data set + beta * KL;
     #   "token"     the same divided by the number of training tokens (identical optimum);
     #   "parameter" mean token NLL + beta * KL / (number of adapter parameters);
@@ -130,6 +154,44 @@ class BLoRAConfig:
 
 
 @dataclass(frozen=True)
+class ElboScaling:
+    """The two factors of the objective: on the token log-likelihood and on the adapter sites.
+
+    Lives with the options rather than with the ELBO so that the model, which carries one, and the
+    objective, which builds one from a :class:`BLoRAConfig`, need not import each other."""
+
+    # Size N of the plate over utterances: the batch likelihood is scaled by N / B.
+    num_utterances: int
+    # Further factor on the likelihood (1 / T for the "token" and "parameter" normalisations).
+    likelihood: float
+    # Weight on the adapter sites in the model and in the guide, i.e. on the KL: beta / Z.
+    kl: float
+    normalization: str = "dataset"
+    # Divide each adapter matrix's KL further by its number of entries ("matrix" normalisation).
+    per_matrix: bool = False
+    # The beta that ``kl`` was computed from (None: not known, so beta cannot be changed).
+    beta: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_utterances <= 0:
+            raise ValueError(f"num_utterances must be > 0, got {self.num_utterances}")
+        if not (self.likelihood > 0 and self.kl > 0):
+            raise ValueError(f"likelihood and kl scales must be > 0, got {self.likelihood}, {self.kl}")
+
+    def with_beta(self, beta: float) -> "ElboScaling":
+        """The same objective with the KL weighted by ``beta`` instead (kl rescaled by beta / self.beta)."""
+        if self.beta is None:
+            raise ValueError("this ElboScaling does not record its beta; build it with elbo_scaling(...) or give beta=")
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta!r}")
+        return dataclasses.replace(self, kl=self.kl * beta / self.beta, beta=float(beta))
+
+    def site_weight(self, num_entries: int) -> float:
+        """The KL weight of one adapter matrix with ``num_entries`` entries."""
+        return self.kl / num_entries if self.per_matrix else self.kl
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How stochastic variational inference is run."""
 
@@ -151,7 +213,7 @@ class TrainConfig:
     num_particles: int = 1
     # "trace": Trace_ELBO (Monte Carlo KL); "analytic": closed-form Gaussian KL (mean-field).
     estimator: Literal["trace", "analytic"] = "trace"
-    # How the likelihood sees the posterior's noise (pyro_blora.noise): "shared" draws one A and B
+    # How the likelihood sees the posterior's noise (pyro_blora.model.noise): "shared" draws one A and B
     # per batch (plain reparameterisation); "flipout" gives every utterance its own sign-flipped
     # perturbation of that draw; "lrt" samples every layer output from its Gaussian (local
     # reparameterisation). The KL is estimated the same way under all three.
@@ -171,7 +233,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     # Seconds of audio the encoder reads. 30 is Whisper's own window; a shorter one (e.g. 10: 1000
     # mel frames, the first 500 encoder positions) is a speed option that CHANGES THE MODEL (see
-    # pyro_blora.encoder_window), refuses longer clips and is used again when the run is evaluated.
+    # pyro_blora.model.encoder_window), refuses longer clips and is used again when the run is evaluated.
     encoder_window_seconds: float = 30.0
     # Seed for the data order and the Monte Carlo draws of training (the initial adapters are
     # drawn by build_guide(model, seed=...)).
@@ -220,7 +282,7 @@ class TrainConfig:
 @dataclass(frozen=True)
 class RetentionBudget:
     """A forgetting budget: adapt as much as possible while the loss on a retention set (the domain
-    the model already knew) stays inside a limit (README: "A forgetting budget"; pyro_blora.budget).
+    the model already knew) stays inside a limit (README: "A forgetting budget"; pyro_blora.training.budget).
 
     The retention loss is the teacher-forced cross-entropy per transcript token of the first
     ``utterances`` utterances of the retention set. During training it is measured every ``every``

@@ -57,7 +57,7 @@ def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray]
         if clip.shape[0] > N_SAMPLES:
             raise ValueError(
                 f"clip is {clip.shape[0] / SAMPLING_RATE:.1f} s long; one Whisper input takes at most 30 s. "
-                "Transcribe it long-form (pyro_blora.transcribe does, window by window), split it into "
+                "Transcribe it long-form (pyro_blora.predict.transcribe does, window by window), split it into "
                 "segments of 30 s or less, or filter it out (pyro_blora.data does)."
             )
         mel = _content_frames(feature_extractor, clip)

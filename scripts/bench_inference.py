@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, build_guide, load_audio, load_speech_dataset, load_whisper, log_mel_features, wrap_whisper  # noqa: E402
-from pyro_blora.distributed import default_device  # noqa: E402
+from pyro_blora.training.distributed import default_device  # noqa: E402
 
 
 def main() -> None:

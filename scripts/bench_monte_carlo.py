@@ -21,7 +21,7 @@ import pyro
 import torch
 
 from pyro_blora import BLoRAConfig, build_guide, load_audio, load_speech_dataset, load_whisper, log_mel_features, monte_carlo_transcribe, wrap_whisper
-from pyro_blora.inference import point_transcribe
+from pyro_blora.predict.monte_carlo import point_transcribe
 
 
 def main() -> None:

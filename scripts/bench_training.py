@@ -43,11 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
 from pyro_blora.config import DEFAULT_TARGETS  # noqa: E402
-from pyro_blora.distributed import default_device  # noqa: E402
-from pyro_blora.injection import find_target_modules  # noqa: E402
-from pyro_blora.methods import _teacher_forced_loss  # noqa: E402
-from pyro_blora.objective import elbo_scaling  # noqa: E402
-from pyro_blora.training import _noisy_elbo_terms, make_optimizer, svi_parameter_groups  # noqa: E402
+from pyro_blora.training.distributed import default_device  # noqa: E402
+from pyro_blora.model.injection import find_target_modules  # noqa: E402
+from pyro_blora.training.methods import teacher_forced_loss  # noqa: E402
+from pyro_blora.model.objective import elbo_scaling  # noqa: E402
+from pyro_blora.training.loop import make_optimizer  # noqa: E402
+from pyro_blora.training.svi import noisy_elbo_terms, svi_parameter_groups  # noqa: E402
+from pyro_blora.report.tables import markdown_table  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
 BLORA, PAPER, LORA = "BLoRA", "BLoRA, paper preset", "LoRA (peft)"
@@ -80,7 +82,7 @@ def blora_step(model_name: str, batch_size: int, device, precision: str, paper: 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = _noisy_elbo_terms(model, guide, batch, train_config).loss
+            loss = noisy_elbo_terms(model, guide, batch, train_config).loss
         loss.backward()
         optimizer.step()
     return step
@@ -102,7 +104,7 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = _teacher_forced_loss(whisper, batch).loss
+            loss = teacher_forced_loss(whisper, batch).loss
         loss.backward()
         optimizer.step()
     return step
@@ -245,15 +247,18 @@ def main() -> None:
         return "; ".join(f"{name} / LoRA **{value:.3f}** (target <= {TARGETS[name]:.2f}, "
                          f"{'met' if value <= TARGETS[name] else 'not met'})" for name, value in ratios.items())
 
-    memory_rows = "\n".join(
-        f"| {name} | {memory[name]['peak_mb']:.0f} | {memory[name]['load']:.1f} | {memory[name]['threads']} |" for name in names)
-    profile_rows = "\n".join(
-        f"| {category} | " + " | ".join(f"{profiles[name]['seconds'][category]:.3f}" for name in names) + " |"
-        for category, _ in CATEGORIES)
-    count_rows = "\n".join(
-        f"| {name} | {profiles[name]['python_calls']} | {ops[name]['op_calls']} | {ops[name]['op_seconds']:.2f} | "
-        f"{ops[name]['matmul_attention_seconds']:.2f} | {profiles[name]['load']:.1f} / {ops[name]['load']:.1f} | {threads} |"
-        for name in names)
+    memory_table = markdown_table([
+        {"": name, "peak (MiB)": f"{memory[name]['peak_mb']:.0f}", "load (1 min)": f"{memory[name]['load']:.1f}",
+         "torch threads": memory[name]["threads"]} for name in names])
+    profile_table = markdown_table([
+        {"": category, **{name: f"{profiles[name]['seconds'][category]:.3f}" for name in names}}
+        for category, _ in CATEGORIES])
+    count_table = markdown_table([
+        {"": name, "Python calls": profiles[name]["python_calls"], "operator calls": ops[name]["op_calls"],
+         "operator time (s)": f"{ops[name]['op_seconds']:.2f}",
+         "of it matrix products and attention (s)": f"{ops[name]['matmul_attention_seconds']:.2f}",
+         "load (1 min): cProfile / profiler": f"{profiles[name]['load']:.1f} / {ops[name]['load']:.1f}",
+         "torch threads": threads} for name in names])
     body = f"""
 Three training steps on Whisper `{args.model}`, rank 32, alpha 64, q/k of every attention block, a batch
 of {args.batch} utterances (30 s windows, {args.precision}), on {device}: **BLoRA** (`BLoRAConfig(rank=32)`,
@@ -284,25 +289,19 @@ CPU time of this process per step (the same steps; less sensitive to other proce
 Peak memory of two steps above the memory after loading (each method in a fresh process; on CPU the
 resident set sampled every 2 ms, on CUDA `max_memory_allocated`):
 
-| | peak (MiB) | load (1 min) | torch threads |
-|---|---|---|---|
-{memory_rows}
+{memory_table}
 
 **Memory ratios:** {verdicts(memory_ratio)}.
 
 What one step does, counted (these counts do not depend on the machine's load; the seconds do): Python
 function calls (cProfile), torch operator calls and the time inside them (torch.profiler, one step each):
 
-| | Python calls | operator calls | operator time (s) | of it matrix products and attention (s) | load (1 min): cProfile / profiler | torch threads |
-|---|---|---|---|---|---|---|
-{count_rows}
+{count_table}
 
 Where one step spends its time (cProfile, own process CPU time per function, seconds; profiling inflates
 Python-heavy parts):
 
-| | {' | '.join(names)} |
-|---|{'---|' * len(names)}
-{profile_rows}
+{profile_table}
 
 GPU numbers (step time, utterances/s, share of peak FLOP/s) are not measured yet: no GPU was available
 for these runs; the script measures them unchanged on a CUDA machine.

@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from pyro_blora.report.tables import markdown_table
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 
 
@@ -70,10 +72,10 @@ def table(rows: dict[str, Sequence[float]], unit: str, scale: float = 1.0,
           extra: dict[str, dict[str, str]] | None = None) -> str:
     """min / median / max of each row; ``extra`` adds columns (title: text per row name)."""
     extra = extra or {}
-    lines = ["| | " + " | ".join([f"min ({unit})", f"median ({unit})", f"max ({unit})", *extra]) + " |",
-             "|---|---|---|---|" + "---|" * len(extra)]
+    columns = ["", f"min ({unit})", f"median ({unit})", f"max ({unit})", *extra]
+    body = []
     for name, values in rows.items():
         s = spread([v * scale for v in values])
-        cells = [f"{s['min']:.3g}", f"{s['median']:.3g}", f"{s['max']:.3g}", *(column[name] for column in extra.values())]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [name, f"{s['min']:.3g}", f"{s['median']:.3g}", f"{s['max']:.3g}", *(column[name] for column in extra.values())]
+        body.append(dict(zip(columns, cells)))
+    return markdown_table(body, columns)

@@ -22,7 +22,7 @@ import torch
 from scipy.signal import resample_poly
 
 from pyro_blora.features import SAMPLING_RATE, log_mel_features
-from pyro_blora.weights import load_whisper, write_ctranslate2_folder
+from pyro_blora.base_models.loading import load_whisper, write_ctranslate2_folder
 
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",

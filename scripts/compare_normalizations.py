@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import pyro_blora as pb
-from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.report.tables import markdown_table
 
 SETTINGS = {
     "dataset": dict(kl_normalization="dataset"),
@@ -50,16 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
 
-    _, processor = pb.load_whisper(args.model)
-    splits = {}
-    for split, size in (("train", args.train_size), ("dev", args.dev_size)):
-        rows = pb.load_speech_dataset(args.testbed / args.domain, split=split)
-        rows = rows.select(range(min(size, len(rows))))
-        splits[split], _ = pb.prepare_dataset(rows, processor, cache_dir=args.cache)
-    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
-    train_set = PreparedSpeechDataset(splits["train"])
-    dev = PreparedSpeechDataset(splits["dev"])
-    dev_batches = [collate([dev[i] for i in range(s, min(s + 8, len(dev)))]) for s in range(0, len(dev), 8)]
+    processor = pb.load_processor(args.model)
+    training = load_training_data(args.testbed / args.domain, processor, "train", args.cache, limit=args.train_size)
+    dev = load_training_data(args.testbed / args.domain, processor, "dev", args.cache, limit=args.dev_size)
+    dev_batches = [dev.collate([dev.dataset[i] for i in range(s, min(s + 8, len(dev)))]) for s in range(0, len(dev), 8)]
 
     rows = []
     for name, overrides in SETTINGS.items():
@@ -76,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            result = pb.train(model, guide, train_set, collate, config, eval_batches=dev_batches)
+            result = pb.train(model, guide, training.dataset, training.collate, config, eval_batches=dev_batches)
         seconds = time.perf_counter() - start
         means, stds = guide.means(), guide.stddevs()
         mean_abs = {m: float(torch.cat([v.abs().flatten() for k, v in means.items() if k.endswith(m)]).mean()) for m in ("lora_A", "lora_B")}
@@ -101,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    table = "\n".join(lines)
+    table = markdown_table(rows)
     print(table)
     if args.markdown:
         args.markdown.write_text(f"Command: `python scripts/compare_normalizations.py {' '.join(argv or sys.argv[1:])}`\n\n{table}\n")

@@ -31,12 +31,10 @@ import soundfile
 
 
 def build(testbed: Path, domain: str, minutes: float, out: Path, seed: int) -> None:
-    import datasets
-
-    from pyro_blora.data import load_audio
+    from pyro_blora.data import load_audio, load_speech_dataset
     from pyro_blora.features import SAMPLING_RATE
 
-    rows = datasets.load_from_disk(str(testbed / domain))["test"].cast_column("audio", datasets.Audio(decode=False))
+    rows = load_speech_dataset(testbed / domain, split="test")
     rng = np.random.default_rng(seed)
     pieces, reference, position = [], [], 0.0
     for row in rows:
@@ -61,11 +59,12 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
 
     from pyro_blora.data import load_audio
     from pyro_blora.features import log_mel_features, long_form_features
-    from pyro_blora.inference import _with_language, point_transcribe
-    from pyro_blora.longform import long_form_decode
+    from pyro_blora.predict.monte_carlo import with_language, point_transcribe
+    from pyro_blora.predict.longform import long_form_decode
     from pyro_blora.metrics import error_rate
-    from pyro_blora.transcribe import load_for_transcription, read_jsonl
-    from pyro_blora.uncertainty import auroc, word_correctness
+    from pyro_blora.predict.transcripts import read_jsonl
+    from pyro_blora.runs import load_for_transcription
+    from pyro_blora.evaluation.uncertainty import auroc, word_correctness
 
     reference = json.loads((out / "reference.json").read_text())
     utterances = reference["utterances"]
@@ -77,7 +76,7 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
 
     # Long-form with the posterior mean alone, timed.
     features, mask = long_form_features(processor.feature_extractor, [audio])
-    kwargs = _with_language(model, None, language)
+    kwargs = with_language(model, None, language)
     start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad(), model.hold_adapters(guide.means()):
         [mean] = long_form_decode(model.whisper, processor.tokenizer, features, mask, kwargs)
@@ -130,7 +129,7 @@ def score(out: Path, posterior: Path, language: str, transcribe_seconds: float |
 
 def timing(out: Path) -> None:
     """How far the long-form segments' starts lie from the nearest reference utterance start (seconds)."""
-    from pyro_blora.transcribe import read_jsonl
+    from pyro_blora.predict.transcripts import read_jsonl
 
     starts = np.array([u["start"] for u in json.loads((out / "reference.json").read_text())["utterances"]])
     [transcript] = read_jsonl(out / "recording.jsonl")

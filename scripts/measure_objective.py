@@ -24,7 +24,8 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
 import pyro_blora as pb
-from tests.tiny import TinyTask, collate, tiny_whisper
+from pyro_blora.report.tables import markdown_table
+from pyro_blora.base_models.tiny import TinyTask, collate, tiny_whisper
 
 TARGETS = (r".*_proj$", r".*fc\d$", r"proj_out")
 
@@ -95,14 +96,6 @@ def scale_movement(steps: int) -> list[dict]:
     return rows
 
 
-def _table(rows: list[dict]) -> str:
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--draws", type=int, default=50)
@@ -110,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    text = f"### Estimators ({args.draws} draws)\n\n{_table(estimator_spread(args.draws))}\n\n"
-    text += f"### Scale movement ({args.steps} steps, lr 1e-3)\n\n{_table(scale_movement(args.steps))}\n"
+    text = f"### Estimators ({args.draws} draws)\n\n{markdown_table(estimator_spread(args.draws))}\n\n"
+    text += f"### Scale movement ({args.steps} steps, lr 1e-3)\n\n{markdown_table(scale_movement(args.steps))}\n"
     print(text)
     if args.markdown:
         args.markdown.write_text(text)

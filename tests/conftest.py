@@ -18,7 +18,7 @@ def _fresh_pyro_state():
 @pytest.fixture(scope="session")
 def processor():
     """The multilingual base processor (tokenizer with the restored merge, feature extractor)."""
-    from pyro_blora.weights import load_processor
+    from pyro_blora.base_models.loading import load_processor
 
     return load_processor("base")
 
@@ -26,6 +26,6 @@ def processor():
 @pytest.fixture(scope="session")
 def english_processor():
     """The English-only tiny.en processor."""
-    from pyro_blora.weights import load_processor
+    from pyro_blora.base_models.loading import load_processor
 
     return load_processor("tiny.en")

@@ -15,9 +15,9 @@ import soundfile
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from pyro_blora.ctranslate2_io import whisper_generation_config
+from pyro_blora.base_models.ctranslate2 import whisper_generation_config
 from pyro_blora.testbed.manifest import save_domain
-from pyro_blora.weights import bundled_files, load_processor
+from pyro_blora.base_models.loading import bundled_files, load_processor
 
 TEXTS = {"zh": ["我们 meeting", "很好 project"], "en": ["the cat", "open it"], "es": ["hola", "la casa"]}
 

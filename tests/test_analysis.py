@@ -13,15 +13,16 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from pyro_blora.analysis import find_runs, load_run_weights, run_summary
+from pyro_blora.report.summaries import load_run_weights, run_summary
+from pyro_blora.runs import find_runs, read_log
 from pyro_blora.cli import app
-from pyro_blora.commands.analysis import _values
+from pyro_blora.commands.options import comma_values
 from pyro_blora.config import BLoRAConfig
-from pyro_blora.methods import load_run_model
+from pyro_blora.runs import load_run_model
 from pyro_blora.metrics import sparsity_report
-from pyro_blora.report import markdown_table, read_log
-from pyro_blora.sweep import SweepConfig, SweepPoint, sweep_points
-from pyro_blora.weights import load_whisper
+from pyro_blora.report.tables import markdown_table
+from pyro_blora.experiments.sweep import SweepConfig, SweepPoint, sweep_points
+from pyro_blora.base_models.loading import load_whisper
 from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 
 runner = CliRunner()
@@ -203,7 +204,7 @@ def test_sweep_with_baselines_curves_and_the_domain_table(workspace):
 
 
 def test_forgetting_curves_start_at_the_base_model(workspace):
-    from pyro_blora.report import plot_forgetting_curves
+    from pyro_blora.report.plots import plot_forgetting_curves
 
     runs = {m: workspace["root"] / "runs" / m for m in ("blora", "lora")}
     figure = plot_forgetting_curves(runs, start={"backward-es": {"ce": 9.0}})
@@ -233,7 +234,7 @@ def test_sweep_config_names_the_problem(changes, message):
 
 def test_bad_inputs_say_what_to_do(tmp_path):
     with pytest.raises(typer.BadParameter, match="comma-separated"):
-        _values("0.1,x", float, "--betas")
+        comma_values("0.1,x", float, "--betas")
     with pytest.raises(FileNotFoundError, match="pyro-blora train"):
         find_runs([tmp_path])
     assert markdown_table([{"a": 1.23456, "b": None}]) == "| a | b |\n|---|---|\n| 1.235 | - |"
@@ -249,7 +250,7 @@ def test_sweep_seeds_multiply_the_grid_and_keep_seed_zero_names():
 
 
 def test_seed_summary_and_the_papers_two_comparisons():
-    from pyro_blora.sweep import by_setting_markdown, paper_comparisons, summarize_seeds
+    from pyro_blora.experiments.sweep import by_setting_markdown, paper_comparisons, summarize_seeds
 
     def row(method, setting, seed, in_domain, backward):
         return {"method": method, "setting": setting, "seed": seed, "rank": 32,
@@ -271,7 +272,7 @@ def test_seed_summary_and_the_papers_two_comparisons():
 
 
 def test_report_labels_name_the_sweep_where_run_names_collide(tmp_path):
-    from pyro_blora.report import _labels
+    from pyro_blora.report.pages import _labels
 
     paths = [tmp_path / "zh-en" / "runs" / "full-r32", tmp_path / "zh-en-lr" / "runs" / "full-r32",
              tmp_path / "a" / "lora", tmp_path / "b" / "lora", tmp_path / "runs" / "blora"]
@@ -282,7 +283,7 @@ def test_report_draws_delta_scale_curves_and_paired_differences(workspace):
     run = workspace["root"] / "runs" / "blora"
     invoke("evaluate", run, "--testbed", workspace["testbed"], *EVAL, "--cache-dir", workspace["cache"],
            "--base", workspace["root"] / "base.json", "--delta-scale", "0.5,1")
-    from pyro_blora.analysis import interpolation_curve
+    from pyro_blora.report.summaries import interpolation_curve
 
     curve = interpolation_curve(run)
     assert [p["scale"] for p in curve] == [0.5, 1.0] and all(p["ce_scope"] == "transcript" for p in curve)
@@ -297,7 +298,7 @@ def test_report_draws_delta_scale_curves_and_paired_differences(workspace):
 
 
 def test_frontier_draws_one_line_per_run_from_the_base_point(tmp_path):
-    from pyro_blora.report import plot_frontier, save_figure
+    from pyro_blora.report.plots import plot_frontier, save_figure
 
     def point(scale, error, ce):
         return {"scale": scale, "in_domain_error": 0.5 - 0.2 * scale, "backward_error": 0.1 + error * scale,
@@ -322,11 +323,11 @@ def test_frontier_draws_one_line_per_run_from_the_base_point(tmp_path):
 
 
 def test_sweep_preset_paper_builds_its_configs_from_the_paper_classmethods(workspace, monkeypatch):
-    import pyro_blora.sweep
+    import pyro_blora.commands.analysis
     from pyro_blora.config import DEFAULT_TARGETS, TrainConfig
 
     calls = {}
-    monkeypatch.setattr(pyro_blora.sweep, "run_sweep", lambda grid, *args, **kwargs: calls.update(grid=grid, **kwargs))
+    monkeypatch.setattr(pyro_blora.commands.analysis, "run_sweep", lambda grid, *args, **kwargs: calls.update(grid=grid, **kwargs))
     invoke("sweep", "--data", workspace["testbed"] / "zh-en", "--testbed", workspace["testbed"], "--model",
            workspace["model"], "--domains", "zh-en", "--preset", "paper", "--betas", "0.5", "--steps", "3",
            "--encoder-window", "10", "--delta-scales", "0.5,1", "--ce-only-scales", "0.2", "--cache-dir",
@@ -347,7 +348,7 @@ def test_sweep_preset_paper_builds_its_configs_from_the_paper_classmethods(works
 
 
 def test_seed_summary_does_not_average_ce_over_scopes():
-    from pyro_blora.sweep import by_setting_markdown, summarize_seeds
+    from pyro_blora.experiments.sweep import by_setting_markdown, summarize_seeds
 
     rows = [{"method": "lora", "setting": "lora-r32", "seed": seed, "rank": 32, "backward_ce": ce, "ce_scope": scope}
             for seed, (ce, scope) in enumerate(((2.0, "all"), (3.0, "transcript")))]
@@ -361,8 +362,8 @@ def test_seed_summary_does_not_average_ce_over_scopes():
 def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
     import numpy as np
 
-    from pyro_blora.analysis import paired_intervals
-    from pyro_blora.sweep import paper_comparisons, summarize_seeds
+    from pyro_blora.report.summaries import paired_intervals
+    from pyro_blora.experiments.sweep import paper_comparisons, summarize_seeds
 
     rng = np.random.default_rng(0)
     ids, ref = [f"u{i}" for i in range(30)], rng.integers(2, 10, size=30)
@@ -392,7 +393,7 @@ def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
 
 
 def test_early_stopping_step_is_the_lowest_dev_ce(tmp_path):
-    from pyro_blora.analysis import early_stopping_step
+    from pyro_blora.report.summaries import early_stopping_step
 
     records = [{"step": 1, "loss": 3.0}, {"step": 25, "zh-en/ce": 0.48, "en/ce": 0.2},
                {"step": 50, "zh-en/ce": 0.31}, {"step": 75, "zh-en/ce": 0.36}]

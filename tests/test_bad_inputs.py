@@ -11,7 +11,7 @@ import pytest
 import soundfile
 
 from pyro_blora.data import AudioDecodeError, ManifestError, load_audio, load_speech_dataset, prepare_dataset
-from pyro_blora.validation import EnglishOnlyModelError, UnknownLanguageError, check_language
+from pyro_blora.data.labels import EnglishOnlyModelError, UnknownLanguageError, check_language
 from tests.test_data import tone, write_audio, write_csv
 
 

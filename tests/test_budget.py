@@ -13,7 +13,7 @@ import torch
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, elbo_scaling, train, wrap_whisper
-from pyro_blora.budget import BASE_MODEL_LABELS, RetentionSet, choose_scale, transcript_ce
+from pyro_blora.training.budget import BASE_MODEL_LABELS, RetentionSet, choose_scale, transcript_ce
 from pyro_blora.config import RetentionBudget
 from tests.tiny import VOCAB, TinyTask, collate, tiny_whisper
 
@@ -175,7 +175,8 @@ def test_resumed_budgeted_run_matches_uninterrupted_run(base_state, tmp_path):
     logged = [json.loads(line) for line in (tmp_path / "killed" / "log.jsonl").read_text().splitlines()]
     assert [r.get("beta") for r in logged] == [r.get("beta") for r in full.history]
     # `report` draws beta, the retention loss and the in-domain loss of a budgeted run.
-    from pyro_blora.report import budget_rows, plot_budget_curves
+    from pyro_blora.report.pages import budget_rows
+    from pyro_blora.report.plots import plot_budget_curves
 
     figure = plot_budget_curves(tmp_path / "full")
     assert [axes.get_title() for axes in figure.axes][:2] == ["β (KL weight)", "retention loss (CE / transcript token)"]
@@ -191,11 +192,15 @@ def test_map_adapts_beta_too(base_state):
 # ---------------------------------------------------------------- runs, evaluate, export
 def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
     from pyro_blora.commands.experiment import budget_line
-    from pyro_blora.evaluation import EvalOptions, load_eval_sets
-    from pyro_blora.experiment import ALL_LINEAR_TARGETS, export_run, read_eval, run_evaluation
-    from pyro_blora.methods import load_run_model, load_training_data, run_training
+    from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
+    from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS
+    from pyro_blora.experiments.step import export_run, run_evaluation
+    from pyro_blora.runs import read_eval
+    from pyro_blora.data.training_data import load_training_data
+    from pyro_blora.runs import load_run_model
+    from pyro_blora.training.methods import run_training
     from pyro_blora.testbed.manifest import save_domain
-    from pyro_blora.weights import load_processor
+    from pyro_blora.base_models.loading import load_processor
     from tests.experiment_fixtures import _rows, fake_testbed, small_whisper_folder
 
     model = small_whisper_folder(tmp_path / "model")
@@ -220,7 +225,7 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
     assert saved["retain_ce"] <= saved["retain_limit"]
     assert "keeps" in budget_line(saved)
     # The kept model, measured again, is inside the budget.
-    from pyro_blora.budget import load_retention_set
+    from pyro_blora.training.budget import load_retention_set
 
     whisper, _, _ = load_run_model(out)
     base, _, _ = load_run_model(model)

@@ -73,3 +73,37 @@ def test_main_and_commands_are_registered():
     for command in ("train", "evaluate", "main", "testbed"):
         assert command in result.output
     assert "--steps" in invoke("main", "--help").output
+
+
+def test_help_shows_the_config_defaults_and_presets():
+    from pyro_blora.config import BLoRAConfig, RetentionBudget
+
+    text = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).output.split())
+    assert f"[{BLoRAConfig().rank}]" in text and f"[{RetentionBudget.every}]" in text
+    assert "[parameter; paper: matrix]" in text and "qk, attention, all-linear" in text
+
+
+def test_target_presets_are_one_definition():
+    from pyro_blora.commands.options import preset_configs
+    from pyro_blora.config import ALL_LINEAR_TARGETS, TARGET_PRESETS, target_patterns
+    from pyro_blora.experiments.main_job import MainJobConfig
+
+    assert MainJobConfig().blora.target_modules == ALL_LINEAR_TARGETS == TARGET_PRESETS["all-linear"]
+    for name, patterns in TARGET_PRESETS.items():
+        assert preset_configs("default", {"targets": name}, {})[0].target_modules == patterns == target_patterns(name)
+    assert target_patterns(r".*\.v_proj$") == (r".*\.v_proj$",)
+
+
+def test_testbed_options_change_the_build(monkeypatch, tmp_path):
+    import pyro_blora.commands.testbed as command
+
+    built = {}
+    monkeypatch.setattr(command, "build_testbed", lambda out, config, seed, overwrite: built.update(config=config) or {})
+    invoke("testbed", "--out", tmp_path, "--small", "--pairs", "es-en", "--codeswitch-sizes", "3", "1", "1",
+           "--backward-language", "de", "--backward-language", "fr", "--english-noise-fraction", "0")
+    config = built["config"]
+    assert config.pairs == ("es-en",) and config.codeswitch_sizes == (3, 1, 1)
+    assert config.backward_languages == ("de", "fr") and config.english_noise_fraction == 0.0
+    assert config.english_sizes == command.TestbedConfig.small().english_sizes
+    invoke("testbed", "--out", tmp_path)
+    assert built["config"] == command.TestbedConfig()

@@ -25,9 +25,9 @@ from pyro_blora import (
     train,
     wrap_whisper,
 )
-from pyro_blora.adapters import BayesianLoRALinear
+from pyro_blora.model.adapters import BayesianLoRALinear
 from pyro_blora.checkpoint import CheckpointDir
-from pyro_blora.training import NonFiniteLossError
+from pyro_blora.training.loop import NonFiniteLossError
 from pyro_blora.metrics import thresh_fraction
 from tests.tiny import FRAMES, MELS, TinyTask, collate, tiny_whisper
 

@@ -27,7 +27,7 @@ from pyro_blora.data import (
     prepare_dataset,
 )
 from pyro_blora.features import N_FRAMES, log_mel_features
-from pyro_blora.weights import HubUnavailableError
+from pyro_blora.base_models.loading import HubUnavailableError
 
 RATE = 16_000
 

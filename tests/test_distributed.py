@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pyro_blora.checkpoint import CheckpointDir
-from pyro_blora.distributed import DistributedContext
+from pyro_blora.training.distributed import DistributedContext
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 5

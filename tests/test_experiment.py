@@ -10,14 +10,19 @@ import pytest
 import torch
 
 from pyro_blora.config import BLoRAConfig, TrainConfig
-from pyro_blora.evaluation import EvalOptions, evaluate_whisper, format_table, load_eval_sets, relative_changes
-from pyro_blora.experiment import ALL_LINEAR_TARGETS, ensure_testbed, read_eval, run_evaluation
-from pyro_blora.guide import BLoRAMAPGuide, build_guide
-from pyro_blora.injection import find_target_modules
-from pyro_blora.methods import METHODS, load_run_model, load_training_data, run_training
-from pyro_blora.model import wrap_whisper
-from pyro_blora.objective import elbo_scaling, elbo_terms
-from pyro_blora.weights import load_processor, load_whisper
+from pyro_blora.evaluation.scoring import EvalOptions, evaluate_whisper, load_eval_sets, relative_changes
+from pyro_blora.report.tables import evaluation_table
+from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS, ensure_testbed
+from pyro_blora.experiments.step import run_evaluation
+from pyro_blora.runs import read_eval
+from pyro_blora.model.guide import BLoRAMAPGuide, build_guide
+from pyro_blora.model.injection import find_target_modules
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.runs import METHODS, load_run_model
+from pyro_blora.training.methods import run_training
+from pyro_blora.model.whisper import wrap_whisper
+from pyro_blora.model.objective import elbo_scaling, elbo_terms
+from pyro_blora.base_models.loading import load_processor, load_whisper
 from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 
 ADAPTER = BLoRAConfig(rank=4, target_modules=ALL_LINEAR_TARGETS)
@@ -159,7 +164,7 @@ def test_evaluation_writes_eval_json_with_relative_changes(workspace, runs):
 
 def test_per_utterance_records_add_up_to_the_aggregates(workspace):
     from pyro_blora.data import SpeechCollator, decoder_start_token_id
-    from pyro_blora.inference import token_nll
+    from pyro_blora.model.objective import token_nll
 
     whisper, processor = load_whisper(workspace["model"])
     options = EvalOptions(batch_size=2, extra_new_tokens=2, progress=False)
@@ -182,7 +187,7 @@ def test_per_utterance_records_add_up_to_the_aggregates(workspace):
     old = {domain: {"ce": entry["ce_all_tokens"]} for domain, entry in results.items()}  # before ce_scope
     changes = relative_changes(results, old)["en"]
     assert "ce" not in changes and changes["ce_all_tokens"] == pytest.approx(0.0, abs=1e-12)
-    assert "(all)" in format_table({"old": old, "new": results}) and "(all)" not in format_table({"new": results})
+    assert "(all)" in evaluation_table({"old": old, "new": results}) and "(all)" not in evaluation_table({"new": results})
 
 
 def test_relative_changes_and_table():
@@ -191,8 +196,11 @@ def test_relative_changes_and_table():
     # Results without ce_scope are older ones: their ce covered every label token.
     assert relative_changes(result, reference) == {"en": {"error_rate": 1.0, "ce": 0.0, "ce_all_tokens": 0.0},
                                                    "es": {"language_id": -0.5}}
-    table = format_table({"base": reference, "lora": result}, baseline="base")
+    table = evaluation_table({"base": reference, "lora": result}, baseline="base")
     assert "+100%" in table and "50.0%" in table
+    lines = table.splitlines()  # an aligned Markdown table: every line as wide as the header
+    assert lines[0].startswith("| model | domain | error rate") and lines[1].startswith("|-------|")
+    assert len({len(line) for line in lines}) == 1
 
 
 def test_eval_sets_name_missing_domains(workspace):
@@ -201,7 +209,7 @@ def test_eval_sets_name_missing_domains(workspace):
 
 
 def test_ensure_testbed_reuses_a_build_with_the_same_config(tmp_path, monkeypatch):
-    from pyro_blora import experiment
+    from pyro_blora.experiments import main_job as experiment
     from pyro_blora.testbed import TestbedConfig
 
     calls = []
@@ -216,7 +224,7 @@ def test_ensure_testbed_reuses_a_build_with_the_same_config(tmp_path, monkeypatc
 def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
     from dataclasses import replace
 
-    from pyro_blora.experiment import MainJobConfig, run_main_job
+    from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
     from pyro_blora.testbed import TestbedConfig
 
     config = MainJobConfig(out=tmp_path, model=str(workspace["model"]), testbed=TestbedConfig.small(),
@@ -238,7 +246,7 @@ def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_interpolation_scales_the_update_of_every_method(workspace, runs, method):
-    from pyro_blora.weights import interpolate_weights
+    from pyro_blora.model.interpolation import interpolate_weights
 
     trained, _, _ = load_run_model(runs[method])
     base, _ = load_whisper(workspace["model"])

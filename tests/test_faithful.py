@@ -11,9 +11,9 @@ from pyro import poutine
 from torch import nn
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, elbo_scaling, elbo_terms, train, wrap_whisper
-from pyro_blora.adapters import BayesianLoRALinear
-from pyro_blora.noise import LocalNoise, flipout_linear, lrt_linear
-from pyro_blora.objective import analytic_kl
+from pyro_blora.model.adapters import BayesianLoRALinear
+from pyro_blora.model.noise import LocalNoise, flipout_linear, lrt_linear
+from pyro_blora.model.objective import analytic_kl
 from tests.tiny import TinyTask, collate, tiny_whisper
 
 TARGETS = (r".*\.q_proj$", r".*fc1$")  # matrices of different sizes: 4x64 / 64x4 and 4x64 / 128x4

@@ -14,10 +14,10 @@ import torch
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, posterior_mean_model, save_posterior, train, wrap_whisper
-from pyro_blora.peft_io import blora_config_from_peft, export_peft, import_peft, read_peft_adapter
-from pyro_blora.posterior_export import export_posterior_tensors, read_posterior_tensors
-from pyro_blora.tracking import make_tracker
-from pyro_blora.hub import push_to_hub
+from pyro_blora.interop.peft import blora_config_from_peft, export_peft, import_peft, read_peft_adapter
+from pyro_blora.posterior import export_posterior_tensors, read_posterior_tensors
+from pyro_blora.interop.tracking import make_tracker
+from pyro_blora.interop.hub import push_to_hub
 from tests.tiny import FRAMES, MELS, SOT, TinyTask, collate, tiny_whisper
 
 peft = pytest.importorskip("peft")
@@ -325,7 +325,7 @@ def test_push_refuses_a_folder_of_another_kind_before_uploading(trained, tmp_pat
 
 
 def test_push_offline_fails_fast_and_clearly(trained, tmp_path, monkeypatch):
-    from pyro_blora.weights import HubUnavailableError
+    from pyro_blora.base_models.loading import HubUnavailableError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
@@ -365,7 +365,7 @@ def test_commands_move_adapters_between_formats(trained, tmp_path, hub):
 
 def test_peft_adapter_held_in_the_blora_model_reproduces_peft_logits(tmp_path):
     """A plain LoRA baseline can be evaluated inside the BLoRA model (e.g. its token log-probabilities)."""
-    from pyro_blora.peft_io import peft_site_values
+    from pyro_blora.interop.peft import peft_site_values
 
     folder = peft_lora(tmp_path, r=4, alpha=8)
     model, _ = make(blora_config_from_peft(folder))

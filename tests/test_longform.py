@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 
 from pyro_blora import BLoRAConfig, build_guide, posterior_mean_model, save_posterior, wrap_whisper
 from pyro_blora.features import SAMPLING_RATE
-from pyro_blora.longform import LongFormHypothesis, LongFormMonteCarlo, Segment, window_texts
+from pyro_blora.predict.longform import LongFormHypothesis, LongFormMonteCarlo, Segment, window_texts
 from pyro_blora.metrics import wer
-from pyro_blora.subtitles import format_timestamp, srt_text, vtt_text
-from pyro_blora.transcribe import TranscribeOptions, _long_form_record, read_jsonl
+from pyro_blora.predict.subtitles import format_timestamp, srt_text, vtt_text
+from pyro_blora.predict.transcribe import TranscribeOptions, _long_form_record
+from pyro_blora.predict.transcripts import read_jsonl
 from tests.test_cli_errors import error_line
 from tests.test_transcribe import example_transcript
 from tests.test_weights import SENTENCES, _normalise, _synthesise
@@ -72,7 +73,7 @@ def test_subtitles_mark_low_confidence_words_and_time_each_segment():
 
 
 def test_cjk_cues_are_written_without_spaces_and_wrapped():
-    from pyro_blora.transcribe import SegmentTranscript, WordConfidence
+    from pyro_blora.predict.transcripts import SegmentTranscript, WordConfidence
 
     words = [WordConfidence(c, 1.0) for c in "我们明天开会"] + [WordConfidence("meeting", 0.2), WordConfidence("。", 1.0)]
     words += [WordConfidence("word", 1.0)] * 12
@@ -146,7 +147,7 @@ def test_suppression_by_indexing_decodes_as_transformers_own(two_minutes):
     own processors give the same segments, and the model's generation config is left as it was."""
     from pyro_blora import load_whisper
     from pyro_blora.features import long_form_features
-    from pyro_blora.longform import long_form_decode
+    from pyro_blora.predict.longform import long_form_decode
 
     torch.set_num_threads(1)
     folder, _ = two_minutes
@@ -211,8 +212,8 @@ def test_saved_merged_model_runs_in_the_pipeline_without_deprecation(tmp_path):
 
 
 def test_multilingual_generation_config_names_the_task_not_forced_ids(processor):
-    from pyro_blora.ctranslate2_io import whisper_generation_config
-    from pyro_blora.weights import bundled_files
+    from pyro_blora.base_models.ctranslate2 import whisper_generation_config
+    from pyro_blora.base_models.loading import bundled_files
 
     config = whisper_generation_config(bundled_files("base").generation_settings(), processor.tokenizer)
     assert getattr(config, "forced_decoder_ids", None) is None
@@ -222,7 +223,7 @@ def test_multilingual_generation_config_names_the_task_not_forced_ids(processor)
 def test_hub_style_forced_ids_become_language_and_task():
     from transformers import GenerationConfig
 
-    from pyro_blora.weights import modernise_generation_config
+    from pyro_blora.base_models.loading import modernise_generation_config
 
     config = GenerationConfig(lang_to_id={"<|en|>": 50259, "<|zh|>": 50260}, task_to_id={"transcribe": 50359},
                               no_timestamps_token_id=50363)

@@ -18,7 +18,7 @@ import torch
 
 from pyro_blora import BLoRAConfig, build_guide, train, wrap_whisper
 from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes
-from pyro_blora.training import NonFiniteLossError, TrainingInterrupted
+from pyro_blora.training.loop import NonFiniteLossError, TrainingInterrupted
 from tests.tiny import TinyTask, collate, tiny_whisper
 from tests.train_subprocess import train_config
 

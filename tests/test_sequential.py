@@ -9,25 +9,27 @@ import pytest
 import torch
 
 from pyro_blora.config import BLoRAConfig, TrainConfig
-from pyro_blora.evaluation import EvalOptions
-from pyro_blora.experiment import ALL_LINEAR_TARGETS
-from pyro_blora.methods import PriorTransfer, base_model_of, load_run_model, load_training_data, run_training
+from pyro_blora.evaluation.scoring import EvalOptions
+from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.runs import base_model_of, load_run_model
+from pyro_blora.training.continual import PriorTransfer
+from pyro_blora.training.methods import run_training
 from pyro_blora.posterior import read_posterior_config
-from pyro_blora.objective import analytic_kl
+from pyro_blora.model.objective import analytic_kl
 from pyro_blora.posterior import load_posterior
-from pyro_blora.sequential import (
+from pyro_blora.experiments.sequence import (
     STRATEGIES,
     SequenceConfig,
     SequenceResult,
-    average_final,
-    backward_transfer,
-    forgetting,
+    matrix_page,
     plan_sequence,
-    plot_matrix,
     run_sequence,
     write_comparison,
 )
-from pyro_blora.weights import load_processor, load_whisper
+from pyro_blora.metrics.continual import average_final, backward_transfer, forgetting
+from pyro_blora.report.plots import plot_matrix
+from pyro_blora.base_models.loading import load_processor, load_whisper
 from tests.experiment_fixtures import sequence_testbed, small_whisper_folder
 
 ADAPTER = BLoRAConfig(rank=2, target_modules=ALL_LINEAR_TARGETS, kl_normalization="token")
@@ -184,10 +186,11 @@ def test_matrix_reports_of_a_hand_made_result(tmp_path):
     result = SequenceResult("blora-prior", ("d1", "d2"), ["start", "step1-d1", "step2-d2"], ["en", "d1", "d2"],
                             [0, 1, 2], {"error_rate": [[0.1, 0.8, 0.9], [0.2, 0.3, 0.7], [0.25, 0.5, 0.4]]})
     assert result.to_dict()["metrics"]["error_rate"]["bwt"] == pytest.approx(0.175)
-    figure = plot_matrix(result)
+    figure = plot_matrix(result.matrices["error_rate"], result.rows, result.columns, "error_rate", "title")
     assert [t.get_text() for t in figure.axes[0].texts][:3] == ["10.0%", "80.0%", "90.0%"]
     page = write_comparison([result], tmp_path / "comparison.md").read_text()
     assert "| blora-prior | error_rate | 38.3% | 17.5% | 15.0% | 20.0% | - |" in page
+    assert "| step1-d1 | 20.0% | 30.0% | 70.0% |" in matrix_page(result)
     (tmp_path / "matrix.json").write_text(json.dumps(result.to_dict()))
     assert SequenceResult.load(tmp_path / "matrix.json") == result
 

@@ -11,9 +11,9 @@ import torch
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, train, wrap_whisper
 from pyro_blora.data import SpeechCollator
-from pyro_blora.encoder_window import encoder_input_frames, set_encoder_window, window_frames
-from pyro_blora.objective import elbo_scaling, elbo_terms
-from pyro_blora.recompute import gradient_checkpointing
+from pyro_blora.model.encoder_window import encoder_input_frames, set_encoder_window, window_frames
+from pyro_blora.model.objective import elbo_scaling, elbo_terms
+from pyro_blora.model.recompute import gradient_checkpointing
 from tests.tiny import FRAMES, TinyTask, collate, tiny_whisper
 
 
@@ -98,8 +98,10 @@ def test_training_refuses_a_window_the_model_was_not_cut_to():
 
 
 def test_a_run_is_evaluated_with_the_window_it_was_trained_with(tmp_path):
-    from pyro_blora.methods import load_run_model, load_training_data, run_training
-    from pyro_blora.weights import load_processor
+    from pyro_blora.data.training_data import load_training_data
+    from pyro_blora.runs import load_run_model
+    from pyro_blora.training.methods import run_training
+    from pyro_blora.base_models.loading import load_processor
     from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 
     model = small_whisper_folder(tmp_path / "model")

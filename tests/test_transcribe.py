@@ -17,17 +17,16 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from pyro_blora import BLoRAConfig, build_guide, monte_carlo_transcribe, save_posterior, wrap_whisper
-from pyro_blora.inference import minimum_bayes_risk
-from pyro_blora.transcribe import (
+from pyro_blora.predict.monte_carlo import minimum_bayes_risk
+from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
+from pyro_blora.predict.transcripts import (
     JSONL_KEYS,
     SCHEMA_VERSION,
     SegmentTranscript,
-    TranscribeOptions,
     UtteranceTranscript,
     WordConfidence,
     read_jsonl,
     render_table,
-    transcribe,
     word_confidences,
     write_jsonl,
 )
@@ -247,7 +246,7 @@ def test_indexed_suppression_decodes_as_transformers_own_suppression(monkeypatch
     from transformers import LogitsProcessorList
     from transformers.generation import logits_process
 
-    from pyro_blora.inference import _decode
+    from pyro_blora.predict.monte_carlo import _decode
 
     calls = []
     original = logits_process.SuppressTokensLogitsProcessor.__call__
@@ -284,7 +283,7 @@ def test_greedy_decoding_does_not_repeat_the_length_notice(caplog):
     """Our config sets max_new_tokens on purpose; transformers' notice about it is dropped for our calls only."""
     import logging
 
-    from pyro_blora.decoding import generate, greedy_generate_kwargs
+    from pyro_blora.predict.decoding import generate, greedy_generate_kwargs
 
     model, _ = noisy_posterior(stddev=0.05)
     features = torch.randn(2, MELS, FRAMES, generator=torch.Generator().manual_seed(3))

@@ -12,16 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from pyro_blora.transcribe import UtteranceTranscript, word_confidences
-from pyro_blora.uncertainty import (
+from pyro_blora.predict.transcripts import UtteranceTranscript, word_confidences
+from pyro_blora.evaluation.uncertainty import (
+    UncertaintyReport,
     auroc,
     evaluate_uncertainty,
     expected_calibration_error,
-    plot_report,
     reliability_bins,
     selective_curve,
     word_correctness,
 )
+from pyro_blora.report.plots import write_uncertainty_plots
 
 
 @settings(max_examples=60, deadline=None)
@@ -72,7 +73,7 @@ def test_word_correctness_aligns_with_the_reference():
 
 
 def transcript(text: str, reference: str, samples: list[str], log_prob: float | None) -> UtteranceTranscript:
-    from pyro_blora.inference import minimum_bayes_risk
+    from pyro_blora.predict.monte_carlo import minimum_bayes_risk
 
     _, disagreement = minimum_bayes_risk(samples)
     return UtteranceTranscript(
@@ -103,9 +104,11 @@ def test_report_on_transcripts(tmp_path):
     assert report.num_words == 16
     assert 0.0 <= report.ece <= 1.0
     assert sum(b.count for b in report.reliability) == 16
-    paths = plot_report(report, tmp_path, prefix="x-")
+    paths = write_uncertainty_plots(report, tmp_path, prefix="x-")
     assert [p.name for p in paths] == ["x-selective.png", "x-reliability.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    saved = json.dumps(report.to_dict())  # NaN bins: compared as written
+    assert json.dumps(UncertaintyReport.from_dict(json.loads(saved)).to_dict()) == saved
 
 
 def test_report_needs_references():
@@ -121,7 +124,7 @@ def test_report_needs_references():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 3), st.booleans(), st.integers(1, 3)), min_size=3, max_size=10))
 def test_weighted_scores_equal_the_plain_ones_on_the_repeated_utterances(rows):
-    from pyro_blora.uncertainty import weighted_auroc, weighted_selective_area
+    from pyro_blora.evaluation.uncertainty import weighted_auroc, weighted_selective_area
 
     scores = np.array([s for s, _, _ in rows], float)
     labels = np.array([y for _, y, _ in rows])
@@ -170,7 +173,7 @@ def test_other_word_confidences_get_their_ece_and_auroc():
 def test_entropy_confidence_is_one_for_certain_zero_for_uniform_and_orders_sharpness():
     import torch
 
-    from pyro_blora.confidence import entropy_confidence
+    from pyro_blora.predict.confidence import entropy_confidence
 
     vocab = 50
     certain = torch.full((vocab,), -1e4).index_fill(0, torch.tensor([3]), 0.0).log_softmax(-1)
@@ -189,7 +192,7 @@ def test_entropy_confidence_is_one_for_certain_zero_for_uniform_and_orders_sharp
 def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_temperature):
     import torch
 
-    from pyro_blora.confidence import fit_temperature
+    from pyro_blora.predict.confidence import fit_temperature
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(20000, 30, generator=generator) * 3
@@ -202,8 +205,8 @@ def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_
 
 
 def test_word_entropy_confidence_groups_tokens_into_words():
-    from pyro_blora.confidence import word_entropy_confidences, word_token_groups
-    from pyro_blora.weights import load_processor
+    from pyro_blora.predict.confidence import word_entropy_confidences, word_token_groups
+    from pyro_blora.base_models.loading import load_processor
 
     tokenizer = load_processor("tiny.en").tokenizer
     ids = tokenizer.encode(" Hello world, 我们 go", add_special_tokens=False)
@@ -221,7 +224,7 @@ def test_word_entropy_confidence_groups_tokens_into_words():
 def test_posterior_temperature_scales_the_draws_and_sites_hold_the_rest_at_the_mean():
     import pyro
 
-    from pyro_blora.inference import sample_posterior, widest_sites
+    from pyro_blora.predict.monte_carlo import sample_posterior, widest_sites
     from tests.test_transcribe import noisy_posterior
 
     model, guide = noisy_posterior(stddev=0.01)
@@ -281,15 +284,15 @@ from tests.test_transcribe import real_sized_tiny  # noqa: E402,F401  (fixture)
 def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_path):
     import torch
 
-    from pyro_blora.methods import load_training_data
-    from pyro_blora.payoff import (
+    from pyro_blora.data.training_data import load_training_data
+    from pyro_blora.evaluation.payoff import (
         PayoffOptions,
         decode_payoff_records,
         fit_model_temperatures,
         summarise_payoff,
         write_records,
     )
-    from pyro_blora.transcribe import collect_utterances
+    from pyro_blora.predict.transcribe import collect_utterances
 
     model, guide, processor, folder = real_sized_tiny
     lora = {site: value + 0.05 * torch.randn_like(value) for site, value in guide.means().items()}
@@ -309,7 +312,7 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
         assert len(record["mean"]["word_entropy_confidence"]) == len(words)
     write_records(iter(records), tmp_path / "rows.jsonl", {"domain": "en"})
     rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").open()]
-    summary = summarise_payoff(rows, options, fits, bootstrap_samples=50, plot_dir=tmp_path)
+    summary = summarise_payoff(rows, options, fits, bootstrap_samples=50)
     assert set(summary["error_rate"]) == {"mean", "mbr@1", "mbr@2", "lora"}
     assert set(summary["against_mean"]) == {"mbr@1", "mbr@2", "lora"}
     largest = summary["uncertainty"]["S=2"]
@@ -317,4 +320,5 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
     assert set(largest["word_scores"]) == {"entropy_mean_model", "entropy_ensemble"}
     assert "mutual_information" not in summary["uncertainty"]["S=1"]["scores"]
     assert "lora_neg_log_prob_scaled" in summary["uncertainty"]["lora_own_errors"]["scores"]
+    write_uncertainty_plots(UncertaintyReport.from_dict(largest), tmp_path, prefix="S2-")
     assert (tmp_path / "S2-reliability.png").is_file()

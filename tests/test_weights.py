@@ -17,9 +17,9 @@ import torch
 from scipy.signal import resample_poly
 from transformers import WhisperConfig, WhisperForConditionalGeneration, pipeline
 
-from pyro_blora.ctranslate2_io import restore_missing_merges, whisper_generation_config
+from pyro_blora.base_models.ctranslate2 import restore_missing_merges, whisper_generation_config
 from pyro_blora.features import SAMPLING_RATE, log_mel_features
-from pyro_blora.weights import (
+from pyro_blora.base_models.loading import (
     CACHE_ENV,
     HubUnavailableError,
     bundled_files,
@@ -259,7 +259,7 @@ def test_round_trip_through_ctranslate2_reproduces_every_tensor(
 
 
 def test_leftover_ctranslate2_variable_is_refused(tiny_random_model, processor, tmp_path):
-    from pyro_blora.ctranslate2_io import read_variables, transformers_state_dict
+    from pyro_blora.base_models.ctranslate2 import read_variables, transformers_state_dict
 
     folder = export_ctranslate2(tiny_random_model, processor, tmp_path / "ct2", quantization="float32")
     variables = read_variables((folder / "model.bin",))
@@ -402,13 +402,13 @@ def test_hub_id_fails_fast_without_offline_flag(monkeypatch):
 
 
 def test_connection_errors_during_download_are_explained(monkeypatch):
-    import pyro_blora.weights as weights
+    import pyro_blora.base_models.loading as weights
 
     def refuse(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(weights, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(weights, "hub_reachable", lambda: True)
     monkeypatch.setattr(WhisperForConditionalGeneration, "from_pretrained", refuse)
     with pytest.raises(HubUnavailableError, match="connection failed"):
         load_whisper("openai/whisper-tiny")

@@ -17,8 +17,8 @@ import pyro
 import torch
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, train, wrap_whisper
-from pyro_blora.distributed import distributed_session
-from pyro_blora.training import TrainingInterrupted
+from pyro_blora.training.distributed import distributed_session
+from pyro_blora.training.loop import TrainingInterrupted
 from tests.tiny import TinyTask, collate, tiny_whisper
 
 __all__ = ["main", "train_config"]

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Optional
 
 import typer
 
+from pyro_blora.base_models.loading import load_processor
+from pyro_blora.commands.options import (
+    EVAL_DOMAINS,
+    PRESET_HELP,
+    TARGETS_HELP,
+    adapter_default,
+    comma_list,
+    comma_values,
+    preset_configs,
+    targets_default,
+)
+from pyro_blora.config import KL_NORMALIZATIONS, TrainConfig
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
+from pyro_blora.experiments.main_job import MainJobConfig, load_curve_sets
+from pyro_blora.experiments.sweep import SweepConfig, run_sweep, write_domain_table
+from pyro_blora.report.pages import SPARSITY_COLUMNS, write_inspection, write_report
+from pyro_blora.report.tables import markdown_table
 
-T = TypeVar("T")
-
-
-def _values(text: str, convert: Callable[[str], T], option: str) -> tuple[T, ...]:
-    """A comma-separated option value, e.g. ``0.1,0.5,1``."""
-    try:
-        values = tuple(convert(part.strip()) for part in text.split(",") if part.strip())
-    except ValueError as error:
-        raise typer.BadParameter(f"{option} takes comma-separated values such as 0.1,0.5,1 ({error})") from error
-    if not values:
-        raise typer.BadParameter(f"{option} is empty; give at least one value")
-    return values
+TRAIN = TrainConfig()
+# Full fine-tuning diverges at the learning rates adapters take; Whisper's own recipe fine-tunes at 1e-5.
+FULL_FINETUNING_LR = 1e-5
 
 
 def inspect(
@@ -27,10 +37,6 @@ def inspect(
     out: Path = typer.Option(Path("inspection"), help="folder for inspect.md, inspect.json and the plots"),
 ) -> None:
     """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots."""
-    import json
-
-    from pyro_blora.report import SPARSITY_COLUMNS, markdown_table, write_inspection
-
     page = write_inspection(runs, out)
     typer.echo(markdown_table(json.loads((out / "inspect.json").read_text())["sparsity"], SPARSITY_COLUMNS))
     typer.echo(f"inspection: {page}")
@@ -40,25 +46,29 @@ def sweep(
     data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder"),
     testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder with the evaluation domains"),
     out: Path = typer.Option(Path("sweep"), help="sweep folder (runs/, base/, results.csv, results.json)"),
-    model: str = typer.Option("base", help="base model: bundled name, folder or hub id"),
-    domains: list[str] = typer.Option(["zh-en", "en"], help="evaluated domains (the trained one and backward ones)"),
-    preset: str = typer.Option("default", help="default, or paper: adapters from BLoRAConfig.paper() and training "
-                               "from TrainConfig.paper() (README: the paper preset); the options below override it"),
-    betas: str = typer.Option("0.1,0.25,0.5,1,2", help="comma-separated KL weights β"),
-    prior_scales: Optional[str] = typer.Option(None, help="comma-separated prior standard deviations σp [the preset's]"),
-    ranks: Optional[str] = typer.Option(None, help="comma-separated adapter ranks [the preset's]"),
-    kl_normalizations: Optional[str] = typer.Option(None, help="comma-separated: dataset, token, parameter, matrix "
-                                                    "[the preset's: parameter; paper: matrix]"),
-    methods: str = typer.Option("blora", help="comma-separated methods; lora and full add one baseline per rank"),
-    targets: str = typer.Option("qk", help="adapted layers: qk, all-linear, or a regular expression"),
-    steps: int = typer.Option(200), batch_size: int = typer.Option(4), lr: float = typer.Option(1e-3),
-    warmup_steps: int = typer.Option(10), precision: str = typer.Option("fp32", help="fp32 or bf16"),
-    seeds: str = typer.Option("0", help="comma-separated seeds; every setting is trained once per seed"),
-    checkpoint_every: int = typer.Option(50),
-    full_lr: float = typer.Option(1e-5, help="learning rate of full fine-tuning (--lr is for adapters)"),
-    encoder_window: float = typer.Option(30.0, help="seconds the encoder reads, for the runs and the base model's "
-                                         "evaluation; < 30 is a speed option that changes the model (see README)"),
-    eval_every: int = typer.Option(0, help="score dev curves every N steps (0: never): the forgetting curves"),
+    model: str = typer.Option(MainJobConfig.model, help="base model: bundled name, folder or hub id"),
+    domains: list[str] = typer.Option(EVAL_DOMAINS, help="evaluated domains (the trained one and backward ones)"),
+    preset: str = typer.Option("default", help=PRESET_HELP),
+    betas: str = typer.Option(comma_list(SweepConfig.betas), help="comma-separated KL weights β"),
+    prior_scales: Optional[str] = typer.Option(None, help="comma-separated prior standard deviations σp, the "
+                                               "preset's " + adapter_default("prior_scale")),
+    ranks: Optional[str] = typer.Option(None, help="comma-separated adapter ranks, the preset's " + adapter_default("rank")),
+    kl_normalizations: Optional[str] = typer.Option(None, help=f"comma-separated: {', '.join(KL_NORMALIZATIONS)}, the "
+                                                    f"preset's {adapter_default('kl_normalization')}"),
+    methods: str = typer.Option(comma_list(SweepConfig.methods),
+                                help="comma-separated methods; lora and full add one baseline per rank"),
+    targets: Optional[str] = typer.Option(None, help=f"{TARGETS_HELP} {targets_default()}"),
+    steps: int = typer.Option(TRAIN.steps), batch_size: int = typer.Option(TRAIN.batch_size),
+    lr: float = typer.Option(TRAIN.lr), warmup_steps: int = typer.Option(TRAIN.warmup_steps),
+    precision: str = typer.Option(TRAIN.precision, help="fp32 or bf16"),
+    seeds: str = typer.Option(comma_list(SweepConfig.seeds), help="comma-separated seeds; every setting is trained "
+                              "once per seed"),
+    checkpoint_every: int = typer.Option(TRAIN.checkpoint_every),
+    full_lr: float = typer.Option(FULL_FINETUNING_LR, help="learning rate of full fine-tuning (--lr is for adapters)"),
+    encoder_window: float = typer.Option(TRAIN.encoder_window_seconds, help="seconds the encoder reads, for the runs "
+                                         "and the base model's evaluation; < 30 is a speed option that changes the "
+                                         "model (see README)"),
+    eval_every: int = typer.Option(TRAIN.eval_every, help="score dev curves every N steps (0: never): the forgetting curves"),
     curve_utterances: int = typer.Option(8, help="dev utterances per domain for the curves' CE"),
     curve_decoded: int = typer.Option(4, help="of those, greedily decoded for the curves' error and language ID"),
     limit: Optional[int] = typer.Option(None, help="train on the first N utterances only"),
@@ -68,30 +78,23 @@ def sweep(
                                                "with its update scaled by λ (eval-scale<λ>.json): the report's frontier"),
     ce_only_scales: Optional[str] = typer.Option(None, help="comma-separated λ evaluated by teacher-forced CE only"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(TRAIN.progress),
 ) -> None:
     """Train and evaluate a grid over β, σp, rank, KL normalisation and seeds; finished points are skipped.
     by-setting.md gives mean ± std over seeds, paired bootstrap intervals against the base model and LoRA,
     and BLoRA's backward gain, degradation reduction and in-domain drop against LoRA."""
-    from pyro_blora.commands.experiment import preset_configs
-    from pyro_blora.evaluation import EvalOptions, load_eval_sets
-    from pyro_blora.experiment import load_curve_sets
-    from pyro_blora.methods import load_training_data
-    from pyro_blora.sweep import SweepConfig, run_sweep
-    from pyro_blora.weights import load_processor
-
     adapter, train = preset_configs(
         preset, dict(targets=targets),
         dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
              checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
              encoder_window_seconds=encoder_window))
     grid = SweepConfig(
-        betas=_values(betas, float, "--betas"),
-        prior_scales=_values(prior_scales, float, "--prior-scales") if prior_scales else (adapter.prior_scale,),
-        ranks=_values(ranks, int, "--ranks") if ranks else (adapter.rank,),
-        kl_normalizations=_values(kl_normalizations, str, "--kl-normalizations") if kl_normalizations
+        betas=comma_values(betas, float, "--betas"),
+        prior_scales=comma_values(prior_scales, float, "--prior-scales") if prior_scales else (adapter.prior_scale,),
+        ranks=comma_values(ranks, int, "--ranks") if ranks else (adapter.rank,),
+        kl_normalizations=comma_values(kl_normalizations, str, "--kl-normalizations") if kl_normalizations
         else (adapter.kl_normalization,),
-        methods=_values(methods, str, "--methods"), seeds=_values(seeds, int, "--seeds"),
+        methods=comma_values(methods, str, "--methods"), seeds=comma_values(seeds, int, "--seeds"),
     )
     processor = load_processor(model)
     training = load_training_data(data, processor, cache_dir=cache_dir, limit=limit)
@@ -100,8 +103,8 @@ def sweep(
     run_sweep(grid, model, training, sets, out, adapter=adapter, train=train, full_lr=full_lr,
               curve_sets=curves, curve_options=EvalOptions(decode_limit=curve_decoded, progress=False),
               eval_options=EvalOptions(decode_limit=decode_limit, progress=progress), echo=typer.echo,
-              delta_scales=_values(delta_scales, float, "--delta-scales") if delta_scales else (),
-              ce_only_scales=_values(ce_only_scales, float, "--ce-only-scales") if ce_only_scales else ())
+              delta_scales=comma_values(delta_scales, float, "--delta-scales") if delta_scales else (),
+              ce_only_scales=comma_values(ce_only_scales, float, "--ce-only-scales") if ce_only_scales else ())
 
 
 def report(
@@ -111,8 +114,6 @@ def report(
     in_domain: Optional[str] = typer.Option(None, help="the trained domain (default: each run's training folder)"),
 ) -> None:
     """Markdown and PNG plots of finished runs: frontier, sparsity by method, training curves."""
-    from pyro_blora.report import write_report
-
     page = write_report(runs, out, base=base, in_domain=in_domain)
     typer.echo(f"report: {page}")
 
@@ -123,8 +124,6 @@ def table(
 ) -> None:
     """The paper's table over domains: base and every method, mean ± std over seeds, changes against
     the base model, BLoRA against LoRA, sparsity."""
-    from pyro_blora.sweep import write_domain_table
-
     page = write_domain_table(sweeps, out)
     typer.echo(page.read_text())
     typer.echo(f"table: {page}")

@@ -9,87 +9,72 @@ from typing import Optional
 
 import typer
 
-from pyro_blora.config import BLoRAConfig, DEFAULT_TARGETS, RetentionBudget, TrainConfig
-from pyro_blora.evaluation import EvalOptions, format_table
-from pyro_blora.experiment import ALL_LINEAR_TARGETS, MainJobConfig, export_run, run_evaluation, run_main_job
-from pyro_blora.methods import METHODS, base_model_of, load_training_data, run_training
-from pyro_blora.weights import load_processor
+from pyro_blora.base_models.loading import load_processor
+from pyro_blora.commands.options import (
+    BUDGET_HELP,
+    EVAL_DOMAINS,
+    PRESET_HELP,
+    RETAIN_ABSOLUTE_HELP,
+    RETAIN_HELP,
+    RETAIN_SPLIT_HELP,
+    TARGETS_HELP,
+    AlphaOption,
+    BetaOption,
+    KLNormalizationOption,
+    PriorScaleOption,
+    RankOption,
+    adapter_default,
+    budget_default,
+    comma_values,
+    default_note,
+    preset_configs,
+    retention_budget,
+    targets_default,
+    training_default,
+)
+from pyro_blora.config import WEIGHT_NOISES, RetentionBudget, TrainConfig
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
+from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
+from pyro_blora.experiments.step import export_run, run_evaluation
+from pyro_blora.report.tables import evaluation_table
+from pyro_blora.runs import METHODS, base_model_of
+from pyro_blora.training.methods import run_training
 
-TARGET_PRESETS = {"qk": DEFAULT_TARGETS, "all-linear": ALL_LINEAR_TARGETS}
-
-
-PRESETS = ("default", "paper")
-
-
-def preset_configs(preset: str, adapter: dict, train: dict) -> tuple[BLoRAConfig, TrainConfig]:
-    """The configs of ``preset`` (``default``: the dataclasses' defaults; ``paper``: BLoRAConfig.paper()
-    and TrainConfig.paper()) with every option that was given (not None) put over them; ``targets``
-    in ``adapter`` is a preset name (qk, all-linear) or a regular expression."""
-    if preset not in PRESETS:
-        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    adapter = {k: v for k, v in adapter.items() if v is not None}
-    train = {k: v for k, v in train.items() if v is not None}
-    if "targets" in adapter:
-        targets = adapter.pop("targets")
-        adapter["target_modules"] = TARGET_PRESETS.get(targets, (targets,))
-    for name in ("init_scale_A", "init_scale_B"):  # "rho" on the command line: softplus(rho), rho ~ U(range)
-        if adapter.get(name) == "rho":
-            adapter[name] = None
-        elif name in adapter:
-            adapter[name] = float(adapter[name])
-    if preset == "paper":
-        return BLoRAConfig.paper(**adapter), TrainConfig.paper(**train)
-    return BLoRAConfig(**adapter), TrainConfig(**train)
-
-
-RETAIN_HELP = ("retention data (the domain to keep, e.g. testbed/en): with --retain-budget, a forgetting budget; "
-               "utterances without transcripts are labelled by the base model's greedy transcripts")
-BUDGET_HELP = ("how much worse the retention loss (CE per transcript token) may get: 0.03 = 3% over the base model; "
-               "with --retain-absolute, the highest retention loss allowed (nats per token)")
-
-
-def retention_budget(budget: float | None, absolute: bool, retain: Path | None, **options) -> RetentionBudget | None:
-    """The forgetting budget the command-line options describe (None without --retain-budget)."""
-    if (budget is None) != (retain is None):
-        raise typer.BadParameter("a forgetting budget needs both --retain (the retention data) and --retain-budget")
-    if budget is None:
-        return None
-    given = {k: v for k, v in options.items() if v is not None}
-    try:
-        return RetentionBudget(budget, kind="absolute" if absolute else "relative", **given)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
+TRAIN = TrainConfig()
+EVALUATION = EvalOptions()
+MAIN_JOB = MainJobConfig()
 
 
 def train(
     method: str = typer.Option("blora", help=f"one of {', '.join(METHODS)}"),
     data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
     out: Path = typer.Option(..., help="run folder"),
-    model: str = typer.Option("base", help="base model: bundled name (base, tiny.en), folder or hub id"),
+    model: str = typer.Option(MainJobConfig.model, help="base model: bundled name (base, tiny.en), folder or hub id"),
     split: str = typer.Option("train", help="split of --data to train on"),
-    preset: str = typer.Option("default", help="default, or paper: the paper's BLoRA as its authors' code runs it "
-                               "(README: the paper preset); the options below override it"),
-    targets: Optional[str] = typer.Option(None, help="adapted layers: qk, all-linear, or a regular expression [qk]"),
-    rank: Optional[int] = typer.Option(None, help="[32]"),
-    alpha: Optional[float] = typer.Option(None, help="[2 * rank]"),
-    prior_scale: Optional[float] = typer.Option(None, help="[0.01]"), beta: Optional[float] = typer.Option(None, help="[0.5]"),
-    kl_normalization: Optional[str] = typer.Option(None, help="dataset, token, parameter or matrix [parameter; paper: matrix]"),
+    preset: str = typer.Option("default", help=PRESET_HELP),
+    targets: Optional[str] = typer.Option(None, help=f"{TARGETS_HELP} {targets_default()}"),
+    rank: RankOption = None, alpha: AlphaOption = None, prior_scale: PriorScaleOption = None,
+    beta: BetaOption = None, kl_normalization: KLNormalizationOption = None,
     init_scale_a: Optional[str] = typer.Option(None, help="initial posterior std of A, or 'rho' for softplus(rho), "
-                                               "rho ~ U(--init-rho-range) [1e-3; paper: rho]"),
-    init_scale_b: Optional[str] = typer.Option(None, help="the same for B [1e-4; paper: rho]"),
-    init_rho_range: Optional[tuple[float, float]] = typer.Option(None, help="low high [-5.5 -4.5]"),
-    scale_parameterization: Optional[str] = typer.Option(None, help="softplus or exp [exp; paper: softplus]"),
-    weight_noise: Optional[str] = typer.Option(None, help="shared, flipout or lrt [shared; paper: flipout]"),
-    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay [0; paper: 5e-4]"),
-    scale_lr_multiplier: Optional[float] = typer.Option(None, help="learning rate of the scales / lr [10; paper: 1]"),
-    steps: int = typer.Option(200), batch_size: int = typer.Option(4), lr: float = typer.Option(1e-3),
-    warmup_steps: int = typer.Option(10), precision: str = typer.Option("fp32", help="fp32 or bf16"),
-    seed: int = typer.Option(0), checkpoint_every: int = typer.Option(50),
-    eval_every: int = typer.Option(0, help="score the dev curves every N steps (0: never)"),
+                                               "rho ~ U(--init-rho-range) " + adapter_default("init_scale_A", none="rho")),
+    init_scale_b: Optional[str] = typer.Option(None, help="the same for B " + adapter_default("init_scale_B", none="rho")),
+    init_rho_range: Optional[tuple[float, float]] = typer.Option(None, help="low high " + adapter_default("init_rho_range")),
+    scale_parameterization: Optional[str] = typer.Option(None, help="softplus or exp "
+                                                         + adapter_default("scale_parameterization")),
+    weight_noise: Optional[str] = typer.Option(None, help=f"{', '.join(WEIGHT_NOISES)} {training_default('weight_noise')}"),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay " + training_default("weight_decay")),
+    scale_lr_multiplier: Optional[float] = typer.Option(None, help="learning rate of the scales / lr "
+                                                        + training_default("scale_lr_multiplier")),
+    steps: int = typer.Option(TRAIN.steps), batch_size: int = typer.Option(TRAIN.batch_size),
+    lr: float = typer.Option(TRAIN.lr), warmup_steps: int = typer.Option(TRAIN.warmup_steps),
+    precision: str = typer.Option(TRAIN.precision, help="fp32 or bf16"),
+    seed: int = typer.Option(TRAIN.seed), checkpoint_every: int = typer.Option(TRAIN.checkpoint_every),
+    eval_every: int = typer.Option(TRAIN.eval_every, help="score the dev curves every N steps (0: never)"),
     eval_testbed: Optional[Path] = typer.Option(None, help="testbed folder with the dev sets of the curves"),
-    eval_domains: list[str] = typer.Option(["zh-en", "en"], help="domains of the dev curves"),
-    eval_utterances: int = typer.Option(16, help="dev utterances per domain for the curve's CE"),
-    eval_decoded: int = typer.Option(4, help="of which greedily decoded for the error rate"),
+    eval_domains: list[str] = typer.Option(EVAL_DOMAINS, help="domains of the dev curves"),
+    eval_utterances: int = typer.Option(MainJobConfig.curve_utterances, help="dev utterances per domain for the curve's CE"),
+    eval_decoded: int = typer.Option(MainJobConfig.curve_decoded, help="of which greedily decoded for the error rate"),
     limit: Optional[int] = typer.Option(None, help="train on the first N utterances only"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
     resume: bool = typer.Option(False, help="continue the run in --out from its last checkpoint"),
@@ -97,27 +82,27 @@ def train(
                                              "is the starting point (blora, map, lora)"),
     prior_from: Optional[Path] = typer.Option(None, help="a finished blora run on the same base whose posterior "
                                               "becomes the prior, per entry (blora; for map: an L2 penalty towards it)"),
-    progress: bool = typer.Option(True),
-    gradient_checkpointing: bool = typer.Option(False, help="recompute activations in backward: less memory, more compute"),
-    encoder_window: float = typer.Option(30.0, help="seconds the encoder reads; < 30 is a speed option that changes "
-                                                     "the model and refuses longer clips (see README)"),
+    progress: bool = typer.Option(TRAIN.progress),
+    gradient_checkpointing: bool = typer.Option(TRAIN.gradient_checkpointing,
+                                                help="recompute activations in backward: less memory, more compute"),
+    encoder_window: float = typer.Option(TRAIN.encoder_window_seconds, help="seconds the encoder reads; < 30 is a "
+                                         "speed option that changes the model and refuses longer clips (see README)"),
     retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
-    retain_split: str = typer.Option("dev", help="split of --retain (test when it has no such split)"),
+    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
     retain_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
-    retain_absolute: bool = typer.Option(False, help="--retain-budget is the highest retention loss allowed"),
-    retain_every: Optional[int] = typer.Option(None, help="measure the retention loss every N steps [10]"),
-    retain_utterances: Optional[int] = typer.Option(None, help="utterances of the fixed retention batch [8]"),
-    retain_lr: Optional[float] = typer.Option(None, help="dual-ascent step of log beta [5]"),
-    retain_decay: Optional[float] = typer.Option(None, help="moving average of the retention loss [0.5]"),
-    beta_min: Optional[float] = typer.Option(None, help="lower bound of the adapted beta [1e-3]"),
-    beta_max: Optional[float] = typer.Option(None, help="upper bound of the adapted beta [1e4]"),
-    retain_scale: bool = typer.Option(True, help="when the final weights break the budget, also try the final "
-                                      "update scaled by the largest lambda inside it"),
+    retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
+    retain_every: Optional[int] = typer.Option(None, help="measure the retention loss every N steps " + budget_default("every")),
+    retain_utterances: Optional[int] = typer.Option(None, help="utterances of the fixed retention batch "
+                                                    + budget_default("utterances")),
+    retain_lr: Optional[float] = typer.Option(None, help="dual-ascent step of log beta " + budget_default("lr")),
+    retain_decay: Optional[float] = typer.Option(None, help="moving average of the retention loss " + budget_default("decay")),
+    beta_min: Optional[float] = typer.Option(None, help="lower bound of the adapted beta " + budget_default("beta_min")),
+    beta_max: Optional[float] = typer.Option(None, help="upper bound of the adapted beta " + budget_default("beta_max")),
+    retain_scale: bool = typer.Option(RetentionBudget.scale_at_end, help="when the final weights break the budget, "
+                                      "also try the final update scaled by the largest lambda inside it"),
 ) -> None:
     """Train one method (blora, lora, map, full) into a run folder; --model may be a finished run folder;
     under torchrun, data-parallel."""
-    from pyro_blora.evaluation import load_eval_sets
-
     if method not in METHODS:
         raise typer.BadParameter(f"use one of {', '.join(METHODS)}", param_hint="--method")
     blora, config = preset_configs(
@@ -168,37 +153,35 @@ def budget_line(summary: dict) -> str:
 def evaluate(
     source: str = typer.Argument(..., help="a run folder, or a model (bundled name, folder, hub id)"),
     testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder"),
-    domains: list[str] = typer.Option(["zh-en", "en"], help="domains to evaluate (in-domain and backward)"),
+    domains: list[str] = typer.Option(EVAL_DOMAINS, help="domains to evaluate (in-domain and backward)"),
     split: str = typer.Option("test"),
     limit: Optional[int] = typer.Option(None, help="first N utterances of each domain"),
     decode_limit: Optional[int] = typer.Option(None, help="greedy decoding on the first N only (default: all)"),
-    batch_size: int = typer.Option(8),
+    batch_size: int = typer.Option(EVALUATION.batch_size),
     base: Optional[Path] = typer.Option(None, help="eval.json (or run folder) of the base model, for relative changes"),
     against: Optional[Path] = typer.Option(None, help="another run (or eval.json) to compare against"),
     out: Optional[Path] = typer.Option(None, help="where to write eval.json (default: <run>/eval.json)"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
-    progress: bool = typer.Option(True),
+    progress: bool = typer.Option(EVALUATION.progress),
     delta_scale: Optional[str] = typer.Option(None, help="comma-separated λ: evaluate the run with its update scaled, "
                                               "W0 + λ (W_run - W0), into <run>/eval-scale<λ>.json (1: eval.json)"),
     encoder_window: Optional[float] = typer.Option(None, help="seconds the encoder of a model reads (a base model "
                                                    "scored beside windowed runs); a run uses its own window"),
     retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
-    retain_split: str = typer.Option("dev", help="split of --retain (test when it has no such split)"),
+    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
     retain_budget: Optional[float] = typer.Option(None, help="evaluate the run with its update scaled by the largest "
                                                   "lambda inside this budget on --retain, into "
                                                   "<run>/eval-budget<budget>.json; " + BUDGET_HELP),
-    retain_absolute: bool = typer.Option(False, help="--retain-budget is the highest retention loss allowed"),
-    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured [8]"),
+    retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
+    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured "
+                                                    + budget_default("utterances")),
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
-    from pyro_blora.commands.analysis import _values
-    from pyro_blora.evaluation import load_eval_sets
-
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
     budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances)
     if budget is not None and delta_scale is not None:
         raise typer.BadParameter("give --delta-scale or --retain-budget, not both: the budget chooses the scale")
-    scales = (None,) if delta_scale is None else _values(delta_scale, float, "--delta-scale")
+    scales = (None,) if delta_scale is None else comma_values(delta_scale, float, "--delta-scale")
     if out is not None and len(scales) > 1:
         raise typer.BadParameter("--out names one file; leave it out with several --delta-scale values (each "
                                  "writes <run>/eval-scale<λ>.json)")
@@ -214,18 +197,19 @@ def evaluate(
             if report.get(f"relative_to_{name}"):
                 typer.echo(f"{report['model']}: relative change against {name} ({report[f'{name}_source']}): "
                            f"{report[f'relative_to_{name}']}")
-    typer.echo(format_table(tables))
+    typer.echo(evaluation_table(tables))
 
 
 def export(
     run: Path = typer.Argument(..., help="a finished run folder"),
     out: Path = typer.Option(..., help="output folder: a transformers Whisper (weights and processor)"),
     retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
-    retain_split: str = typer.Option("dev", help="split of --retain (test when it has no such split)"),
+    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
     retain_budget: Optional[float] = typer.Option(None, help="scale the run's update by the largest lambda inside this "
                                                   "budget on --retain; " + BUDGET_HELP),
-    retain_absolute: bool = typer.Option(False, help="--retain-budget is the highest retention loss allowed"),
-    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured [8]"),
+    retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
+    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured "
+                                                    + budget_default("utterances")),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
 ) -> None:
     """Write a run's adapted model as a plain transformers Whisper folder, optionally inside a forgetting budget."""
@@ -239,9 +223,10 @@ def export(
 
 
 def main(
-    out: Path = typer.Option(Path("main-job"), help="output folder (testbed, runs, report.md)"),
-    steps: Optional[int] = typer.Option(None, help="training steps (default 80)"),
-    eval_limit: Optional[int] = typer.Option(None, help="test utterances per domain (default: all)"),
+    out: Path = typer.Option(MAIN_JOB.out, help="output folder (testbed, runs, report.md)"),
+    steps: Optional[int] = typer.Option(None, help="training steps " + default_note(MAIN_JOB.train.steps)),
+    eval_limit: Optional[int] = typer.Option(None, help="test utterances per domain "
+                                             + default_note(MAIN_JOB.eval_limit, none="all")),
 ) -> None:
     """The main job: build the testbed, train LoRA and BLoRA on zh-en, evaluate, compare, report."""
     config = MainJobConfig(out=out)

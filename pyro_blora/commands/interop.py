@@ -6,20 +6,23 @@ import json
 from pathlib import Path
 from typing import Optional
 
+import pyro
 import typer
+from transformers import WhisperForConditionalGeneration
 
+from pyro_blora.base_models.loading import load_whisper
 from pyro_blora.config import BLoRAConfig
-from pyro_blora.hub import KINDS
+from pyro_blora.interop.hub import KINDS, push_to_hub
+from pyro_blora.interop.peft import blora_config_from_peft, export_peft, import_peft, read_peft_adapter
+from pyro_blora.model.guide import build_guide
+from pyro_blora.model.whisper import wrap_whisper
+from pyro_blora.posterior import export_posterior_tensors, load_posterior, read_posterior_config, save_posterior
 
 BASE_HELP = "base Whisper model: a local folder, a bundled short name or a hub id (default: the one recorded in the folder)"
 
 
 def _load_base(source: str | None, folder: Path, recorded: str | None):
     """The base Whisper model (no processor needed to move adapters around)."""
-    from transformers import WhisperForConditionalGeneration
-
-    from pyro_blora.weights import load_whisper
-
     source = source or recorded
     if not source:
         raise typer.BadParameter(f"{folder} records no base model; name it with --base")
@@ -29,8 +32,6 @@ def _load_base(source: str | None, folder: Path, recorded: str | None):
 
 
 def _load_posterior(folder: Path, base: str | None):
-    from pyro_blora.posterior import load_posterior, read_posterior_config
-
     recorded = read_posterior_config(folder).get("metadata", {}).get("base_model")
     return load_posterior(folder, _load_base(base, folder, recorded)), base or recorded
 
@@ -42,8 +43,6 @@ def export_peft_command(
     prune_threshold: Optional[float] = typer.Option(None, help="set posterior-mean entries with |w| below this to 0 first"),
 ) -> None:
     """Export the posterior mean as a PEFT LoRA adapter."""
-    from pyro_blora.peft_io import export_peft
-
     (model, guide), base_name = _load_posterior(posterior, base)
     report = export_peft(model, guide, out, prune_threshold=prune_threshold, base_model_name_or_path=base_name)
     typer.echo(f"wrote {out}")
@@ -60,13 +59,6 @@ def import_peft_command(
     seed: int = typer.Option(0, help="seed of the guide's initialisation"),
 ) -> None:
     """Turn a PEFT LoRA adapter into a BLoRA posterior whose means are its A and B."""
-    import pyro
-
-    from pyro_blora.guide import build_guide
-    from pyro_blora.model import wrap_whisper
-    from pyro_blora.peft_io import blora_config_from_peft, import_peft, read_peft_adapter
-    from pyro_blora.posterior import save_posterior
-
     peft_adapter = read_peft_adapter(adapter)
     recorded = peft_adapter.config.get("base_model_name_or_path")
     model = wrap_whisper(_load_base(base, adapter, recorded), blora_config_from_peft(peft_adapter, prior_scale=prior_scale, beta=beta))
@@ -83,9 +75,6 @@ def export_posterior_command(
     base: Optional[str] = typer.Option(None, help=BASE_HELP),
 ) -> None:
     """Write means and standard deviations under plain names, readable without Pyro."""
-    from pyro_blora.posterior import read_posterior_config
-    from pyro_blora.posterior_export import export_posterior_tensors
-
     (model, guide), _ = _load_posterior(posterior, base)
     metadata = read_posterior_config(posterior).get("metadata", {})
     typer.echo(f"wrote {export_posterior_tensors(model, guide, out or posterior, metadata=metadata)}")
@@ -101,8 +90,6 @@ def push_command(
     commit_message: Optional[str] = typer.Option(None, help="commit message"),
 ) -> None:
     """Publish a merged model, a PEFT adapter or a posterior to the Hugging Face hub, with a model card."""
-    from pyro_blora.hub import push_to_hub
-
     url = push_to_hub(folder, repo_id, kind, run_dir=run_dir, base_model=base_model, private=private, commit_message=commit_message)
     typer.echo(json.dumps({"repo_id": repo_id, "commit": url}))
 

@@ -7,30 +7,38 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
-from pyro_blora.transcribe import TranscribeOptions, load_for_transcription, render_table, transcribe, write_jsonl
+from pyro_blora.predict.subtitles import output_paths, write_subtitles
+from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
+from pyro_blora.predict.transcripts import render_table, write_jsonl
+from pyro_blora.report.plots import plot_confidence, save_figure
+from pyro_blora.runs import load_for_transcription
+
+DEFAULTS = TranscribeOptions()
 
 
 def transcribe_command(
     inputs: list[Path] = typer.Argument(..., exists=True, help="audio files, folders of audio files, or one dataset (manifest or saved dataset)"),
     posterior: Path = typer.Option(..., help="posterior folder written by save_posterior / pyro-blora train (runs/x/posterior)"),
     model: Optional[str] = typer.Option(None, help="base Whisper (bundled name, folder or hub id); default: the posterior's metadata base_model"),
-    samples: int = typer.Option(8, "--samples", "-S", help="posterior samples per utterance"),
-    choose: str = typer.Option("mean", help="chosen hypothesis: 'mean' (posterior mean) or 'mbr' (minimum Bayes risk over samples)"),
+    samples: int = typer.Option(DEFAULTS.num_samples, "--samples", "-S", help="posterior samples per utterance"),
+    choose: str = typer.Option(DEFAULTS.choose, help="chosen hypothesis: 'mean' (posterior mean) or 'mbr' (minimum Bayes risk over samples)"),
     language: Optional[str] = typer.Option(None, help="language for Whisper (default: the dataset's column, or detection)"),
     split: Optional[str] = typer.Option(None, help="dataset split, when the dataset has several"),
     limit: Optional[int] = typer.Option(None, help="transcribe only the first N utterances"),
-    batch_size: int = typer.Option(4, help="utterances per batch"),
+    batch_size: int = typer.Option(DEFAULTS.batch_size, help="utterances per batch"),
     sequential: bool = typer.Option(False, help="decode the samples one after another instead of in one batched pass"),
-    long_form: bool = typer.Option(True, help="decode audio over 30 s with Whisper's sequential 30 s windows and timestamps "
+    long_form: bool = typer.Option(DEFAULTS.long_form, help="decode audio over 30 s with Whisper's sequential 30 s windows and timestamps "
                                    "(--no-long-form refuses it)"),
-    seed: int = typer.Option(0, help="seed of the posterior draws"),
-    low_confidence: float = typer.Option(0.5, help="mark words whose confidence is below this"),
+    seed: int = typer.Option(DEFAULTS.seed, help="seed of the posterior draws"),
+    low_confidence: float = typer.Option(DEFAULTS.low_confidence, help="mark words whose confidence is below this"),
     jsonl: Optional[Path] = typer.Option(None, help="write JSON lines here ('-' for standard output)"),
     srt: Optional[Path] = typer.Option(None, help="write SubRip subtitles: a .srt file (one input) or a folder (one file per input)"),
     vtt: Optional[Path] = typer.Option(None, help="write WebVTT subtitles: a .vtt file (one input) or a folder (one file per input)"),
     plot: Optional[Path] = typer.Option(None, help="word confidence along time: a .png file (one input) or a folder (one PNG per input)"),
-    table: bool = typer.Option(True, help="print a table with low-confidence words in [brackets]"),
+    table: bool = typer.Option(True, help=escape("print a table with low-confidence words in [brackets]")),
 ) -> None:
     """Transcribe under S posterior samples: chosen hypothesis, samples, uncertainty, word confidences;
     recordings over 30 s long-form, with timed segments (JSON lines, SRT, WebVTT)."""
@@ -57,8 +65,6 @@ def transcribe_command(
                 write_jsonl(results, handle)
             typer.echo(f"wrote {len(results)} transcripts to {jsonl}", err=True)
     if srt is not None or vtt is not None or plot is not None:
-        from pyro_blora.subtitles import output_paths, plot_confidence, write_subtitles
-
         for kind, target in (("srt", srt), ("vtt", vtt)):
             if target is not None:
                 paths = write_subtitles(results, target, kind, low_confidence)
@@ -66,11 +72,9 @@ def transcribe_command(
                            + (" ..." if len(paths) > 3 else ""), err=True)
         if plot is not None:
             for transcript, path in zip(results, output_paths(plot, results, ".png")):
-                plot_confidence(transcript, path, low_confidence)
+                save_figure(plot_confidence(transcript, low_confidence), path)
             typer.echo(f"wrote {len(results)} confidence plot(s) to {plot}", err=True)
     if table:
-        from rich.console import Console
-
         Console(stderr=str(jsonl) == "-").print(render_table(results, low_confidence))
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "TranscriptEncoder",
     "decoder_start_token_id",
     "is_english_only",
+    "check_language",
     "language_code",
 ]
 
@@ -109,3 +110,13 @@ def _token_id(tokenizer, token: str) -> int:
             f"the tokenizer has no {token} token; it is not a Whisper tokenizer (load one with load_processor)"
         )
     return token_id
+
+
+def check_language(processor_or_tokenizer, language: str) -> str:
+    """Whisper's code for ``language`` (a code or an English name such as 'Spanish').
+
+    Raises UnknownLanguageError when the tokenizer has no token for it, and EnglishOnlyModelError
+    (a subclass) when the model is English-only and ``language`` is not English.
+    """
+    tokenizer = getattr(processor_or_tokenizer, "tokenizer", processor_or_tokenizer)
+    return language_code(tokenizer, language)

@@ -9,7 +9,7 @@ import datasets
 
 from pyro_blora.data.columns import canonicalize
 from pyro_blora.data.manifest import MANIFEST_SUFFIXES, read_audiofolder, read_manifest
-from pyro_blora.weights import HubUnavailableError
+from pyro_blora.offline import HubUnavailableError
 
 __all__ = ["load_speech_dataset"]
 

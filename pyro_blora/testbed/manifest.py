@@ -14,7 +14,12 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["DATASET_COLUMNS", "save_domain", "split_statistics", "write_manifest", "write_card"]
+from pyro_blora.markdown import markdown_table
+
+__all__ = ["DATASET_COLUMNS", "save_domain", "split_statistics", "testbed_domains", "write_manifest", "write_card"]
+
+# What `save_to_disk` writes into a DatasetDict's folder: how a testbed's domain folders are told apart.
+_DATASET_DICT_FILE = "dataset_dict.json"
 
 # Row fields stored in the datasets, in order; `embedded_runs` and `n_tokens` only feed the statistics.
 DATASET_COLUMNS = (
@@ -58,6 +63,14 @@ def save_domain(folder: Path, splits: Mapping[str, list[dict]]) -> Path:
         built[split] = dataset.cast_column("audio", datasets.Audio(sampling_rate=16_000))
     datasets.DatasetDict(built).save_to_disk(str(folder))
     return folder
+
+
+def testbed_domains(out_dir: str | Path) -> list[str]:
+    """The domains of a built testbed (its folders written by :func:`save_domain`), sorted by name."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise FileNotFoundError(f"testbed folder {out_dir} does not exist; build one with `pyro-blora testbed --out {out_dir}`")
+    return sorted(p.name for p in out_dir.iterdir() if (p / _DATASET_DICT_FILE).is_file())
 
 
 def split_statistics(rows: list[dict]) -> dict:
@@ -148,8 +161,6 @@ statistics below.
 `words/switch` is the mean length in tokens of an embedded stretch; `English tokens` is the token-weighted
 share of embedded (English) tokens.
 
-| domain | split | what | utterances | hours | templates | voices | noisy | switches/utt | words/switch | English tokens |
-|---|---|---|---|---|---|---|---|---|---|---|
 """
 
 _CARD_TAIL = """
@@ -192,14 +203,14 @@ def write_card(
         pitches=settings["espeak_pitch"], gaps=settings["segment_gap_s"], snrs=settings["noise_snr_db"],
     )
     config_text = "TestbedConfig(" + ", ".join(f"{k}={v!r}" for k, v in settings.items()) + ")"
-    lines = []
-    for domain, splits in _statistics(rows).items():
-        for split, s in splits.items():
-            lines.append(
-                f"| {domain} | {split} | {descriptions.get(domain, '')} | {s['utterances']} | {s['hours']:.3f} | "
-                f"{s['templates']} | {s['voices']} | {s['noisy_fraction']:.2f} | {s['switches_per_utterance']:.2f} | "
-                f"{s['words_per_switch']:.2f} | {s['embedded_token_fraction']:.3f} |"
-            )
+    table = [
+        {"domain": domain, "split": split, "what": descriptions.get(domain, ""), "utterances": s["utterances"],
+         "hours": f"{s['hours']:.3f}", "templates": s["templates"], "voices": s["voices"],
+         "noisy": f"{s['noisy_fraction']:.2f}", "switches/utt": f"{s['switches_per_utterance']:.2f}",
+         "words/switch": f"{s['words_per_switch']:.2f}", "English tokens": f"{s['embedded_token_fraction']:.3f}"}
+        for domain, splits in _statistics(rows).items() for split, s in splits.items()
+    ]
+    lines = [markdown_table(table)]
     speed = "".join(
         f"\n- {engine}: {t['audio_s']:.0f} s of audio in {t['wall_s']:.0f} s ({t['x_real_time']:.0f}x real time)"
         for engine, t in sorted((timing or {}).items())

@@ -1,0 +1,139 @@
+"""What the command modules share: option help that shows the config classes' defaults, the presets,
+comma-separated values and the forgetting budget.
+
+Defaults shown in ``--help`` are read from the config classes (``BLoRAConfig``, ``TrainConfig``,
+``RetentionBudget``, ...), so that the command line never states a default the library does not use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional, TypeVar
+
+import typer
+from rich.markup import escape
+
+from pyro_blora.config import KL_NORMALIZATIONS, TARGET_PRESETS, BLoRAConfig, RetentionBudget, TrainConfig, target_patterns
+
+T = TypeVar("T")
+
+PRESETS = ("default", "paper")
+PRESET_HELP = ("default, or paper: the paper's BLoRA as its authors' code runs it (BLoRAConfig.paper(), "
+               "TrainConfig.paper(); README: the paper preset); the options below override it")
+TARGETS_HELP = f"adapted layers: {', '.join(TARGET_PRESETS)}, or a regular expression"
+
+# Domains scored by default: the code-switched domain adapted to and the original one.
+EVAL_DOMAINS = ["zh-en", "en"]
+
+RETAIN_HELP = ("retention data (the domain to keep, e.g. testbed/en): with --retain-budget, a forgetting budget; "
+               "utterances without transcripts are labelled by the base model's greedy transcripts")
+BUDGET_HELP = ("how much worse the retention loss (CE per transcript token) may get: 0.03 = 3% over the base model; "
+               "with --retain-absolute, the highest retention loss allowed (nats per token)")
+RETAIN_SPLIT_HELP = "split of --retain (test when it has no such split)"
+RETAIN_ABSOLUTE_HELP = "--retain-budget is the highest retention loss allowed"
+
+_NOT_GIVEN = object()
+
+
+def shown(value: Any, none: str = "none") -> str:
+    """A default as ``--help`` writes it: floats short (1e-3 as 0.001), tuples space-separated."""
+    if value is None:
+        return none
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return " ".join(shown(v, none) for v in value)
+    return str(value)
+
+
+def default_note(default: Any, other: Any = _NOT_GIVEN, none: str = "none", other_name: str = "paper") -> str:
+    """``[default]``, or ``[default; paper: value]`` where another preset (``other_name``) differs, escaped
+    so that the help renderer shows the brackets instead of reading them as markup."""
+    text = shown(default, none)
+    if other is not _NOT_GIVEN and other != default:
+        text += f"; {other_name}: {shown(other, none)}"
+    return escape(f"[{text}]")
+
+
+def adapter_default(field: str, none: str = "none") -> str:
+    """The default of a ``BLoRAConfig`` field, and the paper preset's where it differs."""
+    return default_note(getattr(BLoRAConfig(), field), getattr(BLoRAConfig.paper(), field), none)
+
+
+def target_name(patterns: tuple[str, ...]) -> str:
+    """The ``TARGET_PRESETS`` name of ``patterns``, or the patterns themselves."""
+    return next((name for name, preset in TARGET_PRESETS.items() if preset == tuple(patterns)), " ".join(patterns))
+
+
+def targets_default(default: tuple[str, ...] | None = None) -> str:
+    """The adapted layers by preset name: ``default`` (BLoRAConfig's unless given) and the paper preset's."""
+    return default_note(target_name(default or BLoRAConfig().target_modules),
+                        target_name(BLoRAConfig.paper().target_modules))
+
+
+def training_default(field: str) -> str:
+    """The default of a ``TrainConfig`` field, and the paper preset's where it differs."""
+    return default_note(getattr(TrainConfig(), field), getattr(TrainConfig.paper(), field))
+
+
+def budget_default(field: str) -> str:
+    """The default of a ``RetentionBudget`` field (its class attribute: the budget itself has none)."""
+    return default_note(getattr(RetentionBudget, field))
+
+
+# The adapter and prior options every training command takes (None: the preset's value).
+RankOption = Annotated[Optional[int], typer.Option(help=adapter_default("rank"))]
+AlphaOption = Annotated[Optional[float], typer.Option(help=adapter_default("alpha", none="2 * rank"))]
+PriorScaleOption = Annotated[Optional[float], typer.Option(help=adapter_default("prior_scale"))]
+BetaOption = Annotated[Optional[float], typer.Option(help=adapter_default("beta"))]
+KLNormalizationOption = Annotated[Optional[str], typer.Option(
+    help=f"{', '.join(KL_NORMALIZATIONS)} {adapter_default('kl_normalization')}")]
+
+
+def preset_configs(preset: str, adapter: dict, train: dict) -> tuple[BLoRAConfig, TrainConfig]:
+    """The configs of ``preset`` (``default``: the dataclasses' defaults; ``paper``: BLoRAConfig.paper()
+    and TrainConfig.paper()) with every option that was given (not None) put over them; ``targets``
+    in ``adapter`` is a name of ``TARGET_PRESETS`` or a regular expression."""
+    if preset not in PRESETS:
+        raise typer.BadParameter(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    adapter = {k: v for k, v in adapter.items() if v is not None}
+    train = {k: v for k, v in train.items() if v is not None}
+    if "targets" in adapter:
+        adapter["target_modules"] = target_patterns(adapter.pop("targets"))
+    for name in ("init_scale_A", "init_scale_B"):  # "rho" on the command line: softplus(rho), rho ~ U(range)
+        if adapter.get(name) == "rho":
+            adapter[name] = None
+        elif name in adapter:
+            adapter[name] = float(adapter[name])
+    if preset == "paper":
+        return BLoRAConfig.paper(**adapter), TrainConfig.paper(**train)
+    return BLoRAConfig(**adapter), TrainConfig(**train)
+
+
+def comma_values(text: str, convert: Callable[[str], T], option: str) -> tuple[T, ...]:
+    """A comma-separated option value, e.g. ``0.1,0.5,1``."""
+    try:
+        values = tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise typer.BadParameter(f"{option} takes comma-separated values such as 0.1,0.5,1 ({error})") from error
+    if not values:
+        raise typer.BadParameter(f"{option} is empty; give at least one value")
+    return values
+
+
+def comma_list(values: tuple[Any, ...]) -> str:
+    """The inverse of :func:`comma_values`: a default tuple as the option writes it."""
+    return ",".join(shown(v) for v in values)
+
+
+def retention_budget(budget: float | None, absolute: bool, retain: Path | None, **options) -> RetentionBudget | None:
+    """The forgetting budget the command-line options describe (None without --retain-budget)."""
+    if (budget is None) != (retain is None):
+        raise typer.BadParameter("a forgetting budget needs both --retain (the retention data) and --retain-budget")
+    if budget is None:
+        return None
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return RetentionBudget(budget, kind="absolute" if absolute else "relative", **given)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error

@@ -1,0 +1,1 @@
+"""Other tools' formats: PEFT adapters, the Hugging Face Hub, and experiment trackers."""

@@ -1,0 +1,430 @@
+"""A forgetting budget: adapt as much as possible while the original domain gets at most X% worse.
+
+The constraint is on the *retention loss*: the teacher-forced cross-entropy per transcript token
+(:func:`transcript_ce`) of a fixed batch of retention utterances (the domain the model already knew),
+against the same loss of the base model. :class:`~pyro_blora.config.RetentionBudget` holds the options.
+
+During training (:class:`BudgetTracker`) the retention loss is measured every ``every`` steps. For
+blora and map the KL weight beta is the Lagrange multiplier of the constraint and follows it by dual
+ascent in log space, as GECO does (Rezende & Viola 2018, "Taming VAEs")::
+
+    average <- decay * average + (1 - decay) * loss           (the first measurement starts it)
+    log beta <- clamp(log beta + clamp(eta * (average - limit) / limit, +-max_log_step),
+                      log beta_min, log beta_max)
+
+so beta grows while the constraint is violated and decays while there is slack. lora and full have
+no prior, so the budget acts as early stopping there. Every measurement inside the limit keeps a
+copy of the trained state; at the end the run keeps its final weights if they are inside the
+limit, else the better (lower in-domain loss) of the last weights measured inside the limit and the
+final update scaled, W0 + lambda dW, with the largest lambda inside the limit (:func:`choose_scale`).
+Nothing is extrapolated: every kept model had its retention loss measured.
+
+The retention set may lack transcripts: the base model's own greedy transcripts are then its labels
+(:func:`load_retention_set`), decoded once and cached in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
+
+import torch
+
+from pyro_blora.training import distributed
+from pyro_blora.config import RetentionBudget
+from pyro_blora.model.interpolation import interpolated
+from pyro_blora.model.objective import token_nll_per_utterance
+
+__all__ = [
+    "BASE_MODEL_LABELS",
+    "BudgetNotMetWarning",
+    "BudgetTracker",
+    "RetentionSet",
+    "TrainedUpdate",
+    "budget_fingerprint",
+    "choose_scale",
+    "load_retention_set",
+    "parameter_update",
+    "posterior_update",
+    "transcript_ce",
+]
+
+# What the run's config says when retention labels are the base model's own greedy transcripts.
+BASE_MODEL_LABELS = "base model's greedy transcripts"
+TRANSCRIPT_LABELS = "transcripts"
+LABELS_FILE = "retention-labels.json"
+
+
+class BudgetNotMetWarning(UserWarning):
+    """No weights measured during training kept the retention loss inside the budget."""
+
+
+def transcript_ce(whisper, batches: Sequence[Mapping]) -> float:
+    """The retention loss: teacher-forced cross-entropy (nats) per transcript token of ``batches``.
+
+    Transcript tokens are the text and the end-of-text token; the forced prompt (label ids above
+    the end-of-text id) is left out. Every retention loss of this module goes through here."""
+    total, tokens = token_nll_per_utterance(whisper, batches).totals("transcript")
+    if tokens == 0:
+        raise ValueError("the retention batch has no transcript tokens (every label is prompt or padding); "
+                         "give retention utterances with transcripts, or none so that the base model labels them")
+    return total / tokens
+
+
+@dataclass
+class RetentionSet:
+    """The fixed retention batch, and where its labels come from."""
+
+    # Collated batches (``input_features``, ``labels`` padded with -100), measured together.
+    batches: list[dict[str, Any]]
+    # "transcripts", or the base model's greedy transcripts (BASE_MODEL_LABELS).
+    labels: str = TRANSCRIPT_LABELS
+    # Where the utterances come from (a folder, a manifest), for the run's config.
+    source: str | None = None
+    split: str | None = None
+    ids: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dataset(cls, dataset, collate: Callable[[list], dict], utterances: int, **info: Any) -> "RetentionSet":
+        """The first ``utterances`` items of ``dataset`` as one batch."""
+        if len(dataset) == 0:
+            raise ValueError("the retention set is empty; give utterances of the domain the model should keep")
+        items = [dataset[i] for i in range(min(utterances, len(dataset)))]
+        batch = collate(items)
+        ids = [str(i) for i in batch.get("ids") or range(len(items))]
+        return cls([batch], ids=ids, **info)
+
+    def __len__(self) -> int:
+        return sum(int(b["labels"].shape[0]) for b in self.batches)
+
+    def to(self, device: torch.device) -> "RetentionSet":
+        moved = [{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in self.batches]
+        return replace(self, batches=moved)
+
+    def describe(self) -> dict[str, Any]:
+        """What the run's config records: source, split, utterances and the origin of the labels."""
+        return {"source": self.source, "split": self.split, "utterances": len(self), "labels": self.labels}
+
+
+def budget_fingerprint(budget: RetentionBudget, retention: RetentionSet) -> dict[str, Any]:
+    """The ``retention`` entry of a budgeted run's ``config.json``: the budget's options and the
+    retention set, including where its labels come from."""
+    return {**retention.describe(), "budget": budget.to_dict()}
+
+
+@dataclass
+class TrainedUpdate:
+    """How the budget reaches a method's trained update dW = W - W0."""
+
+    # A context giving the plain forward model at W0 + scale * dW (1: as trained, 0: the base model).
+    scaled: Callable[[float], ContextManager[Any]]
+    # Make W0 + scale * dW the trained weights.
+    commit: Callable[[float], None]
+    # A copy of the trained state, and putting such a copy back.
+    snapshot: Callable[[], Any]
+    restore: Callable[[Any], None]
+
+
+def _cloned(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in state.items()}
+
+
+def posterior_update(model, guide) -> TrainedUpdate:
+    """blora and map: dW = (alpha / r) B A at the posterior means, so scaling the means of B scales
+    dW. Committing a scale scales B's posterior (mean and standard deviation), i.e. the posterior of
+    scale * B."""
+
+    def values(scale: float) -> dict[str, torch.Tensor]:
+        return {site: value * scale if site.endswith(".lora_B") else value for site, value in guide.means().items()}
+
+    @contextmanager
+    def scaled(scale: float) -> Iterator[Any]:
+        with model.hold_adapters(values(scale)):
+            yield model.whisper
+
+    def commit(scale: float) -> None:
+        if hasattr(guide, "stddevs"):  # a mean-field guide: q(scale * B) = N(scale * mu, scale * sigma)
+            guide.set_stddevs({site: (value * scale).clamp_min(1e-12) if site.endswith(".lora_B") else value
+                               for site, value in guide.stddevs().items()})
+        guide.set_means(values(scale))
+
+    return TrainedUpdate(scaled, commit, lambda: _cloned(guide.state_dict()), guide.load_state_dict)
+
+
+def parameter_update(forward_model, trainable: Mapping[str, torch.nn.Parameter],
+                     start: Mapping[str, torch.Tensor]) -> TrainedUpdate:
+    """Plain weights (lora, full, or any merged model): dW = p - start[name] for the parameters
+    named in ``start`` (lora: the B matrices, starting at zero; full: every weight, starting at W0).
+    ``trainable`` is everything a snapshot keeps."""
+    moving = {name: trainable[name] for name in start}
+
+    @torch.no_grad()
+    def set_scale(scale: float) -> None:
+        for name, parameter in moving.items():
+            parameter.copy_(interpolated(start[name], parameter, scale))
+
+    @contextmanager
+    def scaled(scale: float) -> Iterator[Any]:
+        saved = {name: p.detach().clone() for name, p in moving.items()}
+        try:
+            set_scale(scale)
+            yield forward_model
+        finally:
+            with torch.no_grad():
+                for name, parameter in moving.items():
+                    parameter.copy_(saved[name])
+
+    @torch.no_grad()
+    def restore(state: Mapping[str, torch.Tensor]) -> None:
+        for name, value in state.items():
+            trainable[name].copy_(value)
+
+    return TrainedUpdate(scaled, set_scale, lambda: _cloned({n: p for n, p in trainable.items()}), restore)
+
+
+def choose_scale(measure: Callable[[float], float], limit: float, grid: int = 10, refine: int = 4,
+                 known: Mapping[float, float] | None = None) -> tuple[float | None, list[tuple[float, float]]]:
+    """The largest scale lambda in [0, 1] whose measured retention loss ``measure(lambda)`` is at most
+    ``limit``: the first of 1, 1 - 1/grid, ..., 0 inside, then ``refine`` bisection steps towards the
+    next value up. Returns lambda (None when even 0 breaks the limit) and every (lambda, loss) measured;
+    the returned lambda is always one of them."""
+    tried: list[tuple[float, float]] = []
+    known = dict(known or {})
+
+    def inside(scale: float) -> bool:
+        loss = known[scale] if scale in known else measure(scale)
+        tried.append((scale, loss))
+        return loss <= limit
+
+    points = [1 - i / grid for i in range(grid + 1)]
+    found = next((i for i, scale in enumerate(points) if inside(scale)), None)
+    if found is None:
+        return None, tried
+    low = points[found]
+    if found == 0:
+        return low, tried
+    high = points[found - 1]
+    for _ in range(refine):
+        middle = (low + high) / 2
+        if inside(middle):
+            low = middle
+        else:
+            high = middle
+    return low, tried
+
+
+class BudgetTracker:
+    """The forgetting budget of one training run: measures the retention loss, adapts beta (when the
+    model has a prior), keeps the last state inside the limit, and decides what the run keeps.
+
+    Its ``state_dict`` (beta, the moving average, the last state inside the limit) goes into every
+    checkpoint, so a resumed run continues exactly as an uninterrupted one."""
+
+    def __init__(self, budget: RetentionBudget, retention: RetentionSet, update: TrainedUpdate, total_steps: int,
+                 model=None) -> None:
+        self.budget = budget
+        self.retention = retention
+        self.update = update
+        self.total_steps = total_steps
+        # The BLoRA model whose beta is the multiplier (None for methods without a prior).
+        self.model = model
+        self.base_ce: float | None = None
+        self.limit: float | None = None
+        self.average: float | None = None
+        self.log_beta: float | None = None
+        self.measurements = 0
+        self.last: dict[str, Any] | None = None  # {"step", "ce"} of the latest measurement
+        self.inside: dict[str, Any] | None = None  # {"step", "ce", "beta", "state"} of the last one inside
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ measuring
+    def measure(self, scale: float = 1.0) -> float:
+        """The retention loss of the trained weights with the update scaled by ``scale`` (rank 0
+        measures, every rank gets the value)."""
+        start = time.perf_counter()
+
+        def run() -> float:
+            with self.update.scaled(scale) as whisper:
+                return transcript_ce(whisper, self.retention.batches)
+
+        value = distributed.current().on_main(run)
+        self.seconds += time.perf_counter() - start
+        return value
+
+    def start(self) -> None:
+        """Measure the base model (the update scaled by 0) and set the limit; clamp beta into its bounds."""
+        if self.base_ce is None:
+            self.base_ce = self.measure(0.0)
+            self.limit = self.budget.limit(self.base_ce)
+            self.seconds = 0.0  # the overhead counted is that of the measurements during training
+        if self.model is not None and self.log_beta is None:
+            self._set_log_beta(math.log(self.model.beta))
+
+    def _set_log_beta(self, value: float) -> None:
+        low, high = math.log(self.budget.beta_min), math.log(self.budget.beta_max)
+        self.log_beta = min(high, max(low, value))
+        self.model.set_beta(math.exp(self.log_beta))
+
+    def after_step(self, step: int) -> dict[str, float]:
+        """After optimiser step ``step`` (1-based): every ``every`` steps and after the last one,
+        measure, update the average and beta, and return the fields for the step's log record."""
+        if step % self.budget.every and step != self.total_steps:
+            return {}
+        loss = self.measure()
+        self.measurements += 1
+        decay = self.budget.decay
+        self.average = loss if self.average is None else decay * self.average + (1 - decay) * loss
+        record = {"retain_ce": loss, "retain_ce_avg": self.average, "retain_limit": self.limit,
+                  "retain_slack": self.limit - loss}
+        if self.model is not None:
+            violation = (self.average - self.limit) / self.limit
+            bound = self.budget.max_log_step
+            self._set_log_beta(self.log_beta + min(bound, max(-bound, self.budget.lr * violation)))
+            record["beta"] = math.exp(self.log_beta)
+        self.last = {"step": step, "ce": loss}
+        if loss <= self.limit:
+            self.inside = {"step": step, "ce": loss, "beta": record.get("beta"), "state": self.update.snapshot()}
+        return record
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {"base_ce": self.base_ce, "limit": self.limit, "average": self.average, "log_beta": self.log_beta,
+                "measurements": self.measurements, "last": self.last, "inside": self.inside}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name in ("base_ce", "limit", "average", "measurements", "last", "inside"):
+            setattr(self, name, state[name])
+        self.log_beta = None
+        if self.model is not None and state["log_beta"] is not None:
+            self._set_log_beta(state["log_beta"])
+
+    # ------------------------------------------------------------------ the end
+    def finish(self, in_domain: Callable[[Any], float], loop_seconds: float | None = None) -> dict[str, Any]:
+        """Decide what the run keeps (see the module's docstring), leave those weights in place and
+        return the summary for ``result.json``. ``in_domain(whisper)`` is the in-domain loss (lower is
+        better) that chooses between two models inside the budget."""
+        context = distributed.current()
+        final_ce = self.last["ce"] if self.last and self.last["step"] == self.total_steps else self.measure()
+        summary: dict[str, Any] = {
+            "budget": self.budget.to_dict(), "described": self.budget.describe(), "retention": self.retention.describe(),
+            "base_retain_ce": self.base_ce, "retain_limit": self.limit, "final_retain_ce": final_ce,
+            "final_beta": None if self.log_beta is None else math.exp(self.log_beta),
+            "measurements": self.measurements, "met_during_training": self.inside is not None,
+            "last_inside_step": None if self.inside is None else self.inside["step"],
+        }
+        if loop_seconds:
+            summary["estimate_seconds"] = self.seconds
+            summary["overhead"] = self.seconds / max(1e-9, loop_seconds - self.seconds)
+        if final_ce <= self.limit:
+            summary.update(kept="final", kept_step=self.total_steps, scale=1.0, retain_ce=final_ce, met=True)
+            return summary
+        candidates = []
+        if self.inside is not None:
+            final_state = self.update.snapshot()
+            self.update.restore(self.inside["state"])
+            with self.update.scaled(1.0) as whisper:
+                loss = context.on_main(lambda: in_domain(whisper))
+            self.update.restore(final_state)
+            candidates.append({"kept": "checkpoint", "kept_step": self.inside["step"], "scale": 1.0,
+                               "retain_ce": self.inside["ce"], "in_domain_loss": loss})
+        if self.budget.scale_at_end:
+            scale, tried = choose_scale(self.measure, self.limit, self.budget.scale_grid, self.budget.scale_refine,
+                                        known={1.0: final_ce})
+            summary["scales_tried"] = tried
+            if scale is not None:
+                with self.update.scaled(scale) as whisper:
+                    loss = context.on_main(lambda: in_domain(whisper))
+                candidates.append({"kept": "scaled", "kept_step": self.total_steps, "scale": scale,
+                                   "retain_ce": dict(tried)[scale], "in_domain_loss": loss})
+        if not candidates:
+            summary.update(kept="final", kept_step=self.total_steps, scale=1.0, retain_ce=final_ce, met=False)
+            warnings.warn(self._never_met(final_ce), BudgetNotMetWarning, stacklevel=3)
+            summary["message"] = self._never_met(final_ce)
+            return summary
+        chosen = min(candidates, key=lambda c: c["in_domain_loss"])
+        if chosen["kept"] == "checkpoint":
+            self.update.restore(self.inside["state"])
+        else:
+            self.update.commit(chosen["scale"])
+        summary.update(chosen, met=True, candidates=candidates)
+        if self.inside is None:
+            summary["message"] = self._never_met(final_ce) + f" The run keeps its final update scaled by {chosen['scale']:.4g}."
+            warnings.warn(summary["message"], BudgetNotMetWarning, stacklevel=3)
+        return summary
+
+    def _never_met(self, final_ce: float) -> str:
+        return (f"the forgetting budget ({self.budget.describe()}: a retention loss of at most {self.limit:.4f}) was "
+                f"never met during training: all {self.measurements} measurements were above it (the last "
+                f"{final_ce:.4f}, the base model {self.base_ce:.4f}).")
+
+
+# ---------------------------------------------------------------------- retention data
+def load_retention_set(source: str | Path, processor, base_whisper, utterances: int, split: str = "dev",
+                       cache_dir: str | Path | None = None, labels_file: str | Path | None = None,
+                       n_frames: int | None = None, model_name: str | None = None) -> RetentionSet:
+    """The first ``utterances`` utterances of ``split`` of ``source`` (falling back to ``test`` for
+    test-only sets), prepared for ``processor``. Utterances without a transcript get the greedy
+    transcript of ``base_whisper`` (the base model, before any adapter), with its language forced;
+    those are decoded once and kept in ``labels_file`` (a run folder's ``retention-labels.json``),
+    which later calls with the same utterances and ``model_name`` read instead."""
+    import datasets
+
+    from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, load_speech_dataset
+    from pyro_blora.data import prepare_dataset
+
+    loaded = load_speech_dataset(source)
+    if isinstance(loaded, datasets.DatasetDict):
+        chosen = split if split in loaded else "test" if "test" in loaded else None
+        if chosen is None:
+            raise KeyError(f"the retention set {source} has no split {split!r} (nor 'test'); available: {list(loaded)}")
+        rows, split = loaded[chosen], chosen
+    else:
+        rows = loaded
+    rows = rows.select(range(min(utterances, len(rows))))
+    missing = [row_id for row_id, text in zip(rows["id"], rows["text"]) if not text.strip()]
+    labels = TRANSCRIPT_LABELS
+    if missing:
+        texts = _base_model_transcripts(rows, missing, processor, base_whisper, cache_dir, labels_file,
+                                        key={"source": str(source), "split": split, "model": model_name})
+        rows = rows.map(lambda row: {"text": texts.get(row["id"], row["text"])})
+        labels = BASE_MODEL_LABELS if len(missing) == len(rows) else \
+            f"{BASE_MODEL_LABELS} for {len(missing)} of {len(rows)} utterances, transcripts for the others"
+    prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
+    collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
+    if n_frames is not None:
+        collate = replace(collate, n_frames=n_frames)
+    return RetentionSet.from_dataset(PreparedSpeechDataset(prepared), collate, utterances, labels=labels,
+                                     source=str(source), split=split)
+
+
+def _base_model_transcripts(rows, missing: list[str], processor, whisper, cache_dir, labels_file,
+                            key: Mapping[str, Any]) -> dict[str, str]:
+    """Greedy transcripts of the base model for the rows named in ``missing``, read from
+    ``labels_file`` when it holds them for the same source, split, model and ids."""
+    from pyro_blora.data import prepare_dataset
+    from pyro_blora.evaluation.scoring import EvalSet, greedy_transcripts
+
+    path = Path(labels_file) if labels_file is not None else None
+    if path is not None and path.is_file():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in key} == dict(key) and set(missing) <= set(saved["texts"]):
+            return {row_id: saved["texts"][row_id] for row_id in missing}
+    if whisper is None:
+        raise ValueError("the retention set has utterances without transcripts and no base model was given to "
+                         "label them; give transcripts or the base model")
+    unlabelled = rows.filter(lambda row: row["id"] in set(missing))
+    # A placeholder transcript lets the rows through preparation; only their features are used.
+    prepared, _ = prepare_dataset(unlabelled.map(lambda row: {"text": "."}), processor, cache_dir=cache_dir)
+    hypotheses = greedy_transcripts(whisper, processor, EvalSet("retention", prepared))
+    texts = dict(zip(prepared["id"], hypotheses))
+    if path is not None:
+        from pyro_blora.checkpoint import atomic_write_json
+
+        atomic_write_json(path, {**key, "labels": BASE_MODEL_LABELS, "texts": texts})
+    return texts

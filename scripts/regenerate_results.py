@@ -1,0 +1,107 @@
+"""Regenerate the committed results tables from their committed inputs and compare them byte for byte.
+
+    python scripts/regenerate_results.py           # exit 1, with a diff, where a committed table differs
+    python scripts/regenerate_results.py --write   # overwrite the committed tables with the regenerated ones
+
+Each table is written again, into a temporary folder, by the package function that wrote it when its
+experiment ran, from the files committed next to it: the sequence matrices and comparisons from their
+``matrix.json``, the main job's report from its config, evaluations and training logs, an inspection
+page from its ``inspect.json``. So a change to a formatter that would change a committed table is seen,
+and the table is regenerated in the same commit. Tables written by an earlier version of the code, or
+whose run folders are not committed (the paper table, the sweep summaries, the run reports of
+``results/paper_table`` and the main job's inspection), are not regenerable and not listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pyro_blora.checkpoint import atomic_write_bytes, atomic_write_text
+from pyro_blora.experiments.sequence import SequenceResult, comparison_page, matrix_page
+from pyro_blora.report.pages import inspection_page, main_job_page
+from pyro_blora.runs import read_eval, read_log
+
+RESULTS = Path(__file__).resolve().parent.parent / "results"
+# The strategies of each committed sequence comparison, in its row order (the order they were run in).
+COMPARED = ("lora", "lora-replay", "blora-fresh", "blora-prior")
+# Each committed inspection and the runs it names, as they were given to `pyro-blora inspect`.
+INSPECTED = {"faithful/inspect-seed0": ("faithful/paper/runs/blora-r32-beta0.5-sp0.01-matrix", "faithful/paper/runs/lora-r32")}
+# The main job's wall time is recorded by its page alone: read back from the committed page.
+WALL_TIME = re.compile(r"Wall time: ([\d.]+) min on (\S+) with (\d+) torch threads\.")
+
+
+def _main_job_page(folder: Path) -> str:
+    """The main job's report.md from main-config.json, base-eval.json and each method's run folder."""
+    settings = json.loads((folder / "main-config.json").read_text())
+    minutes, machine, threads = WALL_TIME.search((folder / "report.md").read_text()).groups()
+    evaluations = {"base": read_eval(folder / "base-eval.json"),
+                   **{method: read_eval(folder / method) for method in settings["methods"]}}
+    logs = {method: read_log(folder / method) for method in settings["methods"]}
+    return main_job_page(settings, evaluations, logs, minutes=float(minutes), machine=machine, threads=int(threads))
+
+
+def tables(results: Path) -> dict[str, Callable[[], str]]:
+    """Every regenerable table, by its path under ``results``, with the function that writes it again."""
+    found: dict[str, Callable[[], str]] = {}
+    matrices = sorted(results.glob("sequential/*/*/matrix.json"))
+    for matrix in matrices:
+        found[(matrix.parent / "matrix.md").relative_to(results).as_posix()] = \
+            lambda matrix=matrix: matrix_page(SequenceResult.load(matrix))
+    for order in sorted({matrix.parent.parent for matrix in matrices}):
+        found[(order / "comparison.md").relative_to(results).as_posix()] = \
+            lambda order=order: comparison_page([SequenceResult.load(order / s / "matrix.json") for s in COMPARED])
+    for folder, runs in INSPECTED.items():
+        found[f"{folder}/inspect.md"] = \
+            lambda folder=results / folder, runs=runs: inspection_page(runs, json.loads((folder / "inspect.json").read_text()))
+    found["main_job/report.md"] = lambda: _main_job_page(results / "main_job")
+    return found
+
+
+def regenerate(results: Path, out: Path) -> list[str]:
+    """Write every regenerable table of ``results`` again under ``out`` (same relative paths)."""
+    written = tables(results)
+    for name, page in written.items():
+        atomic_write_text(out / name, page())
+    return list(written)
+
+
+def differences(results: Path, out: Path, names: Sequence[str]) -> dict[str, str]:
+    """A unified diff for each regenerated table whose bytes differ from the committed one."""
+    found = {}
+    for name in names:
+        committed, regenerated = results / name, out / name
+        if not committed.is_file() or committed.read_bytes() != regenerated.read_bytes():
+            before = committed.read_text().splitlines(keepends=True) if committed.is_file() else []
+            diff = "".join(difflib.unified_diff(before, regenerated.read_text().splitlines(keepends=True),
+                                                f"committed/{name}", f"regenerated/{name}"))
+            found[name] = diff or f"{name}: the bytes differ, not the lines (line endings or encoding)\n"
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results folder [the repository's]")
+    parser.add_argument("--write", action="store_true", help="overwrite the committed tables that differ")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="regenerated-") as tmp:
+        names = regenerate(args.results, Path(tmp))
+        found = differences(args.results, Path(tmp), names)
+        for name, diff in found.items():
+            if args.write:
+                atomic_write_bytes(args.results / name, (Path(tmp) / name).read_bytes())
+                print(f"rewrote {name}")
+            else:
+                sys.stdout.write(diff)
+    print(f"{len(names)} tables regenerated, {len(found)} {'rewritten' if args.write else 'differ'}")
+    return 1 if found and not args.write else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
