@@ -1,4 +1,4 @@
-"""Monte Carlo uncertainty of a trained BLoRA posterior against the baseline LoRA, on the testbed's test splits.
+r"""Monte Carlo uncertainty of a trained BLoRA posterior against the baseline LoRA, on the testbed's test splits.
 
 A command-line wrapper of :func:`pyro_blora.experiments.uncertainty.uncertainty_study`. ``--posterior`` is a
 finished ``pyro-blora train --method blora`` run (or its posterior folder); ``--lora`` a finished
