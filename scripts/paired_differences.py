@@ -1,4 +1,4 @@
-"""Paired bootstrap differences of evaluated runs against a reference run, per domain and metric.
+r"""Paired bootstrap differences of evaluated runs against a reference run, per domain and metric.
 
     python scripts/paired_differences.py --base base/eval.json --against runs/lora/eval.json \
         runs/blora/eval.json runs/map/eval.json --domain zh-en:error_rate --domain en:error_rate
