@@ -1,4 +1,4 @@
-"""Measure long-form transcription on a long recording joined from testbed utterances.
+r"""Measure long-form transcription on a long recording joined from testbed utterances.
 
     python scripts/long_recording.py build --testbed testbed --domain zh-en --minutes 5 --out long/
     pyro-blora transcribe long/recording.wav --posterior runs/x/posterior --samples 4 --language zh \
