@@ -32,7 +32,11 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 # The strategies of each committed sequence comparison, in its row order (the order they were run in).
 COMPARED = ("lora", "lora-replay", "blora-fresh", "blora-prior")
 # Each committed inspection and the runs it names, as they were given to `pyro-blora inspect`.
-INSPECTED = {"faithful/inspect-seed0": ("faithful/paper/runs/blora-r32-beta0.5-sp0.01-matrix", "faithful/paper/runs/lora-r32")}
+INSPECTED = {
+    "faithful/inspect-seed0": ("faithful/paper/runs/blora-r32-beta0.5-sp0.01-matrix", "faithful/paper/runs/lora-r32"),
+    "faithful/inspect-seed1-qk": ("paper/runs/blora-r32-beta0.5-sp0.01-matrix-s1", "paper/runs/map-r32-beta0.5-sp0.01-matrix-s1",
+                                  "paper-qk/runs/blora-r32-beta0.5-sp0.01-matrix", "paper-qk/runs/lora-r32"),
+}
 # The main job's wall time is recorded by its page alone: read back from the committed page.
 WALL_TIME = re.compile(r"Wall time: ([\d.]+) min on (\S+) with (\d+) torch threads\.")
 
