@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import struct
 import zlib
 
@@ -390,6 +391,41 @@ def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
     assert set(intervals["lora-r32"]) == {"in_domain_error_vs_base", "backward_error_vs_base"}  # no CE records
     old = [(row, {"results": {d: {"error_rate": 0.2} for d in ("zh-en", "en")}}) for row, _ in runs]
     assert paired_intervals(old, base) == {"lora-r32": {}, "blora-x": {}}
+
+
+def test_paired_intervals_compare_blora_with_the_lora_of_the_same_targets():
+    import numpy as np
+
+    from pyro_blora.report.summaries import paired_intervals
+
+    rng = np.random.default_rng(1)
+    ids, ref = [f"u{i}" for i in range(40)], rng.integers(2, 10, size=40)
+
+    def evaluation(rate):
+        errors = rng.binomial(ref, rate)
+        return {"results": {d: {"error_rate": errors.sum() / ref.sum(), "per_utterance": {
+            "ids": ids, "errors": errors.tolist(), "ref_tokens": ref.tolist()}} for d in ("zh-en", "en")}}
+
+    runs = []
+    for method, setting, targets, rate in (("lora", "lora-all", ("all",), 0.6), ("lora", "lora-qk", ("q", "k"), 0.1),
+                                           ("blora", "blora-qk", ("q", "k"), 0.1)):
+        runs.append(({"method": method, "setting": setting, "seed": 0, "rank": 32, "targets": targets,
+                      "in_domain": "zh-en", "backward_domains": "en"}, evaluation(rate)))
+    intervals = paired_intervals(runs, evaluation(0.1), samples=200)
+    # Against the q/k LoRA (about the same error), not the all-linear one (0.6): no large difference.
+    assert abs(intervals["blora-qk"]["backward_error_vs_lora"].estimate) < 0.15
+
+
+def test_report_of_run_folders_published_without_weights(workspace, tmp_path):
+    """A run folder copied without its trained weights still reports: frontier, intervals, curves; no sparsity."""
+    published = tmp_path / "published"
+    for method in ("blora", "lora"):
+        shutil.copytree(workspace["root"] / "runs" / method, published / f"{method}-s0",
+                        ignore=shutil.ignore_patterns("posterior", "adapter", "checkpoints"))
+    invoke("report", published, "--base", workspace["root"] / "base.json", "--out", tmp_path / "report")
+    page = (tmp_path / "report" / "report.md").read_text()
+    assert "## Stability-plasticity frontier" in page and "## Paired differences" in page
+    assert "2 of the runs have no trained weights" in page and not (tmp_path / "report" / "sparsity.png").exists()
 
 
 def test_early_stopping_step_is_the_lowest_dev_ce(tmp_path):

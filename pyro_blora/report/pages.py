@@ -54,7 +54,7 @@ from pyro_blora.report.tables import (
     markdown_table,
     write_rows,
 )
-from pyro_blora.runs import read_eval, read_log, read_run_config
+from pyro_blora.runs import finished, read_eval, read_log, read_run_config
 
 __all__ = [
     "BASE_CURVE_FILE",
@@ -184,18 +184,22 @@ SUMMARY_COLUMNS = ("run", "method", "rank", "beta", "prior_scale", "kl_normaliza
 def _paired_groups(paths: Sequence[Path], summaries: Sequence[Mapping[str, Any]],
                    base: Mapping[str, Any] | str | Path | None) -> dict[str, tuple[dict[str, Any], list]]:
     """Evaluated runs grouped by the base evaluation they are compared with (the given one, else each
-    sweep's or main job's): {folder: (base eval, [(row with setting and seed, eval.json)])}. A run of
-    a sweep takes its sweep setting, so that its seeds are pooled; any other run is its own setting."""
+    sweep's or main job's): {folder: (base eval, [(row with setting, seed and targets, eval.json)])}. A
+    run of a sweep takes its sweep setting; any other run its name without the sweeps' seed suffix
+    ``-s<seed>`` (when its config has that seed), so that its seeds are pooled too."""
     groups: dict[str, tuple[dict[str, Any], list]] = {}
     for path, summary in zip(paths, summaries):
         reference = base_evaluation(path, base)
         if "in_domain" not in summary or reference is None:
             continue
-        run = read_run_config(path)["run"]
-        setting = setting_name(**run["point"]) if "point" in run else summary["run"]
+        config = read_run_config(path)
+        run, seed = config["run"], config["run"].get("seed", 0)
+        setting = setting_name(**run["point"]) if "point" in run else \
+            summary["run"].removesuffix(f"-s{seed}") if seed else summary["run"]
+        targets = tuple((config.get("blora") or {}).get("target_modules") or ())
         key = "" if base is not None else str(path.parent.parent)
         groups.setdefault(key, (reference, []))[1].append(
-            ({**summary, "setting": setting, "seed": run.get("seed", 0)}, read_eval(path)))
+            ({**summary, "setting": setting, "seed": seed, "targets": targets}, read_eval(path)))
     return groups
 
 
@@ -220,7 +224,8 @@ def write_report(runs: Sequence[str | Path], out: str | Path, *, base: Mapping[s
     out.mkdir(parents=True, exist_ok=True)
     paths = find_runs(runs)
     labels = _labels(paths)
-    summaries = [run_summary(path, base=base, in_domain=in_domain) for path in paths]
+    # Sparsity reads the trained weights; a run folder published without them reports the rest.
+    summaries = [run_summary(path, base=base, in_domain=in_domain, sparsity=finished(path)) for path in paths]
     for label, summary in zip(labels, summaries):
         summary["run"] = label
     write_rows(summaries, out / "summary")
@@ -247,10 +252,15 @@ def write_report(runs: Sequence[str | Path], out: str | Path, *, base: Mapping[s
         lines += ["No run has an eval.json yet (`pyro-blora evaluate <run>`): no frontier.", ""]
     paired = paired_difference_rows(groups)
     if paired:
-        lines += ["## Paired differences", "", "Against the base model and against LoRA of the same rank (BLoRA and "
+        lines += ["## Paired differences", "", "Against the base model and against LoRA of the same rank and targets (BLoRA and "
                   "MAP; seed s paired with seed s).", "", markdown_table(paired), "", INTERVAL_NOTE, ""]
-    save_figure(plot_sparsity_bars(summaries), out / "sparsity.png")
-    lines += ["## Sparsity of dW by method", "", "![sparsity](sparsity.png)", ""]
+    weighed = [s for s in summaries if any(k.startswith("dW_") for k in s)]
+    if weighed:
+        save_figure(plot_sparsity_bars(weighed), out / "sparsity.png")
+        lines += ["## Sparsity of dW by method", "", "![sparsity](sparsity.png)", ""]
+    if len(weighed) < len(summaries):
+        lines += [f"{len(summaries) - len(weighed)} of the runs have no trained weights in their folders (published "
+                  "without them): no sparsity for those.", ""]
     with_curves = {label: path for label, path in zip(labels, paths) if curve_keys(read_log(path))}
     if with_curves:
         save_figure(plot_forgetting_curves(with_curves, _curve_start(runs)), out / "forgetting.png")

@@ -273,7 +273,7 @@ def paired_intervals(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     """Per setting, paired bootstrap intervals (:mod:`pyro_blora.metrics.bootstrap`) of its differences
     on the same test utterances: against the base model (``in_domain_error_vs_base``,
     ``backward_error_vs_base``, ``backward_ce_vs_base``; differences M - base) and, for BLoRA and MAP,
-    against LoRA of the same rank (``in_domain_error_vs_lora``, ``backward_error_vs_lora``,
+    against LoRA of the same rank and targets (``in_domain_error_vs_lora``, ``backward_error_vs_lora``,
     ``backward_gain``, ``in_domain_drop``, ``degradation_reduction``). Backward values are means over
     the backward domains, each domain resampled on its own.
 
@@ -283,17 +283,18 @@ def paired_intervals(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
     the spread between seeds is what the ± std columns show. Only seeds both settings have are
     paired. ``runs`` are (summary row, eval result) of evaluated runs; a row names its ``setting``,
     ``seed``, ``method``, ``rank``, ``in_domain`` and ``backward_domains`` (:func:`run_summary` with the
-    setting and seed); the first LoRA setting of a rank is the baseline. Differences whose eval.json
+    setting and seed), and may name its adapters' ``targets``; the first LoRA setting of the same rank
+    and targets is the baseline. Differences whose eval.json
     files lack per-utterance records (written before them) are left out."""
     groups: dict[str, dict[int, Mapping[str, Any]]] = {}
     first: dict[str, Mapping[str, Any]] = {}
     for row, evaluation in runs:
         groups.setdefault(row["setting"], {})[row["seed"]] = evaluation
         first.setdefault(row["setting"], row)
-    lora: dict[Any, str] = {}
+    lora: dict[Any, str] = {}  # the LoRA setting of each (rank, targets): the same adapters without a prior
     for setting in groups:
         if first[setting]["method"] == "lora":
-            lora.setdefault(first[setting]["rank"], setting)
+            lora.setdefault((first[setting]["rank"], first[setting].get("targets")), setting)
 
     def interval(systems, domains, metric, statistic) -> Interval | None:
         if not domains or not all(has_records(e, d, metric) for results in systems for e in results for d in domains):
@@ -311,7 +312,7 @@ def paired_intervals(runs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]]
             "backward_error_vs_base": interval([bases, method], backward, "error_rate", difference),
             "backward_ce_vs_base": interval([bases, method], backward, "ce", difference),
         }
-        baseline = groups.get(lora.get(row["rank"]), {})
+        baseline = groups.get(lora.get((row["rank"], row.get("targets"))), {})
         common = sorted(set(by_seed) & set(baseline))
         if row["method"] in PRIOR_METHODS and common:
             m, lora_runs = [by_seed[s] for s in common], [baseline[s] for s in common]
