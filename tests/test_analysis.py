@@ -360,19 +360,26 @@ def test_seed_summary_does_not_average_ce_over_scopes():
     assert "CE scope" in by_setting_markdown([mixed], []) and "CE scope" not in by_setting_markdown([single], [])
 
 
-def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
+def synthetic_evaluations(seed: int, utterances: int):
+    """A function rate -> an eval result on zh-en and en whose per-utterance errors are binomial at that rate."""
     import numpy as np
 
-    from pyro_blora.report.summaries import paired_intervals
-    from pyro_blora.experiments.sweep import paper_comparisons, summarize_seeds
-
-    rng = np.random.default_rng(0)
-    ids, ref = [f"u{i}" for i in range(30)], rng.integers(2, 10, size=30)
+    rng = np.random.default_rng(seed)
+    ids, ref = [f"u{i}" for i in range(utterances)], rng.integers(2, 10, size=utterances)
 
     def evaluation(rate):
         errors = rng.binomial(ref, rate)
         return {"results": {d: {"error_rate": errors.sum() / ref.sum(), "per_utterance": {
             "ids": ids, "errors": errors.tolist(), "ref_tokens": ref.tolist()}} for d in ("zh-en", "en")}}
+
+    return evaluation
+
+
+def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
+    from pyro_blora.report.summaries import paired_intervals
+    from pyro_blora.experiments.sweep import paper_comparisons, summarize_seeds
+
+    evaluation = synthetic_evaluations(0, 30)
 
     base = evaluation(0.1)
     runs, rows = [], []
@@ -394,17 +401,9 @@ def test_paired_intervals_pool_seeds_and_skip_old_evaluations():
 
 
 def test_paired_intervals_compare_blora_with_the_lora_of_the_same_targets():
-    import numpy as np
-
     from pyro_blora.report.summaries import paired_intervals
 
-    rng = np.random.default_rng(1)
-    ids, ref = [f"u{i}" for i in range(40)], rng.integers(2, 10, size=40)
-
-    def evaluation(rate):
-        errors = rng.binomial(ref, rate)
-        return {"results": {d: {"error_rate": errors.sum() / ref.sum(), "per_utterance": {
-            "ids": ids, "errors": errors.tolist(), "ref_tokens": ref.tolist()}} for d in ("zh-en", "en")}}
+    evaluation = synthetic_evaluations(1, 40)
 
     runs = []
     for method, setting, targets, rate in (("lora", "lora-all", ("all",), 0.6), ("lora", "lora-qk", ("q", "k"), 0.1),
