@@ -4,7 +4,8 @@ memory, profile, with the machine's load average and thread count next to every 
 Same base model, rank 32, alpha 64, targets (q/k of every attention block) and batch; a step is
 forward + backward + optimiser step:
 
-* BLoRA: ``BLoRAConfig(rank=32)``, ``TrainConfig()``: SVI step (guide, model trace, Trace_ELBO terms), Adam;
+* BLoRA: ``BLoRAConfig(rank=32)``, ``TrainConfig()``: SVI step (guide, model trace, Trace_ELBO terms), Adam,
+  with Pyro's validation on the first (warm-up) step only, as the training loop runs it;
 * BLoRA, paper preset: ``BLoRAConfig.paper(...)``, ``TrainConfig.paper()``: the same with flipout weight
   noise, the per-matrix KL and AdamW;
 * LoRA (peft): teacher-forced cross-entropy, Adam.
@@ -48,7 +49,7 @@ from pyro_blora.model.injection import find_target_modules  # noqa: E402
 from pyro_blora.training.methods import teacher_forced_loss  # noqa: E402
 from pyro_blora.model.objective import elbo_scaling  # noqa: E402
 from pyro_blora.training.loop import make_optimizer  # noqa: E402
-from pyro_blora.training.svi import noisy_elbo_terms, svi_parameter_groups  # noqa: E402
+from pyro_blora.training.svi import noisy_elbo_terms, svi_parameter_groups, validated_first_step  # noqa: E402
 from pyro_blora.report.tables import markdown_table  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
@@ -78,11 +79,12 @@ def blora_step(model_name: str, batch_size: int, device, precision: str, paper: 
     optimizer = make_optimizer(svi_parameter_groups(guide, train_config), train_config)
     batch = make_batch(processor, batch_size, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    objective = validated_first_step(lambda batch: noisy_elbo_terms(model, guide, batch, train_config))
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = noisy_elbo_terms(model, guide, batch, train_config).loss
+            loss = objective(batch).loss
         loss.backward()
         optimizer.step()
     return step
@@ -262,7 +264,8 @@ def main() -> None:
     body = f"""
 Three training steps on Whisper `{args.model}`, rank 32, alpha 64, q/k of every attention block, a batch
 of {args.batch} utterances (30 s windows, {args.precision}), on {device}: **BLoRA** (`BLoRAConfig(rank=32)`,
-`TrainConfig()`: SVI step with guide sample, model trace, Trace_ELBO terms, backward, Adam), **BLoRA,
+`TrainConfig()`: SVI step with guide sample, model trace, Trace_ELBO terms, backward, Adam; Pyro's
+validation on the warm-up step only, as in training), **BLoRA,
 paper preset** (`BLoRAConfig.paper(target_modules=...)`, `TrainConfig.paper()`: the same with flipout weight
 noise, the per-matrix KL and AdamW) and peft's **LoRA** (teacher-forced cross-entropy, backward, Adam).
 {args.repeats} repeats after one warm-up step each, the three in turn with the order rotating every repeat; the

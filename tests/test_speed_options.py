@@ -8,12 +8,14 @@ import json
 import pyro
 import pytest
 import torch
+from pyro.infer import is_validation_enabled
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, train, wrap_whisper
 from pyro_blora.data import SpeechCollator
 from pyro_blora.model.encoder_window import encoder_input_frames, set_encoder_window, window_frames
 from pyro_blora.model.objective import elbo_scaling, elbo_terms
 from pyro_blora.model.recompute import gradient_checkpointing
+from pyro_blora.training import svi
 from tests.tiny import FRAMES, TinyTask, collate, tiny_whisper
 
 
@@ -111,3 +113,24 @@ def test_a_run_is_evaluated_with_the_window_it_was_trained_with(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["encoder_window_seconds"] == 10
     whisper, _, _ = load_run_model(tmp_path / "run")
     assert encoder_input_frames(whisper) == 1000
+
+
+def test_only_the_first_svi_step_runs_under_pyro_validation(monkeypatch):
+    """Pyro's per-site checks run on the first step of a training call (a resumed run's too) and
+    not after; with validation switched off by the user they never run."""
+    seen = []
+    real = svi.noisy_elbo_terms
+
+    def recording(*args, **kwargs):
+        seen.append(is_validation_enabled())
+        return real(*args, **kwargs)
+    monkeypatch.setattr(svi, "noisy_elbo_terms", recording)
+    model, guide, _ = blora_and_batch()
+    config = TrainConfig(steps=3, batch_size=2, progress=False, eval_every=0)
+    train(model, guide, TinyTask(8), collate, config)
+    assert seen == [True, False, False]
+    assert is_validation_enabled()  # restored after every step
+    seen.clear()
+    with pyro.validation_enabled(False):
+        train(model, guide, TinyTask(8), collate, config)
+    assert seen == [False, False, False]

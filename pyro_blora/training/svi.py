@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pyro
+from pyro.infer import is_validation_enabled
 import torch
 
 from pyro_blora.config import RetentionBudget, TrainConfig
@@ -39,7 +40,7 @@ from pyro_blora.training.loop import (
     run_steps,
 )
 
-__all__ = ["PosteriorCollapseWarning", "noisy_elbo_terms", "svi_parameter_groups", "train"]
+__all__ = ["PosteriorCollapseWarning", "noisy_elbo_terms", "svi_parameter_groups", "train", "validated_first_step"]
 
 
 class PosteriorCollapseWarning(UserWarning):
@@ -66,6 +67,23 @@ def noisy_elbo_terms(model: BLoRAWhisper, guide, batch: Mapping, config: TrainCo
     """One ELBO estimate under the configured weight noise (pyro_blora.model.noise)."""
     with local_noise(config.weight_noise):
         return elbo_terms(model, guide, batch, config.estimator, config.num_particles)
+
+
+def validated_first_step(objective: Callable[[Mapping], ElboTerms]) -> Callable[[Mapping], ElboTerms]:
+    """The objective with Pyro's validation on its first call only (when validation is on at all).
+
+    Validation checks every site's support, shape and NaN at every step: on Whisper base with q/k
+    adapters about 11,000 of the 30,000 small operator calls BLoRA adds to a LoRA step. A wrong
+    setup shows on the first step; after it the values only move, and the loop stops on a
+    non-finite loss or gradient anyway. Results are unchanged: validation reads, it draws nothing."""
+    calls = 0
+
+    def objective_once_validated(batch: Mapping) -> ElboTerms:
+        nonlocal calls
+        calls += 1
+        with pyro.validation_enabled(calls == 1 and is_validation_enabled()):
+            return objective(batch)
+    return objective_once_validated
 
 
 def train(
@@ -144,7 +162,7 @@ def train(
     if budget is not None:
         tracker = BudgetTracker(budget, retention.to(device), posterior_update(model, guide), config.steps, model=model)
     optimization = Optimization(
-        objective=lambda batch: noisy_elbo_terms(model, guide, batch, config),
+        objective=validated_first_step(lambda batch: noisy_elbo_terms(model, guide, batch, config)),
         stateful={"guide": guide, **({"budget": tracker} if tracker is not None else {})},
         optimizer=make_optimizer(svi_parameter_groups(guide, config), config),
         config=config,
