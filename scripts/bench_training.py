@@ -35,6 +35,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 
@@ -50,6 +51,7 @@ from pyro_blora.training.methods import teacher_forced_loss  # noqa: E402
 from pyro_blora.model.objective import elbo_scaling  # noqa: E402
 from pyro_blora.training.loop import make_optimizer  # noqa: E402
 from pyro_blora.training.svi import noisy_elbo_terms, svi_parameter_groups, validated_first_step  # noqa: E402
+from pyro_blora.metrics.bootstrap import Interval, bootstrap_ratios  # noqa: E402
 from pyro_blora.report.tables import markdown_table  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
@@ -117,6 +119,12 @@ STEPS = {
     PAPER: lambda *args: blora_step(*args, paper=True),
     LORA: lora_step,
 }
+
+
+def paired_ratio(reference: list[float], other: list[float]) -> Interval:
+    """Mean of ``other`` over mean of ``reference``, repeats resampled in pairs (95% interval)."""
+    times = np.stack([np.asarray(reference), np.asarray(other)])
+    return bootstrap_ratios([(times, np.ones_like(times))], lambda values: values[..., 1] / values[..., 0])
 
 
 def conditions() -> dict[str, float]:
@@ -240,10 +248,19 @@ def main() -> None:
     ratio = {name: medians[name] / medians[LORA] for name in TARGETS}
     cpu_ratio = {name: cpu_medians[name] / cpu_medians[LORA] for name in TARGETS}
     memory_ratio = {name: memory[name]["peak_mb"] / memory[LORA]["peak_mb"] for name in TARGETS}
+    paired = {name: paired_ratio(cpu_times[LORA], cpu_times[name]) for name in TARGETS}
     conditions_columns = {"load (1 min): mean (range)": {name: load_note(loads[name]) for name in names},
                           "torch threads": {name: str(threads) for name in names}}
     command = f"OMP_NUM_THREADS={threads} python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
         f" --precision {args.precision}" if args.precision != "fp32" else "") + (f" --out {args.out}" if args.out else "")
+
+    def interval_verdicts(intervals: dict[str, Interval]) -> str:
+        def verdict(interval: Interval, target: float) -> str:
+            if interval.high <= target:
+                return "met"
+            return "not met" if interval.low > target else "undecided"
+        return "; ".join(f"{name} / LoRA **{i.estimate:.3f}** [{i.low:.3f}, {i.high:.3f}] (target <= {TARGETS[name]:.2f}, "
+                         f"{verdict(i, TARGETS[name])})" for name, i in intervals.items())
 
     def verdicts(ratios: dict[str, float]) -> str:
         return "; ".join(f"{name} / LoRA **{value:.3f}** (target <= {TARGETS[name]:.2f}, "
@@ -289,6 +306,10 @@ CPU time of this process per step (the same steps; less sensitive to other proce
 
 **CPU time ratios (medians):** {verdicts(cpu_ratio)}.
 
+Steps of one repeat ran back to back, so a repeat is a pair; resampling the {args.repeats} repeats in pairs
+gives the ratio of mean CPU times a 95% interval, which says whether the target is decided at this
+many repeats: {interval_verdicts(paired)}.
+
 Peak memory of two steps above the memory after loading (each method in a fresh process; on CPU the
 resident set sampled every 2 ms, on CUDA `max_memory_allocated`):
 
@@ -314,7 +335,8 @@ for these runs; the script measures them unchanged on a CUDA machine.
         Path(args.out).write_text(json.dumps({
             "command": command, "machine": machine(), "times": times, "cpu_times": cpu_times, "loads": loads,
             "threads": threads, "memory": memory, "profiles": profiles, "ops": ops, "ratio": ratio,
-            "cpu_ratio": cpu_ratio, "memory_ratio": memory_ratio}, indent=1))
+            "cpu_ratio": cpu_ratio, "memory_ratio": memory_ratio,
+            "paired_cpu_ratio": {name: interval.to_dict() for name, interval in paired.items()}}, indent=1))
     if not args.no_write:
         write_section(f"Training step: BLoRA vs LoRA ({args.model}, {device.type})", body)
 

@@ -266,11 +266,16 @@ def test_sequence_command_writes_matrices_markdown_and_heatmaps(workspace, tmp_p
     args = ["sequence", "--testbed", workspace["testbed"], "--out", tmp_path, "--domains", "zh-en", "--domains", "es-en",
             "--strategy", "lora-replay", "--model", workspace["model"], "--rank", "2",
             "--steps", "1", "--batch-size", "2", "--warmup-steps", "1", "--replay-size", "1", "--eval-limit", "1",
-            "--decode-limit", "0", "--no-progress"]
+            "--decode-limit", "0", "--encoder-window", "10", "--no-progress"]
     result = CliRunner().invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
     order = tmp_path / "zh-en_es-en"
     folder = order / "lora-replay"
+    # the window cuts every step's run, and the start model is scored with the same cut
+    assert [json.loads(path.read_text())["encoder_window_seconds"] for path in (tmp_path / "start").glob("eval-*.json")] == [10]
+    assert json.loads((folder / "step2-es-en" / "config.json").read_text())["train"]["encoder_window_seconds"] == 10
+    assert [json.loads(path.read_text())["encoder_window_seconds"]
+            for path in (folder / "step2-es-en").glob("eval-*.json")] == [10]
     matrix = json.loads((folder / "matrix.json").read_text())
     assert matrix["rows"] == ["start", "step1-zh-en", "step2-es-en"] and matrix["columns"] == ["en", "zh-en", "es-en"]
     assert len(matrix["matrices"]["ce"]) == 3 and "bwt" in matrix["metrics"]["ce"]

@@ -41,6 +41,8 @@ def sequence(
     lr: float = typer.Option(STEP_TRAINING.lr), warmup_steps: int = typer.Option(STEP_TRAINING.warmup_steps),
     precision: str = typer.Option(STEP_TRAINING.precision, help="fp32 or bf16"),
     checkpoint_every: int = typer.Option(STEP_TRAINING.checkpoint_every),
+    encoder_window: float = typer.Option(STEP_TRAINING.encoder_window_seconds, help="seconds the encoder reads; < 30 "
+                                         "cuts it for every step's run and scores the start model with the same cut"),
     replay_size: int = typer.Option(SequenceConfig.replay_size, help="lora-replay: utterances of each earlier domain mixed in"),
     eval_limit: Optional[int] = typer.Option(None, help="test utterances per domain "
                                              + default_note(SequenceConfig.eval_limit, none="all")),
@@ -62,7 +64,7 @@ def sequence(
         preset,
         dict(targets=targets, rank=rank, alpha=alpha, prior_scale=prior_scale, beta=beta, kl_normalization=kl_normalization),
         dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision,
-             checkpoint_every=checkpoint_every, progress=progress),
+             checkpoint_every=checkpoint_every, encoder_window_seconds=encoder_window, progress=progress),
     )
     evaluation = EvalOptions(batch_size=eval_batch_size, decode_limit=decode_limit, language_id=False,
                              progress=progress)

@@ -45,7 +45,8 @@ from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, load_eval_sets
 from pyro_blora.metrics.continual import sequence_metrics
 from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
 from pyro_blora.data.training_data import TrainingData, load_training_data
-from pyro_blora.runs import base_model_of, finished
+from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS
+from pyro_blora.runs import base_model_of, finished, is_run_folder
 from pyro_blora.training.continual import PriorTransfer
 from pyro_blora.training.methods import run_training
 from pyro_blora.report.plots import plot_matrix, save_figure
@@ -142,7 +143,17 @@ class SequenceConfig:
     def evaluation_settings(self) -> dict[str, Any]:
         """What an evaluation's numbers depend on (the progress bar aside)."""
         options = {k: v for k, v in asdict(self.evaluation).items() if k != "progress"}
-        return {"domains": list(self.columns), "split": "test", "limit": self.eval_limit, "options": options}
+        settings = {"domains": list(self.columns), "split": "test", "limit": self.eval_limit, "options": options}
+        if self.start_window is not None:  # evaluations of full-window sequences keep their earlier names
+            settings["encoder_window_seconds"] = self.start_window
+        return settings
+
+    @property
+    def start_window(self) -> float | None:
+        """The encoder window the start model is scored with: the runs' window when they are cut
+        (every step's run keeps its own), None for the full window."""
+        window = self.train.encoder_window_seconds
+        return None if window == FULL_WINDOW_SECONDS else window
 
     def to_dict(self) -> dict[str, Any]:
         values = asdict(self)
@@ -317,9 +328,12 @@ def _settings_tag(settings: Mapping[str, Any]) -> str:
 
 
 def _evaluated(source: str | Path, folder: Path, sets: Mapping[str, EvalSet], config: SequenceConfig) -> dict[str, Any]:
-    """The evaluation of ``source`` under ``config``'s settings, read from ``folder`` if already there."""
+    """The evaluation of ``source`` under ``config``'s settings, read from ``folder`` if already there.
+    A run folder is scored with its own encoder window, the start model with the runs' window."""
     path = folder / f"eval-{_settings_tag(config.evaluation_settings())}.json"
-    return ensure_evaluated(path, lambda: run_evaluation(source, sets, options=config.evaluation, out=path))
+    window = None if is_run_folder(source) else config.start_window
+    return ensure_evaluated(path, lambda: run_evaluation(source, sets, options=config.evaluation, out=path,
+                                                         encoder_window_seconds=window))
 
 
 def _record_config(path: Path, config: SequenceConfig) -> None:
