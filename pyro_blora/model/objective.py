@@ -42,6 +42,7 @@ from pyro.poutine.util import site_is_subsample
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora.config import BLoRAConfig, ElboScaling
+from pyro_blora.data.collate import IGNORE_INDEX  # the collator pads labels with it; no token is scored there
 
 __all__ = [
     "IGNORE_INDEX",
@@ -60,8 +61,6 @@ __all__ = [
     "token_nll_per_utterance",
 ]
 
-# Label value of padding: no token is scored there.
-IGNORE_INDEX = -100
 
 
 class AdapterModel(Protocol):
