@@ -45,10 +45,11 @@ def _content_frames(feature_extractor, clip: np.ndarray) -> np.ndarray:
     return mel[:, : clip.shape[0] // HOP_LENGTH]
 
 
-def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
-    """Return log-mel features of shape (batch, n_mels, 3000), zero-padded frame-wise.
+def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray], n_frames: int = N_FRAMES) -> torch.Tensor:
+    """Return log-mel features of shape (batch, n_mels, n_frames), zero-padded frame-wise.
 
-    `audio` is one 16 kHz mono float waveform or a list of them, each at most 30 s long.
+    `audio` is one 16 kHz mono float waveform or a list of them, each at most 30 s long (at most
+    ``n_frames`` / 100 s for a model whose encoder was cut to a shorter window).
     """
     clips = [audio] if isinstance(audio, np.ndarray) and audio.ndim == 1 else list(audio)
     rows = []
@@ -61,7 +62,13 @@ def log_mel_features(feature_extractor, audio: np.ndarray | Sequence[np.ndarray]
                 "segments of 30 s or less, or filter it out (pyro_blora.data does)."
             )
         mel = _content_frames(feature_extractor, clip)
-        out = np.zeros((mel.shape[0], N_FRAMES), dtype=np.float32)
+        if mel.shape[1] > n_frames:
+            raise ValueError(
+                f"clip is {mel.shape[1] / 100:.2f} s long ({mel.shape[1]} frames); the model's encoder window takes "
+                f"at most {n_frames / 100:.2f} s ({n_frames} frames). Use a model trained with the full window, or "
+                "leave such clips out"
+            )
+        out = np.zeros((mel.shape[0], n_frames), dtype=np.float32)
         out[:, : mel.shape[1]] = mel
         rows.append(out)
     return torch.from_numpy(np.stack(rows))

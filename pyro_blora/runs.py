@@ -217,11 +217,13 @@ def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration,
     return posterior_mean_model(model, guide), processor, f"{method} run {folder.name} (posterior mean)"
 
 
-def load_for_transcription(posterior: str | Path, model: str | Path | None = None):
+def load_for_transcription(posterior: str | Path, model: str | Path | None = None, *, keep_window: bool = False):
     """The model, guide and processor of a posterior folder, on its recorded base model unless ``model`` is given.
 
     Runs trained with a shorter encoder window are refused: their adapters were fitted to a model that
-    reads at most that many seconds, and transcription runs Whisper's 30 s windows."""
+    reads at most that many seconds, and transcription runs Whisper's 30 s windows. ``keep_window``
+    is for scoring short utterances instead (an evaluation): the model is cut to the posterior's
+    window, and its input features must have ``encoder_input_frames(model.whisper)`` frames."""
     folder = Path(posterior)
     if not folder.is_dir():
         raise FileNotFoundError(
@@ -229,7 +231,7 @@ def load_for_transcription(posterior: str | Path, model: str | Path | None = Non
             "(e.g. runs/x/posterior, written by `pyro-blora train --method blora`)"
         )
     window = posterior_encoder_window(folder)
-    if window < 30.0:
+    if window < FULL_WINDOW_SECONDS and not keep_window:
         raise ValueError(
             f"{folder} was trained with a {window:g} s encoder window (--encoder-window), and transcription runs "
             "Whisper's 30 s windows, which that posterior was not fitted to; score it with `pyro-blora evaluate` "
@@ -239,6 +241,8 @@ def load_for_transcription(posterior: str | Path, model: str | Path | None = Non
     if not base:
         raise ValueError(f"{folder} does not name its base model in posterior.json; pass it with --model (e.g. --model base)")
     whisper, processor, _ = load_run_model(base)
+    if window < FULL_WINDOW_SECONDS:
+        set_encoder_window(whisper, window)
     blora, guide = load_posterior(folder, whisper)
     return blora, guide, processor
 

@@ -16,7 +16,7 @@ the BLoRA run, comes from :mod:`pyro_blora.experiments.uncertainty`).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -27,6 +27,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pyro_blora.predict.confidence import TemperatureFit, fit_temperature, word_entropy_confidences
 from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
+from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, encoder_window_seconds, window_frames
 from pyro_blora.model.guide import BLoRAGuide
 from pyro_blora.predict.monte_carlo import minimum_bayes_risk, monte_carlo_transcribe, point_transcribe, widest_sites
 from pyro_blora.data import load_speech_dataset
@@ -80,11 +81,16 @@ def lora_run_values(run_dir: str | Path, model: BLoRAWhisper) -> dict[str, torch
     from pyro_blora.interop.peft import peft_site_values
 
     run_dir = Path(run_dir)
-    method = read_run_config(run_dir)["run"]["method"]
+    config = read_run_config(run_dir)
+    method = config["run"]["method"]
     if method != "lora" or not (run_dir / "adapter").is_dir():
         raise ValueError(f"{run_dir} is not a finished lora run (method {method!r}); train the baseline with "
                          "`pyro-blora train --method lora` on the same base and adapters, or let "
                          "scripts/evaluate_uncertainty.py --train-lora train it to match the blora run")
+    window = config.get("train", {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS)
+    if window_frames(window) != encoder_input_frames(model.whisper):
+        raise ValueError(f"{run_dir} was trained with a {window:g} s encoder window and the posterior with "
+                         f"{encoder_window_seconds(model.whisper):g} s; compare runs trained with the same window")
     return peft_site_values(run_dir / "adapter", model)
 
 
@@ -121,6 +127,7 @@ def decode_payoff_records(model: BLoRAWhisper, guide: BLoRAGuide, processor, utt
     tokenizer = processor.tokenizer
     device, dtype = next(model.whisper.parameters()).device, next(model.whisper.parameters()).dtype
     sites = widest_sites(guide, options.widest_sites) if options.widest_sites else None
+    n_frames = encoder_input_frames(model.whisper)  # the posterior's encoder window
     kwargs = {"max_new_tokens": options.max_new_tokens}
     pyro.set_rng_seed(options.seed)
     batch: list[Utterance] = []
@@ -130,7 +137,8 @@ def decode_payoff_records(model: BLoRAWhisper, guide: BLoRAGuide, processor, utt
         if not last and len(batch) < options.batch_size and utterances[index + 1].language == batch[0].language:
             continue
         language = batch[0].language
-        features = log_mel_features(processor.feature_extractor, [load_audio(u.audio) for u in batch]).to(device, dtype)
+        features = log_mel_features(processor.feature_extractor, [load_audio(u.audio) for u in batch],
+                                    n_frames).to(device, dtype)
         sampled = monte_carlo_transcribe(model, guide, features, tokenizer, num_samples=options.samples[-1],
                                          language=language, generate_kwargs=kwargs,
                                          posterior_temperature=options.posterior_temperature, sampled_sites=sites)
@@ -264,6 +272,8 @@ def _dev_temperatures(model: BLoRAWhisper, models: Mapping[str, Mapping[str, tor
         return {}
     dev = [load_training_data(domain, processor, split="dev", cache_dir=out / "cache", limit=dev_clips)
            for domain in domains if _split_exists(domain, "dev")]
+    n_frames = encoder_input_frames(model.whisper)
+    dev = [replace(data, collate=replace(data.collate, n_frames=n_frames)) for data in dev]
     if not dev:
         raise ValueError("no domain of the testbed has a dev split to fit the temperatures on; pass dev_clips=0 "
                          "(--dev-clips 0) for no temperature scaling")
@@ -286,7 +296,9 @@ def run_payoff_study(testbed: str | Path, posterior: str | Path, out: str | Path
     out.mkdir(parents=True, exist_ok=True)
     posterior = Path(posterior)
     inside_run = posterior / WEIGHT_FOLDERS["blora"]
-    blora, guide, processor = load_for_transcription(inside_run if inside_run.is_dir() else posterior, model)
+    # The test utterances are short: a posterior trained with a cut encoder is scored with its own window.
+    blora, guide, processor = load_for_transcription(inside_run if inside_run.is_dir() else posterior, model,
+                                                     keep_window=True)
     lora_values = lora_run_values(lora, blora) if lora is not None else None
     names = list(domains) if domains else testbed_domains(testbed)
     baselines = {"mean": guide.means(), **({"lora": lora_values} if lora_values is not None else {})}
