@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pyro_blora.checkpoint import atomic_write_bytes, atomic_write_text
-from pyro_blora.experiments.sequence import SequenceResult, comparison_page, matrix_page
+from pyro_blora.experiments.sequence import INTERVALS_FILE, SequenceResult, comparison_page, matrix_page
 from pyro_blora.report.pages import inspection_page, main_job_page
 from pyro_blora.runs import read_eval, read_log
 
@@ -39,6 +39,10 @@ INSPECTED = {
 }
 # The main job's wall time is recorded by its page alone: read back from the committed page.
 WALL_TIME = re.compile(r"Wall time: ([\d.]+) min on (\S+) with (\d+) torch threads\.")
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _main_job_page(folder: Path) -> str:
@@ -60,7 +64,8 @@ def tables(results: Path) -> dict[str, Callable[[], str]]:
             lambda matrix=matrix: matrix_page(SequenceResult.load(matrix))
     for order in sorted({matrix.parent.parent for matrix in matrices}):
         found[(order / "comparison.md").relative_to(results).as_posix()] = \
-            lambda order=order: comparison_page([SequenceResult.load(order / s / "matrix.json") for s in COMPARED])
+            lambda order=order: comparison_page([SequenceResult.load(order / s / "matrix.json") for s in COMPARED],
+                                                _read_json(order / INTERVALS_FILE))
     for folder, runs in INSPECTED.items():
         found[f"{folder}/inspect.md"] = \
             lambda folder=results / folder, runs=runs: inspection_page(runs, json.loads((folder / "inspect.json").read_text()))

@@ -287,6 +287,10 @@ def test_sequence_command_writes_matrices_markdown_and_heatmaps(workspace, tmp_p
     assert "replay(zh-en:1)" in replayed["train_data"]
     assert replayed["init_from"] == str(order / "lora" / "step1-zh-en")  # the same LoRA adapter, trained on
     assert "| lora-replay |" in (order / "comparison.md").read_text()
+    intervals = json.loads((order / "comparison-intervals.json").read_text())
+    bwt = intervals["sequences"]["lora-replay"]["bwt"]
+    assert intervals["metric"] == "ce" and bwt["estimate"] == pytest.approx(matrix["metrics"]["ce"]["bwt"])
+    assert "95% bootstrap intervals" in (order / "comparison.md").read_text()
     bad = CliRunner().invoke(app, [str(a) for a in args[:-1]] + ["--strategy", "ewc"])
     assert bad.exit_code != 0 and "unknown strategies" in bad.output
 
@@ -313,3 +317,30 @@ def test_sequence_command_takes_the_paper_preset_a_floor_and_map_anchor(workspac
                                         "precision_from": str(order / "blora-fresh" / "step1-zh-en")}
     assert (order / "blora-prior-floor0.001" / "matrix.json").is_file()
     assert "| map-anchor-floor0.001 |" in (order / "comparison.md").read_text()
+
+
+def test_sequence_intervals_are_paired_and_centred_on_the_matrix_metrics():
+    from pyro_blora.metrics.bootstrap import bootstrap_sequences
+    from pyro_blora.metrics.continual import sequence_metrics
+    from tests.test_analysis import synthetic_evaluations
+
+    evaluation = synthetic_evaluations(1, 40)
+    columns, learned_at = ("en", "zh-en"), (0, 1)
+    a = [evaluation(rate) for rate in (0.1, 0.3, 0.2)]
+    b = [a[0], evaluation(0.05), evaluation(0.4)]
+    found = bootstrap_sequences({"a": a, "b": b}, columns, learned_at, "error_rate", reference="a", samples=300)
+    expected = {}
+    for name, rows in (("a", a), ("b", b)):
+        matrix = [[row["results"][d]["error_rate"] for d in columns] for row in rows]
+        expected[name] = sequence_metrics(matrix, columns, learned_at)
+        for key in ("average_final", "bwt"):
+            interval = found[name][key]
+            assert interval.estimate == pytest.approx(expected[name][key])
+            assert interval.low <= interval.estimate <= interval.high and interval.low < interval.high
+    difference = found["b − a"]["average_final"]
+    assert difference.estimate == pytest.approx(expected["b"]["average_final"] - expected["a"]["average_final"])
+    # the same rows under another name: every resample moves both alike, so the paired difference is exactly 0
+    same = bootstrap_sequences({"a": a, "copy": a}, columns, learned_at, "error_rate", reference="a", samples=300)
+    assert (same["copy − a"]["bwt"].low, same["copy − a"]["bwt"].high) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="same, non-zero number of evaluated rows"):
+        bootstrap_sequences({"a": a, "b": b[:2]}, columns, learned_at, "error_rate")

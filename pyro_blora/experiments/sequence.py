@@ -42,6 +42,7 @@ from pyro_blora.checkpoint import atomic_write_json, atomic_write_text
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, load_eval_sets
+from pyro_blora.metrics.bootstrap import bootstrap_sequences
 from pyro_blora.metrics.continual import sequence_metrics
 from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
 from pyro_blora.data.training_data import TrainingData, load_training_data
@@ -76,6 +77,8 @@ METHOD_OF = {"lora": "lora", "lora-replay": "lora", "blora-fresh": "blora", "blo
 FIRST_STEP_OF = {"blora-prior": "blora-fresh", "lora-replay": "lora", "map-anchor": "blora-fresh"}
 # Strategies whose prior is copied from the previous step (the ones prior_scale_floor acts on).
 COPIED_PRIOR = ("blora-prior", "map-anchor")
+# Beside each comparison.md: the intervals its second table shows.
+INTERVALS_FILE = "comparison-intervals.json"
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,8 @@ class SequenceResult:
     learned_at: list[int]
     matrices: dict[str, list[list[float]]]
     runs: list[str] = field(default_factory=list)
+    # The eval file of every row (row 0: the start model), whose per-utterance records give intervals.
+    evaluations: list[str] = field(default_factory=list)
 
     @property
     def metric(self) -> str:
@@ -256,18 +261,27 @@ class SequenceResult:
         """A result from its ``matrix.json`` (e.g. to compare strategies run by separate processes)."""
         data = json.loads(Path(path).read_text())
         return cls(data["strategy"], tuple(data["domains"]), data["rows"], data["columns"], data["learned_at"],
-                   data["matrices"], data.get("runs", []))
+                   data["matrices"], data.get("runs", []), data.get("evaluations", []))
 
     @classmethod
     def from_evaluations(cls, config: SequenceConfig, evaluations: Sequence[Mapping[str, Any]],
-                         rows: Sequence[str], runs: Sequence[str]) -> "SequenceResult":
+                         rows: Sequence[str], runs: Sequence[str], files: Sequence[str] = ()) -> "SequenceResult":
         columns = list(config.columns)
         matrices = {
             metric: [[float(e["results"][d][metric]) for d in columns] for e in evaluations]
             for metric in ("error_rate", "ce")
             if all(metric in e["results"][d] for e in evaluations for d in columns)
         }
-        return cls(config.name, config.domains, list(rows), columns, list(config.learned_at), matrices, list(runs))
+        return cls(config.name, config.domains, list(rows), columns, list(config.learned_at), matrices, list(runs),
+                   list(files))
+
+    def read_evaluations(self) -> list[dict[str, Any]] | None:
+        """The eval results of every row, or None when a file is missing (e.g. a result read back
+        from a folder that holds only the matrices)."""
+        paths = [Path(p) for p in self.evaluations]
+        if not paths or len(paths) != len(self.rows) or not all(p.is_file() for p in paths):
+            return None
+        return [json.loads(p.read_text()) for p in paths]
 
 
 # ----------------------------------------------------------------------------------- reports
@@ -303,23 +317,55 @@ def _comparison_rows(results: Sequence[SequenceResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def comparison_page(results: Sequence[SequenceResult]) -> str:
-    """A Markdown page comparing strategies on one order: one summary row per strategy, in the given order."""
+def comparison_page(results: Sequence[SequenceResult], intervals: Mapping[str, Any] | None = None) -> str:
+    """A Markdown page comparing strategies on one order: one summary row per strategy, in the given
+    order; with ``intervals`` (:func:`comparison_intervals`) a second table gives their 95% intervals
+    and each strategy's paired difference to the first."""
     orders = {" → ".join(r.domains) for r in results}
-    return "\n".join([
+    lines = [
         f"# Sequential adaptation: {', '.join(sorted(orders))}", "",
         "Average final: mean error over every domain after the last step. BWT: mean over domains learned "
         "before the last step of (final error - error right after learning it); positive = forgetting. "
         "Forgetting: final error - best error since the domain was learned. Original domains count as "
         "learned at step 0 (the start model).", "",
         markdown_table(_comparison_rows(results)), "",
-    ])
+    ]
+    if intervals:
+        metric = intervals["metric"]
+        cell = lambda i: f"{metric_cell(i['estimate'], metric)} [{metric_cell(i['low'], metric)}, {metric_cell(i['high'], metric)}]"  # noqa: E731
+        lines += [f"95% bootstrap intervals ({intervals['samples']} resamples of the test utterances within each "
+                  "domain, the same draws for every step and strategy, so the differences are paired):", "",
+                  markdown_table([{"": name, "average final": cell(values["average_final"]), "BWT": cell(values["bwt"])}
+                                  for name, values in intervals["sequences"].items()]), ""]
+    return "\n".join(lines)
+
+
+def comparison_intervals(results: Sequence[SequenceResult], samples: int = 2000) -> dict[str, Any] | None:
+    """Intervals of every strategy's average final error and BWT and of its difference to the first
+    strategy, from the per-utterance records of their evaluations; None when a result lacks them."""
+    evaluations = {r.strategy: r.read_evaluations() for r in results}
+    first = results[0]
+    if any(e is None for e in evaluations.values()) or any(
+            (r.columns, r.learned_at, r.metric) != (first.columns, first.learned_at, first.metric) for r in results):
+        return None
+    try:
+        found = bootstrap_sequences(evaluations, first.columns, first.learned_at, first.metric,
+                                    reference=first.strategy, samples=samples)
+    except ValueError:  # evaluations written without per-utterance records, or on other utterances
+        return None
+    return {"metric": first.metric, "samples": samples,
+            "sequences": {name: {k: v.to_dict() for k, v in values.items()} for name, values in found.items()}}
 
 
 def write_comparison(results: Sequence[SequenceResult], path: str | Path) -> Path:
-    """:func:`comparison_page` written to ``path``."""
-    atomic_write_text(path, comparison_page(results))
-    return Path(path)
+    """:func:`comparison_page` written to ``path``, with the intervals (also kept as JSON beside the page,
+    ``comparison-intervals.json``) when every strategy's evaluations have per-utterance records."""
+    path = Path(path)
+    intervals = comparison_intervals(results)
+    if intervals is not None:
+        atomic_write_json(path.with_name(INTERVALS_FILE), intervals)
+    atomic_write_text(path, comparison_page(results, intervals))
+    return path
 
 
 # ----------------------------------------------------------------------------------- runner
@@ -327,10 +373,14 @@ def _settings_tag(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def _evaluation_file(folder: Path, config: SequenceConfig) -> Path:
+    return folder / f"eval-{_settings_tag(config.evaluation_settings())}.json"
+
+
 def _evaluated(source: str | Path, folder: Path, sets: Mapping[str, EvalSet], config: SequenceConfig) -> dict[str, Any]:
     """The evaluation of ``source`` under ``config``'s settings, read from ``folder`` if already there.
     A run folder is scored with its own encoder window, the start model with the runs' window."""
-    path = folder / f"eval-{_settings_tag(config.evaluation_settings())}.json"
+    path = _evaluation_file(folder, config)
     window = None if is_run_folder(source) else config.start_window
     return ensure_evaluated(path, lambda: run_evaluation(source, sets, options=config.evaluation, out=path,
                                                          encoder_window_seconds=window))
@@ -388,6 +438,7 @@ def run_sequence(
     sets = load_eval_sets(testbed, config.columns, processor, limit=config.eval_limit, cache_dir=cache)
     label = f"{order_name(config.domains)}/{config.name}"
     echo(f"[{label}] step 0: evaluating the start model {config.model}")
+    files = [_evaluation_file(out / "start", config)]
     evaluations = [_evaluated(config.model, out / "start", sets, config)]
     data: dict[str, TrainingData] = {}
 
@@ -410,10 +461,12 @@ def run_sequence(
         ensure_trained(step.run_dir, train_step)
         echo(f"[{label}] step {step.number}/{len(steps)}: evaluating on {', '.join(config.columns)}")
         evaluations.append(_evaluated(step.run_dir, step.run_dir, sets, config))
+        files.append(_evaluation_file(step.run_dir, config))
         if after_step is not None:
             after_step(step)
     rows = ["start", *(f"step{s.number}-{s.domain}" for s in steps)]
-    result = SequenceResult.from_evaluations(config, evaluations, rows, [str(s.run_dir) for s in steps])
+    result = SequenceResult.from_evaluations(config, evaluations, rows, [str(s.run_dir) for s in steps],
+                                             [str(f) for f in files])
     atomic_write_json(folder / "matrix.json", result.to_dict())
     atomic_write_text(folder / "matrix.md", matrix_page(result))
     save_figure(plot_matrix(result.matrices[result.metric], result.rows, result.columns, result.metric, _title(result)),

@@ -27,6 +27,7 @@ __all__ = [
     "backward_gain",
     "bootstrap_evals",
     "bootstrap_ratios",
+    "bootstrap_sequences",
     "bootstrap_weighted",
     "compare_evals",
     "degradation_reduction",
@@ -227,6 +228,53 @@ def _matched(evaluations: Sequence[Mapping[str, Any]], domain: str, metric: str)
         nums.append(num[order])
         dens.append(den[order])
     return np.stack(nums), np.stack(dens)
+
+
+def bootstrap_sequences(evaluations: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str],
+                        learned_at: Sequence[int], metric: str, *, reference: str | None = None,
+                        samples: int = DEFAULT_SAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Interval]]:
+    """Average final error and BWT (:mod:`pyro_blora.metrics.continual`) of sequences that share their
+    test utterances, with bootstrap intervals.
+
+    ``evaluations[name]`` is one sequence's eval results row by row (row 0: the start model), each
+    covering ``columns``. Utterances are resampled within each domain with the same draws for every
+    row and every sequence, so the difference of a sequence to ``reference`` (key ``"<name> − <reference>"``)
+    is paired."""
+    _check_level(samples, level)
+    names = list(evaluations)
+    if reference is not None and reference not in evaluations:
+        raise KeyError(f"reference {reference!r} is not among the sequences {names}")
+    lengths = {len(rows) for rows in evaluations.values()}
+    if len(lengths) != 1 or 0 in lengths:
+        raise ValueError(f"every sequence needs the same, non-zero number of evaluated rows, got {sorted(lengths)}")
+    num_rows = lengths.pop()
+    flat = [evaluation for name in names for evaluation in evaluations[name]]
+    # matrices[k, i, j, r]: sequence k, row i, domain j; r = 0 on all utterances, then the resamples
+    matrices = np.empty((len(names), num_rows, len(columns), samples + 1))
+    for j, domain in enumerate(columns):
+        num, den = _matched(flat, domain, metric)
+        counts = np.vstack([np.ones((1, num.shape[1])), resample_counts(num.shape[1], samples, seed, j)])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            matrices[:, :, j, :] = ((counts @ num.T) / (counts @ den.T)).T.reshape(len(names), num_rows, samples + 1)
+    last = num_rows - 1
+    average = matrices[:, last].mean(axis=1)
+    learned = [j for j, step in enumerate(learned_at) if step < last]
+    bwt = np.mean([matrices[:, last, j] - matrices[:, learned_at[j], j] for j in learned], axis=0) if learned \
+        else np.full_like(average, np.nan)
+
+    def interval(values: np.ndarray) -> Interval:
+        low, high = np.nanpercentile(values[1:], [50 * (1 - level), 50 * (1 + level)]) if np.isfinite(values[1:]).any() \
+            else (np.nan, np.nan)
+        return Interval(float(values[0]), float(low), float(high), level, samples)
+
+    out = {name: {"average_final": interval(average[k]), "bwt": interval(bwt[k])} for k, name in enumerate(names)}
+    if reference is not None:
+        r = names.index(reference)
+        for k, name in enumerate(names):
+            if name != reference:
+                out[f"{name} − {reference}"] = {"average_final": interval(average[k] - average[r]),
+                                                 "bwt": interval(bwt[k] - bwt[r])}
+    return out
 
 
 def bootstrap_evals(
