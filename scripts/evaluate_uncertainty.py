@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--posterior-temperature", type=float, default=DEFAULTS.posterior_temperature,
                         help="scale of the posterior std when sampling")
     parser.add_argument("--widest-sites", type=int, help="sample only the N adapter sites of largest posterior variance")
+    parser.add_argument("--entropy-alpha", type=float, default=DEFAULTS.entropy_alpha,
+                        help="Tsallis alpha of the word entropy confidence (1: Gibbs entropy)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                         help="cap on generated tokens (stops repetition loops)")
@@ -53,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     options = PayoffOptions(samples=tuple(args.samples), posterior_temperature=args.posterior_temperature,
-                            widest_sites=args.widest_sites, batch_size=args.batch_size,
+                            widest_sites=args.widest_sites, entropy_alpha=args.entropy_alpha, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, seed=args.seed)
     summary = uncertainty_study(args.testbed, args.posterior, Path(args.out), options, lora=args.lora,
                                 train_lora=args.train_lora, model=args.model, domains=args.domains,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -322,3 +323,7 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
     assert "lora_neg_log_prob_scaled" in summary["uncertainty"]["lora_own_errors"]["scores"]
     write_uncertainty_plots(UncertaintyReport.from_dict(largest), tmp_path, prefix="S2-")
     assert (tmp_path / "S2-reliability.png").is_file()
+    # the entropy confidence's alpha reaches the records: Gibbs (1) scores the same words otherwise
+    gibbs = list(decode_payoff_records(model, guide, processor, utterances[:1], replace(options, entropy_alpha=1.0), lora))
+    assert gibbs[0]["mean"]["text"] == records[0]["mean"]["text"]
+    assert gibbs[0]["mean"]["word_entropy_confidence"] != records[0]["mean"]["word_entropy_confidence"]

@@ -24,7 +24,7 @@ import pyro
 import torch
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
-from pyro_blora.predict.confidence import TemperatureFit, fit_temperature, word_entropy_confidences
+from pyro_blora.predict.confidence import DEFAULT_ENTROPY_ALPHA, TemperatureFit, fit_temperature, word_entropy_confidences
 from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
 from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, encoder_window_seconds, window_frames
@@ -61,8 +61,8 @@ class PayoffOptions:
     batch_size: int = 2
     max_new_tokens: int = 96
     seed: int = 0
-    # Tsallis alpha of the entropy confidence (arXiv 2212.08703's best: 1/3).
-    entropy_alpha: float = 1 / 3
+    # Tsallis alpha of the entropy confidence (arXiv 2212.08703's best: 1/3; 1: Gibbs entropy).
+    entropy_alpha: float = DEFAULT_ENTROPY_ALPHA
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", tuple(sorted(set(int(s) for s in self.samples))))
@@ -72,6 +72,9 @@ class PayoffOptions:
             raise ValueError(f"posterior_temperature must be > 0, got {self.posterior_temperature}")
         if self.widest_sites is not None and self.widest_sites < 1:
             raise ValueError(f"widest_sites must be >= 1 (or None: sample every site), got {self.widest_sites}")
+        if not self.entropy_alpha > 0:
+            raise ValueError(f"entropy_alpha must be > 0 (1/3: the Tsallis alpha of arXiv 2212.08703; 1: Gibbs), "
+                             f"got {self.entropy_alpha}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
 
@@ -141,11 +144,13 @@ def decode_payoff_records(model: BLoRAWhisper, guide: BLoRAGuide, processor, utt
                                     n_frames).to(device, dtype)
         sampled = monte_carlo_transcribe(model, guide, features, tokenizer, num_samples=options.samples[-1],
                                          language=language, generate_kwargs=kwargs,
-                                         posterior_temperature=options.posterior_temperature, sampled_sites=sites)
+                                         posterior_temperature=options.posterior_temperature, sampled_sites=sites,
+                                         entropy_alpha=options.entropy_alpha)
         points = {"mean": point_transcribe(model, guide.means(), features, tokenizer, language, kwargs,
-                                           temperatures.get("mean"))}
+                                           temperatures.get("mean"), options.entropy_alpha)}
         if lora is not None:
-            points["lora"] = point_transcribe(model, lora, features, tokenizer, language, kwargs, temperatures.get("lora"))
+            points["lora"] = point_transcribe(model, lora, features, tokenizer, language, kwargs, temperatures.get("lora"),
+                                              options.entropy_alpha)
         for b, (utterance, result) in enumerate(zip(batch, sampled)):
             record = {"id": utterance.id, "language": language, "reference": utterance.reference,
                       "samples": result.hypotheses, "token_entropy": result.mean_token_entropy,

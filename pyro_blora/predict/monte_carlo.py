@@ -17,7 +17,7 @@ import torch
 from pyro.infer import Predictive
 from transformers import WhisperForConditionalGeneration
 
-from pyro_blora.predict.confidence import entropy_confidence
+from pyro_blora.predict.confidence import DEFAULT_ENTROPY_ALPHA, entropy_confidence
 from pyro_blora.predict.decoding import generate
 from pyro_blora.model.guide import BLoRAGuide
 # The teacher-forced cross-entropy lives with the objective; its names stay importable from here.
@@ -157,7 +157,7 @@ def _counted(generated: torch.Tensor, eos: int) -> torch.Tensor:
 
 
 def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: Mapping,
-            temperature: float | None = None) -> _Decoded:
+            temperature: float | None = None, entropy_alpha: float = DEFAULT_ENTROPY_ALPHA) -> _Decoded:
     """Greedy/beam decode with the adapters as currently held; per-row entropy and token log-probability
     (also under logits / ``temperature`` when given) and per-token entropy confidence."""
     out = generate(model.whisper, input_features, output_logits=True, return_dict_in_generate=True, **generate_kwargs)
@@ -174,7 +174,7 @@ def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: 
         token_log_p = log_probs.gather(-1, generated.unsqueeze(-1)).squeeze(-1)  # (rows, steps)
         return (token_log_p.nan_to_num(neginf=0.0) * valid).sum(1) / count
 
-    confidence = entropy_confidence(log_p)
+    confidence = entropy_confidence(log_p, entropy_alpha)
     text = (valid > 0) & (generated != eos)
     return _Decoded(
         sequences,
@@ -189,7 +189,8 @@ def _decode(model: BLoRAWhisper, input_features: torch.Tensor, generate_kwargs: 
 
 @torch.no_grad()
 def _ensemble_scores(model: BLoRAWhisper, samples: Mapping[str, torch.Tensor], input_features: torch.Tensor,
-                     prompt: torch.Tensor, hypotheses: list[list[int]]) -> list[dict]:
+                     prompt: torch.Tensor, hypotheses: list[list[int]],
+                     entropy_alpha: float = DEFAULT_ENTROPY_ALPHA) -> list[dict]:
     """Each row's hypothesis (text tokens after ``prompt``, then end-of-text) teacher-forced under every
     sample: mean predictive entropy, expected entropy and mutual information over its tokens, and the
     entropy confidence of the averaged distribution at each text token."""
@@ -214,7 +215,7 @@ def _ensemble_scores(model: BLoRAWhisper, samples: Mapping[str, torch.Tensor], i
         expected = entropy / num_samples if expected is None else expected + entropy / num_samples
     log_mean = mean_p.clamp_min(torch.finfo(mean_p.dtype).tiny).log()
     predictive = -(mean_p * log_mean).sum(-1)
-    confidence = entropy_confidence(log_mean)
+    confidence = entropy_confidence(log_mean, entropy_alpha)
     weights = mask.float() / mask.sum(1, keepdim=True)
     scores = []
     for r, hypothesis in enumerate(hypotheses):
@@ -260,18 +261,21 @@ def point_transcribe(
     language: str | None = None,
     generate_kwargs: Mapping | None = None,
     temperature: float | None = None,
+    entropy_alpha: float = DEFAULT_ENTROPY_ALPHA,
 ) -> list[PointTranscript]:
     """Decode with the adapters held at ``adapter_values`` (2-D tensors, e.g. ``guide.means()``);
-    with a ``temperature`` (e.g. fitted on dev) the hypothesis is also scored under logits / T."""
-    return _point_records(_point_decode(model, adapter_values, input_features, language, generate_kwargs, temperature),
-                          tokenizer)
+    with a ``temperature`` (e.g. fitted on dev) the hypothesis is also scored under logits / T.
+    ``entropy_alpha`` is the Tsallis alpha of the per-token entropy confidence."""
+    return _point_records(_point_decode(model, adapter_values, input_features, language, generate_kwargs, temperature,
+                                        entropy_alpha), tokenizer)
 
 
-def _point_decode(model, adapter_values, input_features, language, generate_kwargs, temperature=None) -> _Decoded:
+def _point_decode(model, adapter_values, input_features, language, generate_kwargs, temperature=None,
+                  entropy_alpha: float = DEFAULT_ENTROPY_ALPHA) -> _Decoded:
     generate_kwargs = with_language(model, generate_kwargs, language)
     model.eval()
     with model.hold_adapters(adapter_values):
-        return _decode(model, input_features, generate_kwargs, temperature)
+        return _decode(model, input_features, generate_kwargs, temperature, entropy_alpha)
 
 
 def _point_records(decoded: _Decoded, tokenizer) -> list[PointTranscript]:
@@ -298,6 +302,7 @@ def monte_carlo_transcribe(
     generate_kwargs: Mapping | None = None,
     posterior_temperature: float = 1.0,
     sampled_sites: Collection[str] | None = None,
+    entropy_alpha: float = DEFAULT_ENTROPY_ALPHA,
 ) -> list[MonteCarloTranscript]:
     """Transcribe a batch of log-mel features under ``num_samples`` posterior draws.
 
@@ -307,6 +312,7 @@ def monte_carlo_transcribe(
     hypotheses as S passes; it pays on accelerators, while on a CPU it costs about what S passes cost
     (BENCHMARKS.md). ``posterior_temperature`` and ``sampled_sites`` change the draws (see
     :func:`sample_posterior`). The chosen hypothesis is then scored under every draw (mutual information).
+    ``entropy_alpha`` is the Tsallis alpha of the per-token entropy confidences.
     """
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
@@ -329,7 +335,7 @@ def monte_carlo_transcribe(
     texts = [tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in tokens]  # [S][B]
     means: list[PointTranscript | None] = [None] * batch
     if choose == "mean":
-        mean_decoded = _decode_held(model, guide.means(), input_features, generate_kwargs)
+        mean_decoded = _decode_held(model, guide.means(), input_features, generate_kwargs, entropy_alpha)
         means = _point_records(mean_decoded, tokenizer)
     chosen_tokens, chosen_prompts, picks = [], [], []
     for b in range(batch):
@@ -343,7 +349,7 @@ def monte_carlo_transcribe(
             chosen_tokens.append(tokens[best][b])
             chosen_prompts.append(prompts[best][b])
     prompt_ids = torch.stack(chosen_prompts)
-    ensemble = _ensemble_scores(model, samples, input_features, prompt_ids, chosen_tokens)
+    ensemble = _ensemble_scores(model, samples, input_features, prompt_ids, chosen_tokens, entropy_alpha)
     results = []
     for b, (hyps, best, disagreement) in enumerate(picks):
         mean = means[b]
@@ -362,6 +368,6 @@ def monte_carlo_transcribe(
 
 
 def _decode_held(model: BLoRAWhisper, values: Mapping[str, torch.Tensor], input_features: torch.Tensor,
-                 generate_kwargs: Mapping) -> _Decoded:
+                 generate_kwargs: Mapping, entropy_alpha: float = DEFAULT_ENTROPY_ALPHA) -> _Decoded:
     with model.hold_adapters(values):
-        return _decode(model, input_features, generate_kwargs)
+        return _decode(model, input_features, generate_kwargs, entropy_alpha=entropy_alpha)
