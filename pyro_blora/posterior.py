@@ -76,7 +76,6 @@ __all__ = [
     "POSTERIOR_TENSORS_FORMAT",
     "export_posterior_tensors",
     "load_posterior",
-    "posterior_encoder_window",
     "read_posterior_config",
     "read_posterior_tensors",
     "save_posterior",
@@ -128,16 +127,6 @@ def read_posterior_config(folder: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"{folder} is not a posterior folder: it has no posterior.json (save one with save_posterior)")
     return json.loads(path.read_text())
-
-
-def posterior_encoder_window(folder: str | Path) -> float:
-    """Seconds of audio the encoder read in training: the posterior's metadata, else the config.json of
-    the run folder holding it (``runs/x/posterior``), else Whisper's 30 s."""
-    window = read_posterior_config(folder).get("metadata", {}).get("encoder_window_seconds")
-    run_config = Path(folder).resolve().parent / "config.json"
-    if window is None and run_config.is_file():
-        window = (json.loads(run_config.read_text()).get("train") or {}).get("encoder_window_seconds")
-    return float(window) if window is not None else 30.0
 
 
 def load_posterior(folder: str | Path, whisper: WhisperForConditionalGeneration) -> tuple[BLoRAWhisper, BLoRAGuide]:

@@ -28,7 +28,7 @@ from pyro_blora.base_models.loading import load_whisper
 from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes, atomic_write_json
 from pyro_blora.config import RetentionBudget, TrainConfig
 from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, set_encoder_window
-from pyro_blora.posterior import load_posterior, posterior_encoder_window, read_posterior_config
+from pyro_blora.posterior import load_posterior, read_posterior_config
 from pyro_blora.predict.monte_carlo import posterior_mean_model
 
 __all__ = [
@@ -48,10 +48,12 @@ __all__ = [
     "is_run_folder",
     "load_for_transcription",
     "load_run_model",
+    "posterior_encoder_window",
     "read_eval",
     "read_log",
     "read_result",
     "read_run_config",
+    "run_encoder_window",
     "scaled_evaluations",
     "weights_folder",
 ]
@@ -76,6 +78,22 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {CONFIG_FILE} (train one with `pyro-blora train`)")
     return json.loads(path.read_text())
+
+
+def run_encoder_window(config: Mapping[str, Any]) -> float:
+    """Seconds of audio the encoder read when the run trained (from its config, as :func:`read_run_config`
+    gives it): Whisper's 30 s unless it was trained with ``--encoder-window``."""
+    return float((config.get("train") or {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS))
+
+
+def posterior_encoder_window(folder: str | Path) -> float:
+    """The window a posterior folder was trained with: its own metadata, else the run folder holding it
+    (``runs/x/posterior``)."""
+    window = read_posterior_config(folder).get("metadata", {}).get("encoder_window_seconds")
+    if window is not None:
+        return float(window)
+    run_dir = Path(folder).resolve().parent
+    return run_encoder_window(read_run_config(run_dir)) if is_run_folder(run_dir) else FULL_WINDOW_SECONDS
 
 
 def weights_folder(run_dir: str | Path) -> Path:
@@ -202,7 +220,7 @@ def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration,
     if not weights.is_dir():
         raise FileNotFoundError(f"{folder} has no {weights.name}/ folder: the {method} run has not finished "
                                 "(train it again with --resume to finish it)")
-    window = (config.get("train") or {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS)
+    window = run_encoder_window(config)
     if method == "full":
         whisper, processor = load_whisper(weights)
         return whisper, processor, f"{method} run {folder.name}"

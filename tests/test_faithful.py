@@ -8,10 +8,8 @@ import pyro
 import pytest
 import torch
 from pyro import poutine
-from torch import nn
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, elbo_scaling, elbo_terms, train, wrap_whisper
-from pyro_blora.model.adapters import BayesianLoRALinear
 from pyro_blora.model.noise import LocalNoise, flipout_linear, lrt_linear
 from pyro_blora.model.objective import analytic_kl
 from tests.tiny import TinyTask, collate, tiny_whisper

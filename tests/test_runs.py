@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import replace
 
 import pytest
 
@@ -14,7 +13,7 @@ from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
 from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
 from pyro_blora.experiments.sweep import SweepConfig, run_sweep
 from pyro_blora.base_models.loading import load_processor
-from pyro_blora.runs import RESULT_FILE, find_runs, finished, has_checkpoints, load_run_model
+from pyro_blora.runs import RESULT_FILE, find_runs, finished, has_checkpoints, load_run_model, posterior_encoder_window
 from pyro_blora.testbed import TestbedConfig
 from pyro_blora.training import methods
 from tests.experiment_fixtures import fake_testbed, small_whisper_folder
@@ -120,3 +119,17 @@ def test_finished_needs_config_weights_and_result(tmp_path):
     assert find_runs([tmp_path], with_result=False) == [run_dir]
     with pytest.raises(FileNotFoundError, match="pyro-blora train"):
         find_runs([tmp_path])
+
+
+def test_a_posterior_without_its_window_takes_the_window_of_its_run(tmp_path):
+    """Posteriors saved before the window was put in their metadata read it from the run holding them."""
+    posterior = tmp_path / "run" / "posterior"
+    posterior.mkdir(parents=True)
+    (posterior / "posterior.json").write_text(json.dumps({"metadata": {}}))
+    assert posterior_encoder_window(posterior) == 30.0  # no run folder around it: Whisper's window
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"run": {"method": "blora"},
+                                                              "train": {"encoder_window_seconds": 10.0}}))
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    assert posterior_encoder_window(posterior) == 10.0
+    (posterior / "posterior.json").write_text(json.dumps({"metadata": {"encoder_window_seconds": 8.0}}))
+    assert posterior_encoder_window(posterior) == 8.0  # its own metadata first

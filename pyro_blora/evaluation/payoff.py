@@ -27,12 +27,12 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 from pyro_blora.predict.confidence import DEFAULT_ENTROPY_ALPHA, TemperatureFit, fit_temperature, word_entropy_confidences
 from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
-from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS, encoder_input_frames, encoder_window_seconds, window_frames
+from pyro_blora.model.encoder_window import encoder_input_frames, encoder_window_seconds, window_frames
 from pyro_blora.model.guide import BLoRAGuide
 from pyro_blora.predict.monte_carlo import minimum_bayes_risk, monte_carlo_transcribe, point_transcribe, widest_sites
 from pyro_blora.data import load_speech_dataset
 from pyro_blora.data.training_data import TrainingData, load_training_data
-from pyro_blora.runs import WEIGHT_FOLDERS, load_for_transcription, read_run_config
+from pyro_blora.runs import WEIGHT_FOLDERS, load_for_transcription, read_run_config, run_encoder_window
 from pyro_blora.testbed import testbed_domains
 from pyro_blora.metrics.bootstrap import paired_bootstrap
 from pyro_blora.model.whisper import BLoRAWhisper
@@ -90,7 +90,7 @@ def lora_run_values(run_dir: str | Path, model: BLoRAWhisper) -> dict[str, torch
         raise ValueError(f"{run_dir} is not a finished lora run (method {method!r}); train the baseline with "
                          "`pyro-blora train --method lora` on the same base and adapters, or let "
                          "scripts/evaluate_uncertainty.py --train-lora train it to match the blora run")
-    window = config.get("train", {}).get("encoder_window_seconds", FULL_WINDOW_SECONDS)
+    window = run_encoder_window(config)
     if window_frames(window) != encoder_input_frames(model.whisper):
         raise ValueError(f"{run_dir} was trained with a {window:g} s encoder window and the posterior with "
                          f"{encoder_window_seconds(model.whisper):g} s; compare runs trained with the same window")

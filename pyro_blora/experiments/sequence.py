@@ -42,7 +42,7 @@ from pyro_blora.checkpoint import atomic_write_json, atomic_write_text
 from pyro_blora.config import BLoRAConfig, TrainConfig
 from pyro_blora.data import PreparedSpeechDataset
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, load_eval_sets
-from pyro_blora.metrics.bootstrap import bootstrap_sequences
+from pyro_blora.metrics.bootstrap import bootstrap_sequences, has_records
 from pyro_blora.metrics.continual import sequence_metrics
 from pyro_blora.experiments.step import ensure_evaluated, ensure_trained, run_evaluation
 from pyro_blora.data.training_data import TrainingData, load_training_data
@@ -348,11 +348,11 @@ def comparison_intervals(results: Sequence[SequenceResult], samples: int = 2000)
     if any(e is None for e in evaluations.values()) or any(
             (r.columns, r.learned_at, r.metric) != (first.columns, first.learned_at, first.metric) for r in results):
         return None
-    try:
-        found = bootstrap_sequences(evaluations, first.columns, first.learned_at, first.metric,
-                                    reference=first.strategy, samples=samples)
-    except ValueError:  # evaluations written without per-utterance records, or on other utterances
-        return None
+    if not all(has_records(evaluation, domain, first.metric)
+               for rows in evaluations.values() for evaluation in rows for domain in first.columns):
+        return None  # evaluations written before per-utterance records were kept
+    found = bootstrap_sequences(evaluations, first.columns, first.learned_at, first.metric,
+                                reference=first.strategy, samples=samples)
     return {"metric": first.metric, "samples": samples,
             "sequences": {name: {k: v.to_dict() for k, v in values.items()} for name, values in found.items()}}
 
