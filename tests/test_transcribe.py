@@ -84,6 +84,17 @@ def test_minimum_bayes_risk_picks_the_consensus():
     assert minimum_bayes_risk(["same words"] * 3) == (0, 0.0)
 
 
+def test_minimum_bayes_risk_does_not_choose_a_repetition_loop():
+    """Two of eight draws loop; as references they would make every other draw look bad."""
+    loop = "tengo que arreglar el trabajo antes de " + "mis " * 40
+    draws = [loop, "tengo que arreglar el trabajo antes de mis jueces del trabajo", loop,
+             "tengo que arreglar el trabajo antes de las dos", "tengo que arreglar el tamajo antes de mis jueces",
+             "tengo que arreglar el trabajo antes de mis boys", "tengo que arreglar el trabajo antes del trabajo",
+             "tengo que arreglar el trabajo antes de mis jueces del tamajo"]
+    index, _ = minimum_bayes_risk(draws)
+    assert draws[index] != loop
+
+
 def test_word_confidence_is_the_fraction_of_agreeing_samples():
     words = word_confidences("The cat sat.", ["the cat sat", "the hat sat", "cat sat"])
     assert [w.word for w in words] == ["The", "cat", "sat."]

@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pyro_blora.checkpoint import atomic_write_json
+
 __all__ = ["REASON_HINTS", "DataReport", "NoUsableRowsError"]
 
 REASON_HINTS: dict[str, str] = {
@@ -67,7 +69,7 @@ class DataReport:
 
     def to_json(self, path: str | Path) -> None:
         payload = asdict(self) | {"hints": self.hints}
-        Path(path).write_text(json.dumps(payload, indent=2, ensure_ascii=False), encoding="utf-8")
+        atomic_write_json(path, payload)
 
     @classmethod
     def from_json(cls, path: str | Path) -> "DataReport":

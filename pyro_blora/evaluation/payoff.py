@@ -25,6 +25,7 @@ import torch
 from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora.predict.confidence import DEFAULT_ENTROPY_ALPHA, TemperatureFit, fit_temperature, word_entropy_confidences
+from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
 from pyro_blora.model.encoder_window import encoder_input_frames, encoder_window_seconds, window_frames
@@ -283,7 +284,7 @@ def _dev_temperatures(model: BLoRAWhisper, models: Mapping[str, Mapping[str, tor
         raise ValueError("no domain of the testbed has a dev split to fit the temperatures on; pass dev_clips=0 "
                          "(--dev-clips 0) for no temperature scaling")
     fits = fit_model_temperatures(model, models, dev)
-    path.write_text(json.dumps({name: asdict(fit) for name, fit in fits.items()}, indent=2))
+    atomic_write_json(path, {name: asdict(fit) for name, fit in fits.items()})
     return fits
 
 
@@ -316,5 +317,5 @@ def run_payoff_study(testbed: str | Path, posterior: str | Path, out: str | Path
         write_records(decode_payoff_records(blora, guide, processor, utterances, options, lora_values,
                                             {k: fit.temperature for k, fit in fits.items()}), records, {"domain": name})
     summary = summarise_payoff(read_records(records), options, fits, bootstrap_samples=bootstrap_samples)
-    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    atomic_write_json(out / SUMMARY_FILE, summary)
     return summary

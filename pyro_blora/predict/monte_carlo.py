@@ -227,14 +227,18 @@ def _ensemble_scores(model: BLoRAWhisper, samples: Mapping[str, torch.Tensor], i
 
 
 def minimum_bayes_risk(hypotheses: list[str], language: str | None = None) -> tuple[int, float]:
-    """Index of the hypothesis with the lowest mean error rate against the others, and the mean
-    pairwise error rate (the samples' disagreement: 0 when all agree)."""
+    """Index of the hypothesis with the lowest expected error rate when the others are its references
+    (each draw a pseudo-reference from the posterior), and the mean pairwise error rate (the samples'
+    disagreement: 0 when all agree).
+
+    The candidate is scored as the hypothesis, never as the reference: scored the other way round, a
+    draw caught in a repetition loop pays only its deletions per own (long) length and wins."""
     if not hypotheses:
         raise ValueError("minimum_bayes_risk needs at least one hypothesis")
     if len(hypotheses) == 1:
         return 0, 0.0
-    pairwise = pairwise_error_rate(hypotheses, language=language)
-    return int(pairwise.mean(dim=1).argmin()), float(pairwise.mean())
+    pairwise = pairwise_error_rate(hypotheses, language=language)  # row: reference, column: hypothesis
+    return int(pairwise.mean(dim=0).argmin()), float(pairwise.mean())
 
 
 @dataclass(frozen=True)
@@ -307,7 +311,7 @@ def monte_carlo_transcribe(
     """Transcribe a batch of log-mel features under ``num_samples`` posterior draws.
 
     ``choose="mean"`` returns the posterior-mean hypothesis; ``"mbr"`` the sample hypothesis with the
-    lowest mean error rate against the others (minimum Bayes risk). ``vectorized`` decodes all S
+    lowest expected error rate with the others as its references (minimum Bayes risk). ``vectorized`` decodes all S
     samples in one batched pass (batch S * B, each slice with its own adapter sample): the same
     hypotheses as S passes; it pays on accelerators, while on a CPU it costs about what S passes cost
     (BENCHMARKS.md). ``posterior_temperature`` and ``sampled_sites`` change the draws (see
