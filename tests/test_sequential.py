@@ -342,5 +342,13 @@ def test_sequence_intervals_are_paired_and_centred_on_the_matrix_metrics():
     # the same rows under another name: every resample moves both alike, so the paired difference is exactly 0
     same = bootstrap_sequences({"a": a, "copy": a}, columns, learned_at, "error_rate", reference="a", samples=300)
     assert (same["copy − a"]["bwt"].low, same["copy − a"]["bwt"].high) == (0.0, 0.0)
+    # every pair: each sequence against every one before it, the same draws as against one reference
+    c = [a[0], evaluation(0.2), evaluation(0.1)]
+    pairs = bootstrap_sequences({"a": a, "b": b, "c": c}, columns, learned_at, "error_rate", all_pairs=True, samples=300)
+    assert {key for key in pairs if " − " in key} == {"b − a", "c − a", "c − b"}
+    assert pairs["b − a"]["bwt"] == found["b − a"]["bwt"]
+    assert pairs["c − b"]["average_final"].estimate == pytest.approx(
+        sequence_metrics([[row["results"][d]["error_rate"] for d in columns] for row in c], columns, learned_at)["average_final"]
+        - expected["b"]["average_final"])
     with pytest.raises(ValueError, match="same, non-zero number of evaluated rows"):
         bootstrap_sequences({"a": a, "b": b[:2]}, columns, learned_at, "error_rate")

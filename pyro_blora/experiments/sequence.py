@@ -320,7 +320,7 @@ def _comparison_rows(results: Sequence[SequenceResult]) -> list[dict[str, Any]]:
 def comparison_page(results: Sequence[SequenceResult], intervals: Mapping[str, Any] | None = None) -> str:
     """A Markdown page comparing strategies on one order: one summary row per strategy, in the given
     order; with ``intervals`` (:func:`comparison_intervals`) a second table gives their 95% intervals
-    and each strategy's paired difference to the first."""
+    and each strategy's paired difference to every one before it."""
     orders = {" → ".join(r.domains) for r in results}
     lines = [
         f"# Sequential adaptation: {', '.join(sorted(orders))}", "",
@@ -341,8 +341,8 @@ def comparison_page(results: Sequence[SequenceResult], intervals: Mapping[str, A
 
 
 def comparison_intervals(results: Sequence[SequenceResult], samples: int = 2000) -> dict[str, Any] | None:
-    """Intervals of every strategy's average final error and BWT and of its difference to the first
-    strategy, from the per-utterance records of their evaluations; None when a result lacks them."""
+    """Intervals of every strategy's average final error and BWT and of its paired difference to every
+    strategy before it, from the per-utterance records of their evaluations; None when a result lacks them."""
     evaluations = {r.strategy: r.read_evaluations() for r in results}
     first = results[0]
     if any(e is None for e in evaluations.values()) or any(
@@ -352,7 +352,7 @@ def comparison_intervals(results: Sequence[SequenceResult], samples: int = 2000)
                for rows in evaluations.values() for evaluation in rows for domain in first.columns):
         return None  # evaluations written before per-utterance records were kept
     found = bootstrap_sequences(evaluations, first.columns, first.learned_at, first.metric,
-                                reference=first.strategy, samples=samples)
+                                all_pairs=True, samples=samples)
     return {"metric": first.metric, "samples": samples,
             "sequences": {name: {k: v.to_dict() for k, v in values.items()} for name, values in found.items()}}
 

@@ -232,14 +232,15 @@ def _matched(evaluations: Sequence[Mapping[str, Any]], domain: str, metric: str)
 
 def bootstrap_sequences(evaluations: Mapping[str, Sequence[Mapping[str, Any]]], columns: Sequence[str],
                         learned_at: Sequence[int], metric: str, *, reference: str | None = None,
-                        samples: int = DEFAULT_SAMPLES, seed: int = 0, level: float = 0.95) -> dict[str, dict[str, Interval]]:
+                        all_pairs: bool = False, samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                        level: float = 0.95) -> dict[str, dict[str, Interval]]:
     """Average final error and BWT (:mod:`pyro_blora.metrics.continual`) of sequences that share their
     test utterances, with bootstrap intervals.
 
     ``evaluations[name]`` is one sequence's eval results row by row (row 0: the start model), each
     covering ``columns``. Utterances are resampled within each domain with the same draws for every
     row and every sequence, so the difference of a sequence to ``reference`` (key ``"<name> − <reference>"``)
-    is paired."""
+    is paired. ``all_pairs`` gives the difference of every sequence to every one before it instead."""
     _check_level(samples, level)
     names = list(evaluations)
     if reference is not None and reference not in evaluations:
@@ -268,12 +269,15 @@ def bootstrap_sequences(evaluations: Mapping[str, Sequence[Mapping[str, Any]]], 
         return Interval(float(values[0]), float(low), float(high), level, samples)
 
     out = {name: {"average_final": interval(average[k]), "bwt": interval(bwt[k])} for k, name in enumerate(names)}
-    if reference is not None:
-        r = names.index(reference)
-        for k, name in enumerate(names):
-            if name != reference:
-                out[f"{name} − {reference}"] = {"average_final": interval(average[k] - average[r]),
-                                                 "bwt": interval(bwt[k] - bwt[r])}
+    if all_pairs:
+        pairs = [(k, r) for k in range(len(names)) for r in range(k)]
+    elif reference is not None:
+        pairs = [(k, names.index(reference)) for k, name in enumerate(names) if name != reference]
+    else:
+        pairs = []
+    for k, r in pairs:
+        out[f"{names[k]} − {names[r]}"] = {"average_final": interval(average[k] - average[r]),
+                                           "bwt": interval(bwt[k] - bwt[r])}
     return out
 
 
