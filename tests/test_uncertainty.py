@@ -159,13 +159,17 @@ def test_report_intervals_contain_the_estimate_and_pin_a_perfect_score():
 
 
 def test_other_word_confidences_get_their_ece_and_auroc():
-    transcripts = [transcript("a b c d", "a b x d", ["a b c d"], -0.1), transcript("e f", "e f", ["e f"], -0.1)]
+    transcripts = [transcript("a b c d", "a b x d", ["a b c d", "a b y d"], -0.1), transcript("e f", "e f", ["e f"], -0.1)]
     # Words: a b c d e f; only c is wrong.
     sharp = [[0.9, 0.9, 0.1, 0.9], [0.9, 0.9]]
     report = evaluate_uncertainty(transcripts, word_confidences={"sharp": sharp, "flat": [[0.5] * 4, [0.5] * 2]},
                                   bootstrap_samples=200)
     assert report.word_scores["sharp"].auroc == 1.0 and report.word_scores["flat"].auroc == 0.5
     assert report.word_scores["sharp"].ece == pytest.approx((5 * 0.1 + 0.1) / 6)
+    # the transcripts' own confidence (samples agreeing) is judged the same way, AUROC included
+    agreement = report.word_scores["sample_agreement"]
+    assert agreement.ece == pytest.approx(report.ece) and agreement.reliability == report.reliability
+    assert agreement.auroc == 1.0  # the one wrong word, c, is the only one a sample disagrees with
     with pytest.raises(ValueError, match="one value per word"):
         evaluate_uncertainty(transcripts, word_confidences={"short": [[0.5], [0.5]]})
 
@@ -318,7 +322,7 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
     assert set(summary["against_mean"]) == {"mbr@1", "mbr@2", "lora"}
     largest = summary["uncertainty"]["S=2"]
     assert {"mutual_information", "mean_neg_log_prob_scaled", "lora_neg_log_prob_on_mean_errors"} <= set(largest["scores"])
-    assert set(largest["word_scores"]) == {"entropy_mean_model", "entropy_ensemble"}
+    assert set(largest["word_scores"]) == {"sample_agreement", "entropy_mean_model", "entropy_ensemble"}
     assert "mutual_information" not in summary["uncertainty"]["S=1"]["scores"]
     assert "lora_neg_log_prob_scaled" in summary["uncertainty"]["lora_own_errors"]["scores"]
     write_uncertainty_plots(UncertaintyReport.from_dict(largest), tmp_path, prefix="S2-")

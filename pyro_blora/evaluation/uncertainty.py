@@ -213,7 +213,8 @@ class UncertaintyReport:
     word_accuracy: float
     ece: float
     reliability: list[ReliabilityBin] = field(default_factory=list)
-    # Other word confidences by name (e.g. "entropy_mean_model"), one list per transcript.
+    # Every word confidence by name: "sample_agreement" (the one above, with its AUROC) and any other
+    # given (e.g. "entropy_mean_model").
     word_scores: dict[str, WordConfidenceQuality] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -311,19 +312,23 @@ def evaluate_uncertainty(
         confidences.extend(w.confidence for w in transcript.words)
         correct.extend(word_correctness(transcript.text, reference, transcript.language))
     bins = reliability_bins(confidences, correct, num_bins)
-    word_scores = {}
+    wrong = ~np.asarray(correct, dtype=bool)
+
+    def quality(flat: Sequence[float]) -> WordConfidenceQuality:
+        doubt = 1.0 - np.asarray(flat, dtype=float)
+        interval = bootstrap_weighted(len(flat), lambda w: weighted_auroc(doubt, wrong, w), samples=bootstrap_samples,
+                                      seed=seed) if bootstrap_samples and len(flat) else None
+        word_bins = reliability_bins(flat, correct, num_bins)
+        return WordConfidenceQuality(expected_calibration_error(word_bins), auroc(doubt, wrong), interval, word_bins)
+
+    # The transcripts' own word confidence (the share of samples agreeing) is judged like the others.
+    word_scores = {"sample_agreement": quality(confidences)} if confidences else {}
     for name, values in (word_confidences or {}).items():
         flat = [float(v) for per_utterance in values for v in per_utterance]
         if len(values) != len(transcripts) or len(flat) != len(correct):
             raise ValueError(f"word confidence {name!r}: give one value per word of every transcript "
                              f"({len(correct)} words in {len(transcripts)} transcripts), got {len(flat)} in {len(values)}")
-        wrong = ~np.asarray(correct, dtype=bool)
-        doubt = 1.0 - np.asarray(flat)
-        interval = bootstrap_weighted(len(flat), lambda w: weighted_auroc(doubt, wrong, w), samples=bootstrap_samples,
-                                      seed=seed) if bootstrap_samples and flat else None
-        word_bins = reliability_bins(flat, correct, num_bins)
-        word_scores[name] = WordConfidenceQuality(expected_calibration_error(word_bins), auroc(doubt, wrong),
-                                                  interval, word_bins)
+        word_scores[name] = quality(flat)
     return UncertaintyReport(
         num_utterances=len(transcripts),
         error_rate=float(errors.sum() / lengths.sum()),
