@@ -325,6 +325,7 @@ def test_payoff_records_and_summary_on_a_real_vocabulary(real_sized_tiny, tmp_pa
     assert set(largest["word_scores"]) == {"sample_agreement", "entropy_mean_model", "entropy_ensemble"}
     assert "mutual_information" not in summary["uncertainty"]["S=1"]["scores"]
     assert "lora_neg_log_prob_scaled" in summary["uncertainty"]["lora_own_errors"]["scores"]
+    assert "sample_agreement" not in summary["uncertainty"]["lora_own_errors"]["word_scores"]  # one hypothesis
     write_uncertainty_plots(UncertaintyReport.from_dict(largest), tmp_path, prefix="S2-")
     assert (tmp_path / "S2-reliability.png").is_file()
     # the entropy confidence's alpha reaches the records: Gibbs (1) scores the same words otherwise

@@ -321,8 +321,10 @@ def evaluate_uncertainty(
         word_bins = reliability_bins(flat, correct, num_bins)
         return WordConfidenceQuality(expected_calibration_error(word_bins), auroc(doubt, wrong), interval, word_bins)
 
-    # The transcripts' own word confidence (the share of samples agreeing) is judged like the others.
-    word_scores = {"sample_agreement": quality(confidences)} if confidences else {}
+    # The transcripts' own word confidence (the share of samples agreeing) is judged like the others,
+    # when there were samples to disagree.
+    sampled = confidences and any(t.num_samples > 1 for t in transcripts)
+    word_scores = {"sample_agreement": quality(confidences)} if sampled else {}
     for name, values in (word_confidences or {}).items():
         flat = [float(v) for per_utterance in values for v in per_utterance]
         if len(values) != len(transcripts) or len(flat) != len(correct):
