@@ -93,7 +93,7 @@ def posterior_encoder_window(folder: str | Path) -> float:
     if window is not None:
         return float(window)
     run_dir = Path(folder).resolve().parent
-    return run_encoder_window(read_run_config(run_dir)) if is_run_folder(run_dir) else FULL_WINDOW_SECONDS
+    return run_encoder_window(read_run_config(run_dir)) if (run_dir / CONFIG_FILE).is_file() else FULL_WINDOW_SECONDS
 
 
 def weights_folder(run_dir: str | Path) -> Path:

@@ -118,6 +118,11 @@ def test_transcribe_wrong_model(tiny_posterior, tmp_path):
     assert "cannot load 'no/such-model' from the Hugging Face hub" in transcribe(tiny_posterior, "--model", "no/such-model")
 
 
+def test_transcribe_bad_posterior_temperature(tiny_posterior):
+    line = transcribe(tiny_posterior, "--posterior-temperature", "0")
+    assert "--posterior-temperature" in line and "must be > 0" in line
+
+
 def test_transcribe_encoder_window_run_is_refused(tiny_posterior, tmp_path):
     import json
     import shutil

@@ -129,7 +129,6 @@ def test_a_posterior_without_its_window_takes_the_window_of_its_run(tmp_path):
     assert posterior_encoder_window(posterior) == 30.0  # no run folder around it: Whisper's window
     (tmp_path / "run" / "config.json").write_text(json.dumps({"run": {"method": "blora"},
                                                               "train": {"encoder_window_seconds": 10.0}}))
-    (tmp_path / "run" / "log.jsonl").write_text("")
     assert posterior_encoder_window(posterior) == 10.0
     (posterior / "posterior.json").write_text(json.dumps({"metadata": {"encoder_window_seconds": 8.0}}))
     assert posterior_encoder_window(posterior) == 8.0  # its own metadata first

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import replace
 
 import numpy as np
 import pyro
@@ -227,6 +228,19 @@ def test_transcribe_folder_and_dataset(real_sized_tiny):
         assert t.uncertainty >= 0
     # Same seed, same draws: the dataset's files decode as the folder's did.
     assert [t.samples for t in from_dataset] == [t.samples for t in from_folder[:2]]
+
+
+def test_posterior_temperature_scales_the_draws(real_sized_tiny):
+    """Draws shrunk onto the mean decode the mean's hypothesis; the posterior's own draws do not."""
+    model, guide, processor, folder = real_sized_tiny
+    options = TranscribeOptions(num_samples=4, batch_size=3, generate_kwargs={"max_new_tokens": 4})
+    wide = transcribe(model, guide, processor, folder / "audio", options, progress=False)
+    assert any(sample != t.text for t in wide for sample in t.samples)
+    narrow = transcribe(model, guide, processor, folder / "audio", replace(options, posterior_temperature=1e-6),
+                        progress=False)
+    assert all(sample == t.text for t in narrow for sample in t.samples) and all(t.uncertainty == 0 for t in narrow)
+    with pytest.raises(ValueError, match="posterior_temperature"):
+        TranscribeOptions(posterior_temperature=0)
 
 
 def test_missing_input_is_named(real_sized_tiny):

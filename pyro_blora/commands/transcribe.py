@@ -25,6 +25,8 @@ def transcribe_command(
     model: Optional[str] = typer.Option(None, help="base Whisper (bundled name, folder or hub id); default: the posterior's metadata base_model"),
     samples: int = typer.Option(DEFAULTS.num_samples, "--samples", "-S", help="posterior samples per utterance"),
     choose: str = typer.Option(DEFAULTS.choose, help="chosen hypothesis: 'mean' (posterior mean) or 'mbr' (minimum Bayes risk over samples)"),
+    posterior_temperature: float = typer.Option(DEFAULTS.posterior_temperature, help="scale of the posterior's "
+                                                "standard deviations for the draws (2: twice as wide; pairs with --choose mbr)"),
     language: Optional[str] = typer.Option(None, help="language for Whisper (default: the dataset's column, or detection)"),
     split: Optional[str] = typer.Option(None, help="dataset split, when the dataset has several"),
     limit: Optional[int] = typer.Option(None, help="transcribe only the first N utterances"),
@@ -44,6 +46,9 @@ def transcribe_command(
     recordings over 30 s long-form, with timed segments (JSON lines, SRT, WebVTT)."""
     if choose not in ("mean", "mbr"):
         raise typer.BadParameter("use 'mean' or 'mbr'", param_hint="--choose")
+    if not posterior_temperature > 0:
+        raise typer.BadParameter("must be > 0 (1: the posterior itself, 2: draws twice as wide)",
+                                 param_hint="--posterior-temperature")
     options = TranscribeOptions(
         num_samples=samples,
         choose=choose,  # type: ignore[arg-type]
@@ -53,6 +58,7 @@ def transcribe_command(
         seed=seed,
         low_confidence=low_confidence,
         long_form=long_form,
+        posterior_temperature=posterior_temperature,
     )
     blora, guide, processor = load_for_transcription(posterior, model)
     results = transcribe(blora, guide, processor, [str(p) for p in inputs], options, split=split, limit=limit)

@@ -201,16 +201,18 @@ def monte_carlo_long_form(
     choose: Literal["mean", "mbr"] = "mean",
     language: str | None = None,
     generate_kwargs: Mapping | None = None,
+    posterior_temperature: float = 1.0,
 ) -> list[LongFormMonteCarlo]:
     """Long-form decoding of a batch of recordings under ``num_samples`` posterior draws.
 
     Draws are decoded one after another: long-form decoding drops finished recordings from its
-    batch as it goes, so rows cannot carry one adapter draw each as the short-form vectorised pass does."""
+    batch as it goes, so rows cannot carry one adapter draw each as the short-form vectorised pass does.
+    ``posterior_temperature`` scales the posterior's standard deviations of the draws."""
     if choose not in ("mean", "mbr"):
         raise ValueError(f"choose must be 'mean' or 'mbr', got {choose!r}")
     kwargs = with_language(model, generate_kwargs, language)
     model.eval()
-    draws = sample_posterior(guide, num_samples)
+    draws = sample_posterior(guide, num_samples, temperature=posterior_temperature)
     per_draw = []
     for s in range(num_samples):
         with model.hold_adapters({site: value[s] for site, value in draws.items()}):

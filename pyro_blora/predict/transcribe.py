@@ -65,6 +65,9 @@ class TranscribeOptions:
     low_confidence: float = 0.5
     # Decode recordings over 30 s long-form (Whisper's sequential windows); False refuses them.
     long_form: bool = True
+    # Scale of the posterior's standard deviations when drawing (1: the posterior itself). Wider draws
+    # (2) made MBR over 16 draws markedly better than the posterior mean in our measurements (RESULTS.md).
+    posterior_temperature: float = 1.0
     # Extra keyword arguments for ``generate`` (e.g. {"max_new_tokens": 128}; per window in long-form).
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +80,9 @@ class TranscribeOptions:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0.0 <= self.low_confidence <= 1.0:
             raise ValueError(f"low_confidence must lie in [0, 1], got {self.low_confidence}")
+        if not self.posterior_temperature > 0:
+            raise ValueError(f"posterior_temperature must be > 0, got {self.posterior_temperature}; "
+                             "use 1 for the posterior itself, 2 for draws twice as wide")
 
 
 class ClipTooLongError(ValueError):
@@ -251,6 +257,7 @@ def transcribe_utterances(
                     model, guide, features.to(device=device, dtype=dtype), processor.tokenizer,
                     num_samples=options.num_samples, choose=options.choose, vectorized=options.vectorized,
                     language=language, generate_kwargs=options.generate_kwargs,
+                    posterior_temperature=options.posterior_temperature,
                 )
                 records.update({i: _record(batch[i], r, language, options, durations[i]) for i, r in zip(short, results)})
             if long:
@@ -258,7 +265,7 @@ def transcribe_utterances(
                 results = monte_carlo_long_form(
                     model, guide, features.to(device=device, dtype=dtype), mask.to(device), processor.tokenizer,
                     num_samples=options.num_samples, choose=options.choose, language=language,
-                    generate_kwargs=options.generate_kwargs,
+                    generate_kwargs=options.generate_kwargs, posterior_temperature=options.posterior_temperature,
                 )
                 records.update({i: _long_form_record(batch[i], r, language, options, durations[i]) for i, r in zip(long, results)})
             for i in range(len(batch)):
