@@ -20,17 +20,19 @@ import json
 import re
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from pyro_blora.checkpoint import atomic_write_bytes, atomic_write_text
-from pyro_blora.experiments.sequence import INTERVALS_FILE, SequenceResult, comparison_page, matrix_page
+from pyro_blora.experiments.sequence import INTERVALS_FILE, SequenceResult, comparison_intervals, comparison_page, matrix_page
 from pyro_blora.report.pages import inspection_page, main_job_page
 from pyro_blora.runs import read_eval, read_log
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
-# The strategies of each committed sequence comparison, in its row order (the order they were run in).
-COMPARED = ("lora", "lora-replay", "blora-fresh", "blora-prior")
+# The strategies of the committed sequence comparisons, in their row order (the order they were run in);
+# each comparison lists those of them it has.
+COMPARED = ("lora", "lora-replay", "blora-fresh", "blora-prior", "map-anchor", "blora-prior-floor0.01")
 # Each committed inspection and the runs it names, as they were given to `pyro-blora inspect`.
 INSPECTED = {
     "faithful/inspect-seed0": ("faithful/paper/runs/blora-r32-beta0.5-sp0.01-matrix", "faithful/paper/runs/lora-r32"),
@@ -55,17 +57,24 @@ def _main_job_page(folder: Path) -> str:
     return main_job_page(settings, evaluations, logs, minutes=float(minutes), machine=machine, threads=int(threads))
 
 
+def _comparison(results: Path, order: Path) -> str:
+    """An order's comparison.md: its intervals bootstrapped again from the committed evaluations (their
+    paths are relative to ``results``) where they are all there, else read from the committed JSON."""
+    compared = [SequenceResult.load(order / s / "matrix.json") for s in COMPARED if (order / s / "matrix.json").is_file()]
+    anchored = [replace(r, evaluations=[str(results / p) for p in r.evaluations]) for r in compared]
+    intervals = comparison_intervals(anchored) if all(r.read_evaluations() is not None for r in anchored) else None
+    return comparison_page(compared, intervals or _read_json(order / INTERVALS_FILE))
+
+
 def tables(results: Path) -> dict[str, Callable[[], str]]:
     """Every regenerable table, by its path under ``results``, with the function that writes it again."""
     found: dict[str, Callable[[], str]] = {}
-    matrices = sorted(results.glob("sequential/*/*/matrix.json"))
+    matrices = sorted(results.glob("sequential/*/*/matrix.json")) + sorted(results.glob("sequential-paper/*/*/*/matrix.json"))
     for matrix in matrices:
         found[(matrix.parent / "matrix.md").relative_to(results).as_posix()] = \
             lambda matrix=matrix: matrix_page(SequenceResult.load(matrix))
     for order in sorted({matrix.parent.parent for matrix in matrices}):
-        found[(order / "comparison.md").relative_to(results).as_posix()] = \
-            lambda order=order: comparison_page([SequenceResult.load(order / s / "matrix.json") for s in COMPARED],
-                                                _read_json(order / INTERVALS_FILE))
+        found[(order / "comparison.md").relative_to(results).as_posix()] = lambda order=order: _comparison(results, order)
     for folder, runs in INSPECTED.items():
         found[f"{folder}/inspect.md"] = \
             lambda folder=results / folder, runs=runs: inspection_page(runs, json.loads((folder / "inspect.json").read_text()))
