@@ -317,6 +317,14 @@ def test_sequence_command_takes_the_paper_preset_a_floor_and_map_anchor(workspac
                                         "precision_from": str(order / "blora-fresh" / "step1-zh-en")}
     assert (order / "blora-prior-floor0.001" / "matrix.json").is_file()
     assert "| map-anchor-floor0.001 |" in (order / "comparison.md").read_text()
+    # a strategy added later: the comparison keeps the ones run before it
+    again = [a if a != "map-anchor" else "blora-prior" for a in args]
+    again[again.index("--prior-scale-floor"):again.index("--prior-scale-floor") + 2] = []
+    result = CliRunner().invoke(app, [str(a) for a in again])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    strategies = [line.split(" | ")[0][2:] for line in (order / "comparison.md").read_text().splitlines()
+                  if line.startswith("| ") and " | ce | " in line]
+    assert strategies == ["blora-prior", "blora-prior-floor0.001", "map-anchor-floor0.001"]
 
 
 def test_sequence_intervals_are_paired_and_centred_on_the_matrix_metrics():

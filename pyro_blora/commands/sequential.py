@@ -11,7 +11,8 @@ from pyro_blora.commands.options import (PRESET_HELP, TARGETS_HELP, AlphaOption,
                                          PriorScaleOption, RankOption, default_note, preset_configs, targets_default)
 from pyro_blora.config import ALL_LINEAR_TARGETS, TrainConfig
 from pyro_blora.evaluation.scoring import EvalOptions
-from pyro_blora.experiments.sequence import COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, run_sequence, write_comparison
+from pyro_blora.experiments.sequence import (COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, order_results,
+                                             run_sequence, write_comparison)
 from pyro_blora.testbed import TestbedConfig
 
 # Every step of a sequence: a shorter run per domain than a single adaptation's.
@@ -77,7 +78,8 @@ def sequence(
                                     evaluation=evaluation, seed=seed,
                                     prior_scale_floor=prior_scale_floor if strategy in COPIED_PRIOR else None)
             results.append(run_sequence(config, testbed, out, echo=typer.echo))
-        page = write_comparison(results, out / order_name(order) / "comparison.md")
+        folder = out / order_name(order)  # strategies run into it earlier are compared too
+        page = write_comparison(order_results(folder, results), folder / "comparison.md")
         typer.echo(page.read_text())
         typer.echo(f"comparison: {page}")
 

@@ -66,6 +66,7 @@ __all__ = [
     "plan_sequence",
     "run_sequence",
     "with_replay",
+    "order_results",
     "write_comparison",
 ]
 
@@ -355,6 +356,21 @@ def comparison_intervals(results: Sequence[SequenceResult], samples: int = 2000)
                                 all_pairs=True, samples=samples)
     return {"metric": first.metric, "samples": samples,
             "sequences": {name: {k: v.to_dict() for k, v in values.items()} for name, values in found.items()}}
+
+
+def order_results(folder: str | Path, ran: Sequence[SequenceResult] = ()) -> list[SequenceResult]:
+    """Every finished strategy of one order's folder: ``ran`` (just run) and those an earlier call left
+    there (e.g. map-anchor added to a finished study), in the order of :data:`STRATEGIES`, a strategy's
+    floored variants after it."""
+    found = {r.strategy: r for r in ran}
+    for matrix in sorted(Path(folder).glob("*/matrix.json")):
+        found.setdefault(matrix.parent.name, SequenceResult.load(matrix))
+
+    def rank(name: str) -> tuple[int, str]:
+        base = name.split("-floor")[0]
+        return (STRATEGIES.index(base) if base in STRATEGIES else len(STRATEGIES), name)
+
+    return [found[name] for name in sorted(found, key=rank)]
 
 
 def write_comparison(results: Sequence[SequenceResult], path: str | Path) -> Path:
