@@ -62,8 +62,7 @@ def _comparison(results: Path, order: Path) -> str:
     paths are relative to ``results``) where they are all there, else read from the committed JSON."""
     compared = [SequenceResult.load(order / s / "matrix.json") for s in COMPARED if (order / s / "matrix.json").is_file()]
     anchored = [replace(r, evaluations=[str(results / p) for p in r.evaluations]) for r in compared]
-    intervals = comparison_intervals(anchored) if all(r.read_evaluations() is not None for r in anchored) else None
-    return comparison_page(compared, intervals or _read_json(order / INTERVALS_FILE))
+    return comparison_page(compared, comparison_intervals(anchored) or _read_json(order / INTERVALS_FILE))
 
 
 def tables(results: Path) -> dict[str, Callable[[], str]]:

@@ -78,6 +78,8 @@ METHOD_OF = {"lora": "lora", "lora-replay": "lora", "blora-fresh": "blora", "blo
 FIRST_STEP_OF = {"blora-prior": "blora-fresh", "lora-replay": "lora", "map-anchor": "blora-fresh"}
 # Strategies whose prior is copied from the previous step (the ones prior_scale_floor acts on).
 COPIED_PRIOR = ("blora-prior", "map-anchor")
+# Between a strategy and its floor in the name of a floored sequence (``blora-prior-floor0.001``).
+FLOOR_TAG = "-floor"
 # Beside each comparison.md: the intervals its second table shows.
 INTERVALS_FILE = "comparison-intervals.json"
 
@@ -127,7 +129,7 @@ class SequenceConfig:
     @property
     def name(self) -> str:
         """The strategy's folder and label: ``blora-prior``, or ``blora-prior-floor0.001`` with a floor."""
-        return self.strategy if self.prior_scale_floor is None else f"{self.strategy}-floor{self.prior_scale_floor:g}"
+        return self.strategy if self.prior_scale_floor is None else f"{self.strategy}{FLOOR_TAG}{self.prior_scale_floor:g}"
 
     def prior_transfer(self, strategy: str) -> PriorTransfer:
         """How ``strategy``'s steps after the first copy the previous posterior into the prior."""
@@ -367,7 +369,7 @@ def order_results(folder: str | Path, ran: Sequence[SequenceResult] = ()) -> lis
         found.setdefault(matrix.parent.name, SequenceResult.load(matrix))
 
     def rank(name: str) -> tuple[int, str]:
-        base = name.split("-floor")[0]
+        base = name.split(FLOOR_TAG)[0]
         return (STRATEGIES.index(base) if base in STRATEGIES else len(STRATEGIES), name)
 
     return [found[name] for name in sorted(found, key=rank)]
