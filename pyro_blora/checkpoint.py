@@ -24,7 +24,17 @@ __all__ = [
     "capture_rng",
     "restore_rng",
     "CheckpointDir",
+    "UnsafeCheckpointError",
 ]
+
+# Besides tensors and plain values, a checkpoint holds NumPy's random state: one uint32 array.
+# Loading allows exactly the globals that rebuild it, so a file cannot make the load run code.
+_NUMPY_STATE_GLOBALS = [np.ndarray.__reduce__(np.zeros(1, np.uint32))[0], np.ndarray, np.dtype,
+                        type(np.dtype(np.uint32))]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file names Python objects that loading it would run: it is refused, not skipped."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -135,10 +145,13 @@ class CheckpointDir:
 
     def load_latest(self) -> dict[str, Any] | None:
         """The newest checkpoint that loads; an unreadable one (e.g. a disk that filled up) is
-        skipped with a warning rather than ending the resume."""
+        skipped with a warning rather than ending the resume. Only tensors and plain values are
+        unpickled (``weights_only``), so a planted file cannot run code: one that tries is refused."""
         for step in reversed(self.steps()):
             try:
-                return torch.load(self.path(step), map_location="cpu", weights_only=False)
+                return _load_checkpoint(self.path(step))
+            except UnsafeCheckpointError:
+                raise
             except Exception as error:  # noqa: BLE001 - any unreadable file: fall back to the previous one
                 warnings.warn(f"checkpoint {self.path(step)} cannot be read ({error}); trying an earlier one")
         if self.steps():
@@ -146,3 +159,19 @@ class CheckpointDir:
                 f"no checkpoint in {self.folder} can be read; delete the folder to start over, or restore it from a backup"
             )
         return None
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """One checkpoint, unpickled with ``weights_only=True`` and NumPy's random state allowed."""
+    with torch.serialization.safe_globals(_NUMPY_STATE_GLOBALS):
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - not a readable zip checkpoint: torch.load below says why
+            unsafe = []
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} holds Python objects that loading would run ({', '.join(unsafe)}); pyro-blora "
+                "writes only tensors and plain values, so it refuses this file. Delete it to resume from the "
+                "checkpoint before it, or delete the folder to start over"
+            )
+        return torch.load(path, map_location="cpu", weights_only=True)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pyro_blora import BLoRAConfig, build_guide, train, wrap_whisper
-from pyro_blora.checkpoint import CheckpointDir, atomic_write_bytes
+from pyro_blora.checkpoint import CheckpointDir, UnsafeCheckpointError, atomic_write_bytes, capture_rng
 from pyro_blora.training.loop import NonFiniteLossError, TrainingInterrupted
 from tests.tiny import TinyTask, collate, tiny_whisper
 from tests.train_subprocess import train_config
@@ -213,6 +213,24 @@ def test_unreadable_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     folder.path(1).write_bytes(b"garbage")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no checkpoint .* can be read; delete the folder"):
         folder.load_latest()
+
+
+class _RunsCodeWhenUnpickled:
+    """What a planted checkpoint could hold: unpickling it calls a function of the file's choosing."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this checkpoint ran code",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_with_the_fix(tmp_path):
+    folder = CheckpointDir(tmp_path)
+    folder.save(1, {"step": 1, "rng": capture_rng()})
+    folder.save(2, {"step": 2, "payload": _RunsCodeWhenUnpickled()})
+    with pytest.raises(UnsafeCheckpointError, match=r"step-00000002\.pt holds Python objects .*system.*Delete it"):
+        folder.load_latest()
+    folder.path(2).unlink()
+    state = folder.load_latest()  # the random state (NumPy's included) still loads without pickles
+    assert state["step"] == 1 and state["rng"]["numpy"][0] == "MT19937"
 
 
 def test_an_empty_training_set_is_refused():
