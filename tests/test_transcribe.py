@@ -170,6 +170,15 @@ def test_table_brackets_low_confidence_words():
     assert "[hello]" not in output
 
 
+def test_table_prints_brackets_in_its_title_and_in_file_names_as_written():
+    """Rich reads "[...]" as markup and drops it unless escaped."""
+    console = Console(file=io.StringIO(), width=200, color_system=None)
+    console.print(render_table([example_transcript(id="take[bold].wav"), example_transcript(id="[u2]")]))
+    output = console.file.getvalue()
+    assert "words below 0.50 confidence in [brackets])" in " ".join(output.split())  # the title wraps
+    assert "take[bold].wav" in output and "[u2]" in output
+
+
 def test_options_are_validated():
     with pytest.raises(ValueError, match="num_samples"):
         TranscribeOptions(num_samples=0)
@@ -264,6 +273,45 @@ def test_cli_writes_jsonl_and_table(real_sized_tiny, tmp_path):
     assert [tuple(line) for line in lines] == [JSONL_KEYS] * 2
     assert all(line["chooser"] == "mbr" and line["num_samples"] == 2 for line in lines)
     assert "Monte Carlo transcripts" in result.output
+
+
+def test_cli_transcribes_every_readable_file_and_lists_the_others_at_the_end(real_sized_tiny, tmp_path):
+    from pyro_blora.cli import app
+
+    _, _, _, folder = real_sized_tiny
+    broken = tmp_path / "broken.flac"
+    broken.write_bytes(b"fLaC but not really audio")
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        app,
+        ["transcribe", str(folder / "audio" / "a.wav"), str(broken), str(folder / "audio" / "b.wav"),
+         "--posterior", str(folder / "posterior"), "--samples", "2", "--jsonl", str(out), "--srt", str(tmp_path / "srt")],
+    )
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit)  # no traceback
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["a.wav", "b.wav"]
+    assert sorted(p.name for p in (tmp_path / "srt").iterdir()) == ["a.srt", "b.srt"]
+    ending = result.output[result.output.index("Monte Carlo transcripts"):]  # reported after the table
+    assert "1 of 3 inputs could not be read" in ending
+    [reason] = [line for line in ending.splitlines() if "broken.flac" in line]
+    assert "cannot decode audio" in reason and "Re-encode it" in reason
+
+
+def test_an_unreadable_file_stops_the_python_api_unless_skipped_is_given(real_sized_tiny, tmp_path):
+    from pyro_blora.data import AudioDecodeError
+    from pyro_blora.predict.transcribe import UnreadableInput
+
+    model, guide, processor, folder = real_sized_tiny
+    broken = tmp_path / "broken.wav"
+    broken.write_text("not audio")
+    inputs = [folder / "audio" / "a.wav", broken]
+    options = TranscribeOptions(num_samples=2, generate_kwargs={"max_new_tokens": 4})
+    with pytest.raises(AudioDecodeError, match="broken.wav"):
+        transcribe(model, guide, processor, inputs, options, progress=False)
+    skipped: list[UnreadableInput] = []
+    [transcript] = transcribe(model, guide, processor, inputs, options, progress=False, skipped=skipped)
+    assert transcript.id == "a.wav"
+    assert [entry.source for entry in skipped] == [str(broken)] and "cannot decode" in skipped[0].reason
 
 
 def test_indexed_suppression_decodes_as_transformers_own_suppression(monkeypatch):

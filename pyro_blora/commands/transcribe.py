@@ -11,12 +11,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from pyro_blora.predict.subtitles import output_paths, write_subtitles
-from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
+from pyro_blora.predict.transcribe import TranscribeOptions, UnreadableInput, transcribe
 from pyro_blora.predict.transcripts import render_table, write_jsonl
 from pyro_blora.report.plots import plot_confidence, save_figure
 from pyro_blora.runs import load_for_transcription
 
 DEFAULTS = TranscribeOptions()
+# The exit status of a run that skipped unreadable inputs: the usage-error code every expected failure exits with.
+EXIT_SOME_UNREADABLE = 2
 
 
 def transcribe_command(
@@ -43,7 +45,8 @@ def transcribe_command(
     table: bool = typer.Option(True, help=escape("print a table with low-confidence words in [brackets]")),
 ) -> None:
     """Transcribe under S posterior samples: chosen hypothesis, samples, uncertainty, word confidences;
-    recordings over 30 s long-form, with timed segments (JSON lines, SRT, WebVTT)."""
+    recordings over 30 s long-form, with timed segments (JSON lines, SRT, WebVTT). Inputs that cannot be read
+    are skipped and listed at the end, and the command then exits with 2 after writing the others."""
     if choose not in ("mean", "mbr"):
         raise typer.BadParameter("use 'mean' or 'mbr'", param_hint="--choose")
     if not posterior_temperature > 0:
@@ -61,7 +64,9 @@ def transcribe_command(
         posterior_temperature=posterior_temperature,
     )
     blora, guide, processor = load_for_transcription(posterior, model)
-    results = transcribe(blora, guide, processor, [str(p) for p in inputs], options, split=split, limit=limit)
+    skipped: list[UnreadableInput] = []
+    results = transcribe(blora, guide, processor, [str(p) for p in inputs], options, split=split, limit=limit,
+                         skipped=skipped)
     if jsonl is not None:
         if str(jsonl) == "-":
             write_jsonl(results, sys.stdout)
@@ -82,6 +87,12 @@ def transcribe_command(
             typer.echo(f"wrote {len(results)} confidence plot(s) to {plot}", err=True)
     if table:
         Console(stderr=str(jsonl) == "-").print(render_table(results, low_confidence))
+    if skipped:
+        typer.echo(f"Error: {len(skipped)} of {len(skipped) + len(results)} inputs could not be read "
+                   "(the others were written):", err=True)
+        for unreadable in skipped:
+            typer.echo(f"  {unreadable.reason}", err=True)
+        raise typer.Exit(EXIT_SOME_UNREADABLE)
 
 
 def register(app: typer.Typer) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Literal, Sequence
 import pyro
 from tqdm.auto import tqdm
 
-from pyro_blora.data import load_audio, load_speech_dataset
+from pyro_blora.data import AudioDecodeError, load_audio, load_speech_dataset
 from pyro_blora.data.labels import check_language
 from pyro_blora.features import N_SAMPLES, SAMPLING_RATE, log_mel_features, long_form_features
 from pyro_blora.model.guide import BLoRAGuide
@@ -36,6 +36,7 @@ __all__ = [
     "AUDIO_SUFFIXES",
     "ClipTooLongError",
     "TranscribeOptions",
+    "UnreadableInput",
     "Utterance",
     "collect_utterances",
     "transcribe",
@@ -98,6 +99,14 @@ class Utterance:
     source: str | None = None
     language: str | None = None
     reference: str | None = None
+
+
+@dataclass(frozen=True)
+class UnreadableInput:
+    """An input skipped because its audio cannot be read; ``reason`` is the decoder's message, which names the fix."""
+
+    source: str
+    reason: str
 
 
 # ------------------------------------------------------------------ inputs
@@ -232,9 +241,13 @@ def transcribe_utterances(
     utterances: Sequence[Utterance],
     options: TranscribeOptions = TranscribeOptions(),
     progress: bool = True,
+    skipped: list[UnreadableInput] | None = None,
 ) -> Iterator[UtteranceTranscript]:
     """Transcribe utterances batch by batch under ``options.num_samples`` posterior draws; clips over
-    30 s long-form (one after another within the batch's language), shorter ones in one batched pass."""
+    30 s long-form (one after another within the batch's language), shorter ones in one batched pass.
+
+    Given a ``skipped`` list, an utterance whose audio is missing or cannot be decoded goes there and the
+    others are still transcribed (one bad file among many costs only itself); without it, it stops the run."""
     if options.language is not None:
         options = replace(options, language=check_language(processor, options.language))
     pyro.set_rng_seed(options.seed)
@@ -242,9 +255,9 @@ def transcribe_utterances(
     dtype = next(model.whisper.parameters()).dtype
     bar = tqdm(total=len(utterances), disable=not progress, desc="transcribe", unit="utt")
     try:
-        for batch in _batches(utterances, options):
-            language = _language(batch[0], options)
-            waveforms = [load_audio(utterance.audio) for utterance in batch]
+        for given in _batches(utterances, options):
+            batch, waveforms = _readable(given, skipped)
+            language = _language(batch[0], options) if batch else None
             durations = [round(w.shape[0] / SAMPLING_RATE, 3) for w in waveforms]
             long = [i for i, w in enumerate(waveforms) if w.shape[0] > N_SAMPLES]
             if long and not options.long_form:
@@ -270,9 +283,24 @@ def transcribe_utterances(
                 records.update({i: _long_form_record(batch[i], r, language, options, durations[i]) for i, r in zip(long, results)})
             for i in range(len(batch)):
                 yield records[i]
-            bar.update(len(batch))
+            bar.update(len(given))
     finally:
         bar.close()
+
+
+def _readable(batch: list[Utterance], skipped: list[UnreadableInput] | None) -> tuple[list[Utterance], list]:
+    """The utterances whose audio decodes, with their waveforms; the others go to ``skipped`` (None: raise)."""
+    kept, waveforms = [], []
+    for utterance in batch:
+        try:
+            waveforms.append(load_audio(utterance.audio))
+        except (AudioDecodeError, FileNotFoundError) as error:
+            if skipped is None:
+                raise
+            skipped.append(UnreadableInput(utterance.source or utterance.id, str(error)))
+            continue
+        kept.append(utterance)
+    return kept, waveforms
 
 
 def transcribe(
@@ -284,9 +312,11 @@ def transcribe(
     split: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    skipped: list[UnreadableInput] | None = None,
 ) -> list[UtteranceTranscript]:
-    """Transcribe audio files, folders or a dataset (see :func:`collect_utterances`)."""
+    """Transcribe audio files, folders or a dataset (see :func:`collect_utterances`); unreadable
+    inputs go to ``skipped`` when it is given (see :func:`transcribe_utterances`)."""
     utterances = collect_utterances(inputs, split=split, limit=limit)
-    return list(transcribe_utterances(model, guide, processor, utterances, options, progress))
+    return list(transcribe_utterances(model, guide, processor, utterances, options, progress, skipped))
 
 

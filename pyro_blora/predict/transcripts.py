@@ -204,11 +204,15 @@ def read_jsonl(path: str | os.PathLike) -> list[UtteranceTranscript]:
 
 
 def render_table(transcripts: Sequence[UtteranceTranscript], low_confidence: float = 0.5):
-    """A ``rich`` table: low-confidence words in brackets (and red), one row per utterance."""
+    """A ``rich`` table: low-confidence words in brackets (and red), one row per utterance.
+
+    Every string Rich would read as markup is escaped (file names such as ``take[2].wav`` included), so
+    brackets print as written."""
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"Monte Carlo transcripts (words below {low_confidence:.2f} confidence in [brackets])")
+    table = Table(title=escape(f"Monte Carlo transcripts (words below {low_confidence:.2f} confidence in [brackets])"))
     for name in ("id", "transcript", "uncertainty", "min conf."):
         table.add_column(name, overflow="fold")
     for transcript in transcripts:
@@ -220,7 +224,7 @@ def render_table(transcripts: Sequence[UtteranceTranscript], low_confidence: flo
             else:
                 text.append(word.word)
         lowest = min((w.confidence for w in transcript.words), default=1.0)
-        table.add_row(transcript.id, text, f"{transcript.uncertainty:.3f}", f"{lowest:.2f}")
+        table.add_row(escape(transcript.id), text, f"{transcript.uncertainty:.3f}", f"{lowest:.2f}")
     return table
 
 
