@@ -204,6 +204,13 @@ class TrainConfig:
     # Learning rate of the posterior scales, as a multiple of lr. Scales start tiny and must
     # move by orders of magnitude, so they get a larger step than the means.
     scale_lr_multiplier: float = 10.0
+    # Where the posterior scales start: "config" (BLoRAConfig's init_scale_A/B or rho range) or
+    # "curvature": sigma* from a curvature pass at the initial means (pyro_blora.model.curvature),
+    # so SVI refines scales that start at their quadratic optimum instead of having to travel there.
+    scale_init: Literal["config", "curvature"] = "config"
+    # Mini-batches of the curvature pass (a forward and backward pass each) that sets scale_init="curvature"
+    # and, after training, judges whether a mean-field posterior converged (result.json "posterior"); 0 skips it.
+    curvature_batches: int = 8
     # Linear warm-up steps, then cosine decay to final_lr_fraction * lr.
     warmup_steps: int = 10
     final_lr_fraction: float = 0.1
@@ -247,6 +254,11 @@ class TrainConfig:
             (self.batch_size > 0, f"batch_size must be > 0, got {self.batch_size}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
             (self.scale_lr_multiplier > 0, f"scale_lr_multiplier must be > 0, got {self.scale_lr_multiplier}"),
+            (self.scale_init in ("config", "curvature"),
+             f"scale_init must be 'config' or 'curvature', got {self.scale_init!r}"),
+            (self.curvature_batches >= 0, f"curvature_batches must be >= 0, got {self.curvature_batches}"),
+            (self.scale_init == "config" or self.curvature_batches > 0,
+             "scale_init='curvature' needs curvature_batches > 0 (the batches its curvature pass reads)"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.final_lr_fraction <= 1, f"final_lr_fraction must lie in [0, 1], got {self.final_lr_fraction}"),
             (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0 or None"),

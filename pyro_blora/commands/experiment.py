@@ -66,6 +66,12 @@ def train(
     weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay " + training_default("weight_decay")),
     scale_lr_multiplier: Optional[float] = typer.Option(None, help="learning rate of the scales / lr "
                                                         + training_default("scale_lr_multiplier")),
+    scale_init: Optional[str] = typer.Option(None, help="where the posterior scales start: config (the adapter "
+                                             "options above) or curvature (sigma* of a curvature pass) "
+                                             + training_default("scale_init")),
+    curvature_batches: Optional[int] = typer.Option(None, help="mini-batches of the curvature pass that judges "
+                                                    "convergence (result.json 'posterior'; 0: skip) "
+                                                    + training_default("curvature_batches")),
     steps: int = typer.Option(TRAIN.steps), batch_size: int = typer.Option(TRAIN.batch_size),
     lr: float = typer.Option(TRAIN.lr), warmup_steps: int = typer.Option(TRAIN.warmup_steps),
     precision: str = typer.Option(TRAIN.precision, help="fp32 or bf16"),
@@ -113,7 +119,8 @@ def train(
         dict(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, precision=precision, seed=seed,
              checkpoint_every=checkpoint_every, eval_every=eval_every, progress=progress,
              gradient_checkpointing=gradient_checkpointing, encoder_window_seconds=encoder_window,
-             weight_noise=weight_noise, weight_decay=weight_decay, scale_lr_multiplier=scale_lr_multiplier),
+             weight_noise=weight_noise, weight_decay=weight_decay, scale_lr_multiplier=scale_lr_multiplier,
+             scale_init=scale_init, curvature_batches=curvature_batches),
     )
     budget = retention_budget(retain_budget, retain_absolute, retain, every=retain_every, utterances=retain_utterances,
                               lr=retain_lr, decay=retain_decay, beta_min=beta_min, beta_max=beta_max,

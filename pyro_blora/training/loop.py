@@ -70,6 +70,8 @@ class TrainResult:
     # A budgeted run's end (pyro_blora.training.budget.BudgetTracker.finish): what it kept, its retention
     # loss against the limit, the final beta, and whether the budget was met.
     budget: dict[str, Any] | None = None
+    # A mean-field posterior's convergence verdict (pyro_blora.training.convergence.posterior_convergence).
+    posterior: dict[str, Any] | None = None
 
     @property
     def final(self) -> dict[str, float]:

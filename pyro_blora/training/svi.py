@@ -28,6 +28,8 @@ from pyro_blora.model.whisper import BLoRAWhisper
 from pyro_blora.model.objective import token_nll
 from pyro_blora.runs import RunFolder
 from pyro_blora.training import distributed
+from pyro_blora.metrics.scales import scale_quantiles
+from pyro_blora.training.convergence import curvature_batches, curvature_scales, posterior_convergence, weighted_kl
 from pyro_blora.training.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
 from pyro_blora.training.loop import (
     Optimization,
@@ -152,8 +154,17 @@ def train(
     if eval_batches is None:
         eval_batches = [make_batch(dataset, collate_fn, batch_order(len(dataset), config.batch_size, config.seed, 0), device)]
 
+    mean_field = isinstance(guide, BLoRAGuide)
+
+    def scale_pass() -> dict[str, torch.Tensor]:
+        batches = curvature_batches(dataset, collate_fn, config.batch_size, config.seed, config.curvature_batches, device)
+        return curvature_scales(model, guide.means(), batches, num_tokens, seed=config.seed)
+
     def periodic_eval() -> dict[str, float]:
         fields = {"eval_nll": _posterior_nll(model, guide, eval_batches)}
+        if mean_field:  # the scales' trajectory and the KL without Monte Carlo noise
+            fields.update(scale_quantiles(guide.stddevs()))
+            fields["kl_analytic"] = weighted_kl(model, guide)
         if evaluate is not None:
             fields.update(evaluate())
         return fields
@@ -186,6 +197,8 @@ def train(
         pyro.set_rng_seed(config.seed)
         model.eval()
         result.base_nll = _posterior_nll(model, guide, eval_batches)
+        if mean_field and config.scale_init == "curvature":
+            guide.set_stddevs(scale_pass())
     model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
     if tracker is not None:
         tracker.start()
@@ -202,6 +215,10 @@ def train(
         result.budget = finish_budget(tracker, lambda whisper: token_nll(whisper, eval_batches),
                                       time.perf_counter() - began, evaluate)
     result.final_nll = _posterior_nll(model, guide, eval_batches)
+    if mean_field and config.curvature_batches:
+        priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
+        result.posterior = context.on_main(lambda: posterior_convergence(
+            guide.stddevs(), scale_pass(), result.history, config.steps, priors))
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:
         warnings.warn(
