@@ -17,7 +17,8 @@ import torch
 from scipy.signal import resample_poly
 from transformers import WhisperConfig, WhisperForConditionalGeneration, pipeline
 
-from pyro_blora.base_models.ctranslate2 import restore_missing_merges, whisper_generation_config
+from pyro_blora.base_models.ctranslate2 import whisper_generation_config
+from pyro_blora.base_models.ctranslate2_tokenizer import restore_missing_merges
 from pyro_blora.features import SAMPLING_RATE, log_mel_features
 from pyro_blora.base_models.loading import (
     CACHE_ENV,
@@ -259,7 +260,8 @@ def test_round_trip_through_ctranslate2_reproduces_every_tensor(
 
 
 def test_leftover_ctranslate2_variable_is_refused(tiny_random_model, processor, tmp_path):
-    from pyro_blora.base_models.ctranslate2 import read_variables, transformers_state_dict
+    from pyro_blora.base_models.ctranslate2 import transformers_state_dict
+    from pyro_blora.base_models.ctranslate2_binary import read_variables
 
     folder = export_ctranslate2(tiny_random_model, processor, tmp_path / "ct2", quantization="float32")
     variables = read_variables((folder / "model.bin",))

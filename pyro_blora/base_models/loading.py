@@ -25,7 +25,8 @@ import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from pyro_blora.offline import HubUnavailableError, hub_reachable, offline_mode
-from pyro_blora.base_models.ctranslate2 import CTranslate2Files, whisper_model, whisper_processor
+from pyro_blora.base_models.ctranslate2 import whisper_model, whisper_processor
+from pyro_blora.base_models.ctranslate2_binary import CTranslate2Files
 
 __all__ = [
     "BundledModel",
