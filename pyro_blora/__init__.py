@@ -43,7 +43,8 @@ from pyro_blora.interop.peft import blora_config_from_peft, export_peft, import_
 from pyro_blora.posterior import load_posterior, save_posterior
 from pyro_blora.model.recompute import gradient_checkpointing
 from pyro_blora.posterior import export_posterior_tensors, read_posterior_tensors
-from pyro_blora.experiments.sequence import STRATEGIES, SequenceConfig, SequenceResult, run_sequence
+from pyro_blora.experiments.sequence import STRATEGIES, SequenceConfig, run_sequence
+from pyro_blora.experiments.sequence_results import SequenceResult
 from pyro_blora.metrics.continual import backward_transfer, forgetting, sequence_metrics
 from pyro_blora.predict.transcribe import TranscribeOptions, transcribe
 from pyro_blora.predict.transcripts import UtteranceTranscript, WordConfidence, word_confidences

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from pyro_blora.checkpoint import atomic_write_bytes, atomic_write_text
-from pyro_blora.experiments.sequence import INTERVALS_FILE, SequenceResult, comparison_intervals, comparison_page, matrix_page
+from pyro_blora.experiments.sequence_results import (INTERVALS_FILE, SequenceResult, comparison_intervals, comparison_page,
+                                                     matrix_page)
 from pyro_blora.report.pages import inspection_page, main_job_page
 from pyro_blora.runs import read_eval, read_log
 

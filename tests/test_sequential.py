@@ -18,15 +18,8 @@ from pyro_blora.training.methods import run_training
 from pyro_blora.posterior import read_posterior_config
 from pyro_blora.model.objective import analytic_kl
 from pyro_blora.posterior import load_posterior
-from pyro_blora.experiments.sequence import (
-    STRATEGIES,
-    SequenceConfig,
-    SequenceResult,
-    matrix_page,
-    plan_sequence,
-    run_sequence,
-    write_comparison,
-)
+from pyro_blora.experiments.sequence import STRATEGIES, SequenceConfig, plan_sequence, run_sequence
+from pyro_blora.experiments.sequence_results import SequenceResult, matrix_page, write_comparison
 from pyro_blora.metrics.continual import average_final, backward_transfer, forgetting
 from pyro_blora.report.plots import plot_matrix
 from pyro_blora.base_models.loading import load_processor, load_whisper

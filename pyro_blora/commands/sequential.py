@@ -11,8 +11,8 @@ from pyro_blora.commands.options import (PRESET_HELP, TARGETS_HELP, AlphaOption,
                                          PriorScaleOption, RankOption, default_note, preset_configs, targets_default)
 from pyro_blora.config import ALL_LINEAR_TARGETS, TrainConfig
 from pyro_blora.evaluation.scoring import EvalOptions
-from pyro_blora.experiments.sequence import (COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, order_results,
-                                             run_sequence, write_comparison)
+from pyro_blora.experiments.sequence import COPIED_PRIOR, STRATEGIES, SequenceConfig, order_name, order_results, run_sequence
+from pyro_blora.experiments.sequence_results import write_comparison
 from pyro_blora.testbed import TestbedConfig
 
 # Every step of a sequence: a shorter run per domain than a single adaptation's.
