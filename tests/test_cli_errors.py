@@ -49,6 +49,18 @@ def test_evaluate(missing):
     assert "'--testbed'" in line and "does not exist" in line and "pyro-blora evaluate --help" in line
 
 
+def test_evaluate_data(missing, tmp_path):
+    assert "--testbed <folder> (its --domains) or --data <your test set>, one of the two" in fail("evaluate", "base")
+    assert "one of the two" in fail("evaluate", "base", "--testbed", tmp_path, "--data", missing)
+    assert "describe --data" in fail("evaluate", "base", "--testbed", tmp_path, "--text-column", "sentence")
+    assert "does not exist" in fail("evaluate", "base", "--data", missing.with_suffix(".csv"))
+    for split in ("train", "dev"):
+        (tmp_path / "corpus" / split).mkdir(parents=True)
+        (tmp_path / "corpus" / split / "metadata.csv").write_text("file_name,text\na.wav,hi\n")
+    line = fail("evaluate", "base", "--data", tmp_path / "corpus")
+    assert "has the splits dev, train and none is called test; choose one with split= (--split)" in line
+
+
 def test_main():
     assert fail("main", "--steps", "0") == "Error: steps must be > 0, got 0"
 

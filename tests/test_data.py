@@ -164,6 +164,20 @@ def test_audiofolder_with_split_folders(tmp_path):
         load_speech_dataset(tmp_path / "corpus", split="dev", columns={"text": "transcription"})
 
 
+def test_an_audiofolders_metadata_file_is_read_as_its_audiofolder_and_other_csvs_name_the_flag(tmp_path):
+    for i in range(2):
+        write_audio(tmp_path / "mine" / f"c{i}.wav", seed=i)
+    metadata = write_csv(tmp_path / "mine" / "metadata.csv", ["file_name", "text"], [("c0.wav", "one"), ("c1.wav", "two")])
+    rows = load_speech_dataset(metadata)
+    assert rows["id"] == ["c0.wav", "c1.wav"] and rows["text"] == ["one", "two"]
+    assert rows[1]["audio"]["path"] == str(tmp_path / "mine" / "c1.wav")
+    assert rows[:] == load_speech_dataset(tmp_path / "mine", split="train")[:]  # as the folder reads it
+    other = write_csv(tmp_path / "mine" / "list.csv", ["file_name", "text"], [("c0.wav", "one")])
+    with pytest.raises(MissingColumnError, match=r"no 'audio' column \(found: file_name, text\)\. Map yours with "
+                                                 r"--audio-column file_name on the command line, or columns="):
+        load_speech_dataset(other)
+
+
 def test_audiofolder_without_metadata_is_refused(tmp_path):
     write_audio(tmp_path / "corpus" / "a.wav")
     with pytest.raises(ManifestError, match="no metadata file"):

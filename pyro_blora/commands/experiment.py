@@ -19,12 +19,16 @@ from pyro_blora.commands.options import (
     RETAIN_SPLIT_HELP,
     TARGETS_HELP,
     AlphaOption,
+    AudioColumnOption,
     BetaOption,
     KLNormalizationOption,
+    LanguageColumnOption,
     PriorScaleOption,
     RankOption,
+    TextColumnOption,
     adapter_default,
     budget_default,
+    column_mapping,
     comma_values,
     default_note,
     preset_configs,
@@ -34,7 +38,7 @@ from pyro_blora.commands.options import (
 )
 from pyro_blora.config import WEIGHT_NOISES, RetentionBudget, TrainConfig
 from pyro_blora.data.training_data import load_training_data
-from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
+from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets, load_eval_source
 from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
 from pyro_blora.experiments.step import export_run, run_evaluation
 from pyro_blora.report.tables import evaluation_table
@@ -48,10 +52,13 @@ MAIN_JOB = MainJobConfig()
 
 def train(
     method: str = typer.Option("blora", help=f"one of {', '.join(METHODS)}"),
-    data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder, a saved DatasetDict or a manifest"),
+    data: Path = typer.Option(..., exists=True, help="training data: a testbed domain folder, an audiofolder or its "
+                              "metadata.csv, a CSV/TSV/JSONL manifest or a saved dataset"),
     out: Path = typer.Option(..., help="run folder"),
     model: str = typer.Option(MainJobConfig.model, help="base model: bundled name (base, tiny.en), folder or hub id"),
     split: str = typer.Option("train", help="split of --data to train on"),
+    audio_column: AudioColumnOption = None, text_column: TextColumnOption = None,
+    language_column: LanguageColumnOption = None,
     preset: str = typer.Option("default", help=PRESET_HELP),
     targets: Optional[str] = typer.Option(None, help=f"{TARGETS_HELP} {targets_default()}"),
     rank: RankOption = None, alpha: AlphaOption = None, prior_scale: PriorScaleOption = None,
@@ -126,7 +133,8 @@ def train(
                               lr=retain_lr, decay=retain_decay, beta_min=beta_min, beta_max=beta_max,
                               scale_at_end=retain_scale)
     processor = load_processor(base_model_of(model))
-    training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit)
+    training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit,
+                                  columns=column_mapping(audio_column, text_column, language_column))
     curve_sets = None
     if eval_every:
         if eval_testbed is None:
@@ -159,9 +167,16 @@ def budget_line(summary: dict) -> str:
 
 def evaluate(
     source: str = typer.Argument(..., help="a run folder, or a model (bundled name, folder, hub id)"),
-    testbed: Path = typer.Option(..., exists=True, file_okay=False, help="testbed folder"),
-    domains: list[str] = typer.Option(EVAL_DOMAINS, help="domains to evaluate (in-domain and backward)"),
-    split: str = typer.Option("test"),
+    testbed: Optional[Path] = typer.Option(None, exists=True, file_okay=False, help="testbed folder (or --data)"),
+    domains: list[str] = typer.Option(EVAL_DOMAINS, help="domains of --testbed to evaluate (in-domain and backward)"),
+    data: Optional[str] = typer.Option(None, help="your own test data instead of --testbed: an audiofolder or its "
+                                       "metadata.csv, a CSV/TSV/JSONL manifest, a saved dataset or a Hub id"),
+    domain_name: Optional[str] = typer.Option(None, help="what eval.json calls --data "
+                                               + default_note("its folder or file name")),
+    audio_column: AudioColumnOption = None, text_column: TextColumnOption = None,
+    language_column: LanguageColumnOption = None,
+    split: Optional[str] = typer.Option(None, help="split to score " + default_note(
+        "test; with --data: its only split, or test")),
     limit: Optional[int] = typer.Option(None, help="first N utterances of each domain"),
     decode_limit: Optional[int] = typer.Option(None, help="greedy decoding on the first N only (default: all)"),
     batch_size: int = typer.Option(EVALUATION.batch_size),
@@ -192,8 +207,8 @@ def evaluate(
     if out is not None and len(scales) > 1:
         raise typer.BadParameter("--out names one file; leave it out with several --delta-scale values (each "
                                  "writes <run>/eval-scale<λ>.json)")
-    sets = load_eval_sets(testbed, domains, load_processor(base_model_of(source)), split=split, limit=limit,
-                          cache_dir=cache_dir)
+    sets = eval_sets(source, testbed, domains, data, domain_name,
+                     column_mapping(audio_column, text_column, language_column), split, limit, cache_dir)
     tables = {}
     for scale in scales:
         report = run_evaluation(source, sets, options=options, base=base, against=against, out=out,
@@ -205,6 +220,20 @@ def evaluate(
                 typer.echo(f"{report['model']}: relative change against {name} ({report[f'{name}_source']}): "
                            f"{report[f'relative_to_{name}']}")
     typer.echo(evaluation_table(tables))
+
+
+def eval_sets(source: str, testbed: Path | None, domains: list[str], data: str | None, domain_name: str | None,
+              columns: dict[str, str] | None, split: str | None, limit: int | None, cache_dir: Path | None) -> dict:
+    """The sets ``evaluate`` scores: the testbed's domains, or one set of the user's own data."""
+    if (testbed is None) == (data is None):
+        raise typer.BadParameter("give --testbed <folder> (its --domains) or --data <your test set>, one of the two")
+    if data is None and (domain_name is not None or columns is not None):
+        raise typer.BadParameter("--domain-name and the column flags describe --data; give --data <your test set>")
+    processor = load_processor(base_model_of(source))
+    if data is None:
+        return load_eval_sets(testbed, domains, processor, split=split or "test", limit=limit, cache_dir=cache_dir)
+    return load_eval_source(data, processor, split=split, name=domain_name, columns=columns, limit=limit,
+                            cache_dir=cache_dir)
 
 
 def export(

@@ -1,5 +1,5 @@
 """What the command modules share: option help that shows the config classes' defaults, the presets,
-comma-separated values and the forgetting budget.
+comma-separated values, your data's column names and the forgetting budget.
 
 Defaults shown in ``--help`` are read from the config classes (``BLoRAConfig``, ``TrainConfig``,
 ``RetentionBudget``, ...), so that the command line never states a default the library does not use.
@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from pyro_blora.config import KL_NORMALIZATIONS, TARGET_PRESETS, BLoRAConfig, RetentionBudget, TrainConfig, target_patterns
+from pyro_blora.data.columns import COLUMN_FLAGS
 
 T = TypeVar("T")
 
@@ -88,6 +89,22 @@ PriorScaleOption = Annotated[Optional[float], typer.Option(help=adapter_default(
 BetaOption = Annotated[Optional[float], typer.Option(help=adapter_default("beta"))]
 KLNormalizationOption = Annotated[Optional[str], typer.Option(
     help=f"{', '.join(KL_NORMALIZATIONS)} {adapter_default('kl_normalization')}")]
+
+
+# Your data's own column names (load_speech_dataset's columns=); None: the canonical name.
+AudioColumnOption = Annotated[Optional[str], typer.Option(
+    COLUMN_FLAGS["audio"], help="your data's column of audio file paths, e.g. file_name or path " + default_note("audio"))]
+TextColumnOption = Annotated[Optional[str], typer.Option(
+    COLUMN_FLAGS["text"], help="your data's column of transcripts, e.g. sentence " + default_note("text"))]
+LanguageColumnOption = Annotated[Optional[str], typer.Option(
+    COLUMN_FLAGS["language"], help="your data's column of language codes; rows without one are English "
+    + default_note("language"))]
+
+
+def column_mapping(audio: str | None, text: str | None, language: str | None) -> dict[str, str] | None:
+    """The ``columns=`` mapping the column flags describe (None when none was given)."""
+    given = {"audio": audio, "text": text, "language": language}
+    return {canonical: yours for canonical, yours in given.items() if yours is not None} or None
 
 
 def preset_configs(preset: str, adapter: dict, train: dict) -> tuple[BLoRAConfig, TrainConfig]:

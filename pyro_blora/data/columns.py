@@ -12,6 +12,7 @@ import datasets
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "COLUMN_FLAGS",
     "REQUIRED_COLUMNS",
     "MissingColumnError",
     "check_column_mapping",
@@ -20,6 +21,9 @@ __all__ = [
 
 CANONICAL_COLUMNS = ("id", "audio", "text", "language", "speaker")
 REQUIRED_COLUMNS = ("audio", "text")
+
+# The command-line flags that set `columns=` (pyro-blora train / evaluate), named in the fixes.
+COLUMN_FLAGS = {"audio": "--audio-column", "text": "--text-column", "language": "--language-column"}
 
 # Names other corpora give the required columns; used only to suggest a `columns=` fix.
 _COMMON_ALIASES = {
@@ -48,8 +52,9 @@ def check_column_mapping(
         )
     for canonical, source in columns.items():
         if source not in available:
+            flag = f" ({COLUMN_FLAGS[canonical]})" if canonical in COLUMN_FLAGS else ""
             raise MissingColumnError(
-                f"{origin}: columns= maps {canonical!r} to {source!r}, but there is no column {source!r} "
+                f"{origin}: columns= maps {canonical!r} to {source!r}{flag}, but there is no column {source!r} "
                 f"(found: {', '.join(available)})"
             )
         if canonical in available and canonical != source and canonical not in columns.values():
@@ -120,5 +125,6 @@ def _missing_column_message(required: str, available: list[str], origin: str) ->
     suggestion = candidates[0] if candidates else "<your column>"
     return (
         f"{origin} has no {required!r} column (found: {', '.join(available) or 'none'}). "
-        f"Map yours with columns={{{required!r}: {suggestion!r}}}"
+        f"Map yours with {COLUMN_FLAGS[required]} {suggestion} on the command line, "
+        f"or columns={{{required!r}: {suggestion!r}}} in Python"
     )

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import datasets
 
 from pyro_blora.data.columns import canonicalize
-from pyro_blora.data.manifest import MANIFEST_SUFFIXES, read_audiofolder, read_manifest
+from pyro_blora.data.manifest import AUDIOFOLDER_METADATA, MANIFEST_SUFFIXES, read_audiofolder, read_manifest
 from pyro_blora.offline import HubUnavailableError
 
 __all__ = ["load_speech_dataset"]
@@ -31,7 +31,8 @@ def load_speech_dataset(
 ) -> datasets.Dataset | datasets.DatasetDict:
     """Load speech data into the canonical schema: id, audio (undecoded), text, language[, speaker].
 
-    `source` is a manifest file (.csv/.tsv/.jsonl/.json), an audiofolder directory, a directory
+    `source` is a manifest file (.csv/.tsv/.jsonl/.json; an audiofolder's metadata file is read as
+    that audiofolder reads it, `file_name` naming the audio), an audiofolder directory, a directory
     written by `save_to_disk`, an in-memory Dataset/DatasetDict, or a Hugging Face Hub id
     (`hub_config` and `hub_kwargs` go to `datasets.load_dataset`). `columns` maps canonical names
     to yours, e.g. `{"audio": "path", "text": "sentence"}`. Rows without a language get
@@ -64,6 +65,8 @@ def _load_source(source, split, columns, hub_config, hub_kwargs):
     if path.is_file():
         if not _is_manifest(source):
             raise ValueError(f"{origin} is a file but not a manifest; manifests end in {', '.join(MANIFEST_SUFFIXES)}")
+        if path.name in AUDIOFOLDER_METADATA:  # an audiofolder's metadata file: file_name names the audio
+            return read_manifest(path, columns, audio_fallback="file_name"), f"audiofolder metadata {origin}", True
         return read_manifest(path, columns), f"manifest {origin}", True
     if path.is_dir():
         if any((path / marker).is_file() for marker in _SAVED_DATASET_MARKERS):

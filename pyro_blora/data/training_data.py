@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from pyro_blora.data.collate import PreparedSpeechDataset, SpeechCollator
 from pyro_blora.data.labels import decoder_start_token_id
@@ -27,9 +28,10 @@ class TrainingData:
 
 
 def load_training_data(source: str | Path, processor, split: str = "train", cache_dir: str | Path | None = None,
-                       limit: int | None = None) -> TrainingData:
-    """A split of any source :func:`~pyro_blora.data.load_speech_dataset` reads (e.g. a testbed domain folder)."""
-    rows = load_speech_dataset(source, split=split)
+                       limit: int | None = None, columns: Mapping[str, str] | None = None) -> TrainingData:
+    """A split of any source :func:`~pyro_blora.data.load_speech_dataset` reads (e.g. a testbed domain folder);
+    ``columns`` maps the canonical column names to the source's own."""
+    rows = load_speech_dataset(source, split=split, columns=columns)
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)

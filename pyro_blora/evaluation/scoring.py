@@ -23,6 +23,7 @@ from transformers import WhisperForConditionalGeneration
 
 from pyro_blora.data import PreparedSpeechDataset, SpeechCollator, decoder_start_token_id, is_english_only
 from pyro_blora.data import load_speech_dataset, prepare_dataset
+from pyro_blora.data.manifest import AUDIOFOLDER_METADATA
 from pyro_blora.predict.decoding import generate, greedy_generate_kwargs
 from pyro_blora.model.encoder_window import encoder_input_frames
 from pyro_blora.model.objective import UtteranceNLL, token_nll_per_utterance
@@ -37,6 +38,7 @@ __all__ = [
     "evaluate_whisper",
     "greedy_transcripts",
     "load_eval_sets",
+    "load_eval_source",
     "relative_changes",
     "detects_language",
 ]
@@ -115,12 +117,50 @@ def load_eval_sets(
             )
         splits = load_speech_dataset(folder)
         chosen = split if split in splits else "test"
-        rows = splits[chosen]
-        if limit is not None:
-            rows = rows.select(range(min(limit, len(rows))))
-        prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
-        sets[domain] = EvalSet(domain, prepared, language_id=detects_language(domain))
+        sets[domain] = _eval_set(domain, splits[chosen], processor, limit, cache_dir)
     return sets
+
+
+def load_eval_source(
+    source: str | Path,
+    processor,
+    split: str | None = None,
+    name: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    limit: int | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, EvalSet]:
+    """One set from any source ``load_speech_dataset`` reads (an audiofolder or its metadata file, a
+    manifest, a saved dataset, a Hub id), so a user's own test data is scored like a testbed domain.
+
+    ``split`` None takes the source's only split, or its ``test`` split; the set is called ``name``, or
+    after the source (a folder's or file's name, an audiofolder metadata file's folder, a Hub id)."""
+    loaded = load_speech_dataset(source, split=split, columns=columns)
+    if isinstance(loaded, datasets.DatasetDict):
+        if len(loaded) == 1:
+            loaded = next(iter(loaded.values()))
+        elif "test" in loaded:
+            loaded = loaded["test"]
+        else:
+            raise ValueError(f"{source} has the splits {', '.join(loaded)} and none is called test; choose one "
+                             "with split= (--split)")
+    name = name or _source_name(source)
+    return {name: _eval_set(name, loaded, processor, limit, cache_dir)}
+
+
+def _eval_set(name: str, rows: datasets.Dataset, processor, limit: int | None, cache_dir) -> EvalSet:
+    """``rows`` cut to the first ``limit`` and prepared for ``processor``."""
+    if limit is not None:
+        rows = rows.select(range(min(limit, len(rows))))
+    prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
+    return EvalSet(name, prepared, language_id=detects_language(name))
+
+
+def _source_name(source: str | Path) -> str:
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path.resolve().parent.name if path.name in AUDIOFOLDER_METADATA else path.stem
+    return path.resolve().name if path.exists() else str(source)
 
 
 def _batches(items: Sequence[int], size: int) -> list[list[int]]:
