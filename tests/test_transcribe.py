@@ -297,6 +297,24 @@ def test_cli_transcribes_every_readable_file_and_lists_the_others_at_the_end(rea
     assert "cannot decode audio" in reason and "Re-encode it" in reason
 
 
+def test_cli_reads_a_manifests_own_column_names(real_sized_tiny, tmp_path):
+    from pyro_blora.cli import app
+
+    _, _, _, folder = real_sized_tiny
+    manifest = tmp_path / "mine.csv"
+    manifest.write_text(f"path,sentence\n{folder / 'audio' / 'a.wav'},my own words\n")
+    out = tmp_path / "out.jsonl"
+    command = ["transcribe", str(manifest), "--posterior", str(folder / "posterior"), "--samples", "2", "--jsonl", str(out)]
+    refused = CliRunner().invoke(app, command)
+    assert refused.exit_code == 2 and "--audio-column path" in " ".join(refused.output.split())
+    result = CliRunner().invoke(app, [*command, "--audio-column", "path", "--text-column", "sentence"])
+    assert result.exit_code == 0, result.output
+    [line] = [json.loads(text) for text in out.read_text().splitlines()]
+    assert line["reference"] == "my own words" and line["source"] == str(folder / "audio" / "a.wav")
+    files = CliRunner().invoke(app, ["transcribe", str(folder / "audio" / "b.wav"), *command[2:], "--text-column", "x"])
+    assert files.exit_code == 2 and "describe a dataset input" in files.output  # not silently ignored
+
+
 def test_an_unreadable_file_stops_the_python_api_unless_skipped_is_given(real_sized_tiny, tmp_path):
     from pyro_blora.data import AudioDecodeError
     from pyro_blora.predict.transcribe import UnreadableInput

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from pyro_blora.commands.options import AudioColumnOption, LanguageColumnOption, TextColumnOption, column_mapping
 from pyro_blora.predict.subtitles import output_paths, write_subtitles
 from pyro_blora.predict.transcribe import TranscribeOptions, UnreadableInput, transcribe
 from pyro_blora.predict.transcripts import render_table, write_jsonl
@@ -31,6 +32,8 @@ def transcribe_command(
                                                 "standard deviations for the draws (2: twice as wide; pairs with --choose mbr)"),
     language: Optional[str] = typer.Option(None, help="language for Whisper (default: the dataset's column, or detection)"),
     split: Optional[str] = typer.Option(None, help="dataset split, when the dataset has several"),
+    audio_column: AudioColumnOption = None, text_column: TextColumnOption = None,
+    language_column: LanguageColumnOption = None,
     limit: Optional[int] = typer.Option(None, help="transcribe only the first N utterances"),
     batch_size: int = typer.Option(DEFAULTS.batch_size, help="utterances per batch"),
     sequential: bool = typer.Option(False, help="decode the samples one after another instead of in one batched pass"),
@@ -66,7 +69,7 @@ def transcribe_command(
     blora, guide, processor = load_for_transcription(posterior, model)
     skipped: list[UnreadableInput] = []
     results = transcribe(blora, guide, processor, [str(p) for p in inputs], options, split=split, limit=limit,
-                         skipped=skipped)
+                         skipped=skipped, columns=column_mapping(audio_column, text_column, language_column))
     if jsonl is not None:
         if str(jsonl) == "-":
             write_jsonl(results, sys.stdout)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import pyro
 from tqdm.auto import tqdm
@@ -111,12 +111,14 @@ class UnreadableInput:
 
 # ------------------------------------------------------------------ inputs
 def collect_utterances(
-    inputs: str | os.PathLike | Sequence[str | os.PathLike], split: str | None = None, limit: int | None = None
+    inputs: str | os.PathLike | Sequence[str | os.PathLike], split: str | None = None, limit: int | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> list[Utterance]:
     """Audio files, folders of audio files (searched recursively) or one dataset, as utterances.
 
     A dataset is anything ``load_speech_dataset`` reads (a manifest, an audiofolder with
-    metadata.csv, a ``save_to_disk`` folder); give ``split`` when it has several."""
+    metadata.csv, a ``save_to_disk`` folder); give ``split`` when it has several, and ``columns``
+    (canonical name -> yours) when its columns are not called audio, text and language."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     paths = [Path(item) for item in inputs]
@@ -126,7 +128,10 @@ def collect_utterances(
     if missing:
         raise FileNotFoundError(f"input(s) not found: {', '.join(missing)}")
     if len(paths) == 1 and _is_dataset(paths[0]):
-        utterances = _dataset_utterances(paths[0], split)
+        utterances = _dataset_utterances(paths[0], split, columns)
+    elif columns:
+        raise ValueError("column names (columns=, --audio-column ...) describe a dataset input, a manifest or an "
+                         "audiofolder; leave them out for audio files")
     else:
         files: list[Path] = []
         for path in paths:
@@ -147,8 +152,8 @@ def _is_dataset(path: Path) -> bool:
     return any((path / marker).exists() for marker in ("dataset_dict.json", "state.json", "metadata.csv"))
 
 
-def _dataset_utterances(path: Path, split: str | None) -> list[Utterance]:
-    loaded = load_speech_dataset(path, split=split)
+def _dataset_utterances(path: Path, split: str | None, columns: Mapping[str, str] | None) -> list[Utterance]:
+    loaded = load_speech_dataset(path, split=split, columns=columns)
     if not hasattr(loaded, "column_names") or isinstance(loaded.column_names, dict):
         raise ValueError(f"{path} has several splits ({', '.join(loaded)}); choose one with split= / --split")
     rows = loaded.select_columns([c for c in ("id", "audio", "text", "language") if c in loaded.column_names])
@@ -313,10 +318,11 @@ def transcribe(
     limit: int | None = None,
     progress: bool = True,
     skipped: list[UnreadableInput] | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> list[UtteranceTranscript]:
     """Transcribe audio files, folders or a dataset (see :func:`collect_utterances`); unreadable
     inputs go to ``skipped`` when it is given (see :func:`transcribe_utterances`)."""
-    utterances = collect_utterances(inputs, split=split, limit=limit)
+    utterances = collect_utterances(inputs, split=split, limit=limit, columns=columns)
     return list(transcribe_utterances(model, guide, processor, utterances, options, progress, skipped))
 
 
