@@ -13,6 +13,7 @@ import soundfile
 from typer.testing import CliRunner
 
 from pyro_blora.cli import app
+from pyro_blora.report.summaries import monte_carlo_examples
 from tests.experiment_fixtures import small_whisper_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +79,9 @@ def test_readme_commands_train_on_an_audiofolder_evaluate_a_manifest_and_transcr
         run(*command, *extra, *FAST[command[0]])
     config = json.loads((root / "runs" / "mine" / "config.json").read_text())
     assert config["run"]["train_utterances"] == 4  # every row of mydata/metadata.csv
+    assert config["run"]["train_columns"] == {"text": "sentence", "language": "lang"}
+    [example] = monte_carlo_examples(root / "runs" / "mine", count=1, num_samples=1, max_new_tokens=2)
+    assert example["reference"] == "hello number 0"  # the run reads its own data again, by its column names
     report = json.loads((root / "runs" / "mine" / "eval.json").read_text())
     assert list(report["results"]) == ["test"]  # named after test.csv
     scored = report["results"]["test"]

@@ -22,6 +22,8 @@ class TrainingData:
     collate: SpeechCollator
     source: str
     split: str
+    # The source's own column names (load_speech_dataset's columns=), kept so the run can read its data again.
+    columns: Mapping[str, str] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -36,4 +38,4 @@ def load_training_data(source: str | Path, processor, split: str = "train", cach
         rows = rows.select(range(min(limit, len(rows))))
     prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
     collate = SpeechCollator(decoder_start_token_id(processor.tokenizer))
-    return TrainingData(PreparedSpeechDataset(prepared), collate, str(source), split)
+    return TrainingData(PreparedSpeechDataset(prepared), collate, str(source), split, dict(columns) if columns else None)

@@ -46,7 +46,7 @@ def train_matching_lora(blora_run: str | Path, out_dir: str | Path, cache_dir: s
     run = config["run"]
     processor = load_processor(base_model_of(run["model_source"]))
     data = load_training_data(run["train_data"], processor, split=run["train_split"], cache_dir=cache_dir,
-                              limit=run["train_utterances"])
+                              limit=run["train_utterances"], columns=run.get("train_columns"))
     adapter, train = BLoRAConfig.from_dict(config["blora"]), TrainConfig(**config["train"])
     ensure_trained(out_dir, lambda resume: run_training("lora", run["model_source"], data, out_dir, adapter, train,
                                                         resume=resume, cache_dir=cache_dir))

@@ -399,9 +399,10 @@ def monte_carlo_examples(run_dir: str | Path, count: int = 3, num_samples: int =
         raise ValueError(f"{run_dir} is a {run['method']} run without a posterior distribution; give a blora run")
     whisper, processor = load_whisper(run["model_source"])
     model, guide = load_posterior(run_dir / "posterior", whisper)
-    available = load_speech_dataset(run["train_data"])
+    available = load_speech_dataset(run["train_data"], columns=run.get("train_columns"))
     chosen_split = split if split in available else run.get("train_split", "train")
-    data = load_training_data(run["train_data"], processor, split=chosen_split, limit=count)
+    data = load_training_data(run["train_data"], processor, split=chosen_split, limit=count,
+                              columns=run.get("train_columns"))
     features = data.collate([data.dataset[i] for i in range(len(data))])["input_features"]
     prepared = data.dataset.prepared
     # Greedy decoding with the evaluation's fast token suppression.

@@ -104,6 +104,8 @@ def _fingerprint(method: str, model_source: str, data: TrainingData, blora_confi
                  train_config: TrainConfig, extra: Mapping[str, Any]) -> dict[str, Any]:
     run = {"method": method, "model_source": str(model_source), "train_data": data.source,
            "train_split": data.split, "train_utterances": len(data), "seed": train_config.seed, **extra}
+    if data.columns:  # only where given, so that runs on canonical columns keep their fingerprint
+        run["train_columns"] = dict(data.columns)
     return {"blora": blora_config.to_dict(), "train": train_config.to_dict(), "run": run}
 
 
