@@ -35,9 +35,12 @@ FULL_FINETUNING_LR = 1e-5
 def inspect(
     runs: list[Path] = typer.Argument(..., exists=True, file_okay=False, help="run folders, or folders holding them"),
     out: Path = typer.Option(Path("inspection"), help="folder for inspect.md, inspect.json and the plots"),
+    curvature_batches: int = typer.Option(0, min=0, help="also set every blora run's scales against sigma*, the "
+                                          "curvature optimum measured on this many of its training batches"),
 ) -> None:
-    """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots."""
-    page = write_inspection(runs, out)
+    """Sparsity of the adapters (A, B, dW) of finished runs, compared in one table, with plots; with
+    --curvature-batches, whether each posterior converged."""
+    page = write_inspection(runs, out, curvature_batches)
     typer.echo(markdown_table(json.loads((out / "inspect.json").read_text())["sparsity"], SPARSITY_COLUMNS))
     typer.echo(f"inspection: {page}")
 

@@ -18,6 +18,8 @@ import torch
 from pyro_blora.checkpoint import atomic_write_text
 from pyro_blora.config import BLoRAConfig
 from pyro_blora.metrics import flatten_weights
+from pyro_blora.report.convergence_plots import plot_scale_trajectories, plot_sigma_over_optimum
+from pyro_blora.training.convergence import run_convergence
 from pyro_blora.report.plots import (
     curve_keys,
     plot_budget_curves,
@@ -134,7 +136,11 @@ SPARSITY_COLUMNS = ("run", "method", "matrix", "n", *STATISTICS)
 
 # The plots of an inspection: file name and caption; those of the posterior only with a Bayesian run.
 INSPECTION_PLOTS = {"magnitudes.png": "Histogram of |w|", "energy.png": "Cumulative energy of dW"}
-POSTERIOR_PLOTS = {"layers.png": "Per-layer KL and posterior scale", "scales.png": "Posterior scales"}
+POSTERIOR_PLOTS = {"layers.png": "Per-layer KL and posterior scale", "scales.png": "Posterior scales",
+                   "trajectories.png": "Posterior scales over training"}
+CONVERGENCE_COLUMNS = ("run", "converged", "sigma_vs_optimum/median_ratio", "sigma_vs_optimum/median_abs_log_ratio",
+                       "sigma_vs_optimum/p90_abs_log_ratio", "sigma_vs_optimum/share_within", "kl_change_last_fifth",
+                       "pinned")
 
 
 def inspection_page(runs: Sequence[str | Path], inspection: Mapping[str, Any]) -> str:
@@ -147,6 +153,15 @@ def inspection_page(runs: Sequence[str | Path], inspection: Mapping[str, Any]) -
              markdown_table(inspection["sparsity"], SPARSITY_COLUMNS), ""]
     if scale_rows:
         lines += ["## Posterior scales (quantiles; share within a factor 2 of σp)", "", markdown_table(scale_rows), ""]
+    convergence = inspection.get("convergence")
+    if convergence:
+        rows = [{"run": name, **{k: summary.get(k) for k in CONVERGENCE_COLUMNS[1:-1]},
+                 "pinned": f"{summary['pinned_by_data']['all']} of {summary['entries']}"}
+                for name, summary in convergence.items()]
+        lines += ["## Convergence: scales against the curvature optimum σ*", "",
+                  f"Rule: {next(iter(convergence.values()))['rule']}. Pinned: entries whose data precision exceeds "
+                  "the prior's (σ*² < σp²/2).", "", markdown_table(rows, CONVERGENCE_COLUMNS), "",
+                  "![σ against σ*](optimum.png)", ""]
     for name, caption in images.items():
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
     for run_name, table in inspection["layers"].items():
@@ -154,8 +169,10 @@ def inspection_page(runs: Sequence[str | Path], inspection: Mapping[str, Any]) -
     return "\n".join(lines)
 
 
-def write_inspection(runs: Sequence[str | Path], out: str | Path) -> Path:
-    """``inspect.md`` (sparsity table, per-layer tables), ``inspect.json`` and the plots of the runs."""
+def write_inspection(runs: Sequence[str | Path], out: str | Path, curvature_batches: int = 0) -> Path:
+    """``inspect.md`` (sparsity table, per-layer tables), ``inspect.json`` and the plots of the runs.
+    With ``curvature_batches`` every blora run's scales are also set against sigma*, the curvature
+    optimum measured on that many of its training batches (:func:`run_convergence`)."""
     out = Path(out)
     paths = find_runs(runs)
     weights = [load_run_weights(path) for path in paths]
@@ -164,10 +181,19 @@ def write_inspection(runs: Sequence[str | Path], out: str | Path) -> Path:
     scale_rows = [scale_summary(run) for run in weights if run.bayesian]
     inspection = {"sparsity": sparsity_rows(weights), "scales": scale_rows,
                   "layers": {run.name: layer_table(run) for run in weights}}
+    convergence = {run.name: run_convergence(path, curvature_batches)
+                   for path, run in zip(paths, weights) if run.bayesian and curvature_batches}
+    if convergence:
+        inspection["convergence"] = {name: {k: v for k, v in summary.items() if not k.startswith("histogram")}
+                                     for name, summary in convergence.items()}
     atomic_write_text(out / "inspect.json", json.dumps(inspection, indent=1))
     figures = {"magnitudes.png": plot_magnitude_histograms(weights), "energy.png": plot_energy_curves(weights)}
     if scale_rows:
-        figures.update({"layers.png": plot_layer_posterior(weights), "scales.png": plot_scale_histograms(weights)})
+        figures.update({"layers.png": plot_layer_posterior(weights), "scales.png": plot_scale_histograms(weights),
+                        "trajectories.png": plot_scale_trajectories(
+                            {run.name: read_log(path) for path, run in zip(paths, weights) if run.bayesian})})
+    if convergence:
+        figures["optimum.png"] = plot_sigma_over_optimum(convergence)
     for name, figure in figures.items():
         save_figure(figure, out / name)
     page = out / "inspect.md"

@@ -10,15 +10,20 @@ stated rule (:data:`RULE`), written into the run's ``result.json``.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from pyro_blora.data.training_data import load_training_data
+from pyro_blora.runs import load_for_transcription, read_log, read_run_config, weights_folder
 from pyro_blora.metrics.scales import log_ratio_summary, scale_group
 from pyro_blora.model.curvature import diagonal_fisher, optimal_scales
+from pyro_blora.model.encoder_window import encoder_input_frames
 from pyro_blora.model.objective import analytic_kl
 from pyro_blora.model.whisper import BLoRAWhisper
-from pyro_blora.training.loop import batch_order, make_batch
+from pyro_blora.training.loop import batch_order, count_label_tokens, make_batch
 
 __all__ = [
     "HISTOGRAM_EDGES",
@@ -28,6 +33,7 @@ __all__ = [
     "kl_change",
     "pinned_by_data",
     "posterior_convergence",
+    "run_convergence",
     "weighted_kl",
 ]
 
@@ -133,3 +139,27 @@ def posterior_convergence(stddevs: Mapping[str, torch.Tensor], sigma_star: Mappi
         summary["sigma_vs_start/share_within"] = moved["share_within"]
     return summary
 
+
+
+def run_convergence(run_dir: str | Path, batches: int = 8, data=None, seed: int = 0) -> dict[str, Any]:
+    """:func:`posterior_convergence` of a finished blora run, from its saved posterior and log: the
+    curvature measured on ``batches`` mini-batches of its training data (``data``, a
+    :class:`~pyro_blora.data.training_data.TrainingData`, or else re-read from where its config says)."""
+    config = read_run_config(run_dir)
+    model, guide, processor = load_for_transcription(weights_folder(run_dir), keep_window=True)
+    if not hasattr(guide, "stddevs"):
+        raise ValueError(f"{run_dir} holds a point estimate ({config['run']['method']}); convergence is a question "
+                         "for a mean-field posterior (a blora run)")
+    if data is None:
+        run = config["run"]
+        data = load_training_data(run["train_data"], processor, split=run.get("train_split", "train"))
+    frames = encoder_input_frames(model.whisper)
+    collate = replace(data.collate, n_frames=frames)
+    num_tokens = count_label_tokens(data.dataset, collate)
+    train = config.get("train", {})
+    device = next(model.whisper.parameters()).device
+    sigma_star = curvature_scales(
+        model, guide.means(),
+        curvature_batches(data.dataset, collate, train.get("batch_size", 4), seed, batches, device), num_tokens, seed)
+    priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
+    return posterior_convergence(guide.stddevs(), sigma_star, read_log(run_dir), train.get("steps", 0), priors)
