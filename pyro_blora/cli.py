@@ -22,7 +22,7 @@ try:  # typer vendors its own click since 0.2x; its exceptions are not click's
 except ImportError:  # pragma: no cover - older typer on plain click
     from click import exceptions as click_exceptions
 
-from pyro_blora.commands import analysis, experiment, interop, sequential, testbed, transcribe
+from pyro_blora.commands import analysis, experiment, interop, laplace, sequential, testbed, transcribe
 from pyro_blora.offline import HubUnavailableError
 
 EXIT_USAGE = 2
@@ -96,7 +96,7 @@ def _options(
 
 
 # In the order `--help` lists their commands.
-COMMAND_MODULES = (testbed, experiment, sequential, interop, analysis, transcribe)
+COMMAND_MODULES = (testbed, experiment, sequential, interop, laplace, analysis, transcribe)
 
 for _module in COMMAND_MODULES:
     _module.register(app)

@@ -67,3 +67,20 @@ def test_unfinished_or_full_runs_are_refused(lora_and_laplace, tmp_path):
     root, data, _ = lora_and_laplace
     with pytest.raises(ValueError, match="not a finished run"):
         laplace_posterior(tmp_path / "nothing", data, tmp_path / "out")
+
+
+def test_the_command_writes_a_laplace_run_from_the_runs_own_data(lora_and_laplace, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pyro_blora.cli import app
+
+    root, _, _ = lora_and_laplace
+    config = read_run_config(root / "lora")["run"]
+    monkeypatch.chdir(root)  # the run names its data relative to where it was trained
+    outcome = CliRunner().invoke(app, ["laplace", str(root / "lora"), "--out", str(tmp_path / "cli"),
+                                       "--curvature-batches", "1", "--batch-size", "2", "--prior-scale", "0.5",
+                                       "--data", config["train_data"]])
+    assert outcome.exit_code == 0, outcome.output
+    assert "pinned_by_data" in outcome.output and finished(tmp_path / "cli")
+    missing = CliRunner().invoke(app, ["laplace", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output
