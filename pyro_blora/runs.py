@@ -206,10 +206,14 @@ def base_model_of(source: str | Path) -> str:
     return str(folder / WEIGHT_FOLDERS["full"]) if run["method"] == "full" else base_model_of(run["model_source"])
 
 
-def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration, Any, str]:
+def load_run_model(source: str | Path, encoder_window: float | None = None) -> tuple[WhisperForConditionalGeneration, Any, str]:
     """A plain Whisper for evaluation, its processor and a description: a run folder (posterior mean,
     merged adapter, or fully fine-tuned weights, on its base, which may itself be a run folder) or any
-    model :func:`~pyro_blora.base_models.loading.load_whisper` takes."""
+    model :func:`~pyro_blora.base_models.loading.load_whisper` takes.
+
+    A run's adapter goes onto its base cut to the window it was trained with, unless ``encoder_window``
+    asks for a wider one (e.g. Whisper's own 30 s): the adapters act on linear layers, not on the
+    positional embeddings that a window cuts, so an adapter trained at 10 s can be used at 30 s."""
     folder = Path(source)
     if not is_run_folder(folder):
         whisper, processor = load_whisper(source)
@@ -221,6 +225,11 @@ def load_run_model(source: str | Path) -> tuple[WhisperForConditionalGeneration,
         raise FileNotFoundError(f"{folder} has no {weights.name}/ folder: the {method} run has not finished "
                                 "(train it again with --resume to finish it)")
     window = run_encoder_window(config)
+    if encoder_window is not None:
+        if encoder_window < window:
+            raise ValueError(f"{folder} was trained with a {window:g} s encoder window; it can be used at that window "
+                             f"or a wider one (up to Whisper's {FULL_WINDOW_SECONDS:g} s), not at {encoder_window:g} s")
+        window = encoder_window
     if method == "full":
         whisper, processor = load_whisper(weights)
         return whisper, processor, f"{method} run {folder.name}"

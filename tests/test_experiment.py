@@ -283,3 +283,17 @@ def test_a_base_model_is_scored_with_the_runs_encoder_window(workspace, runs):
     assert windowed["results"]["en"]["ce"] != full["results"]["en"]["ce"]
     with pytest.raises(ValueError, match="trained with a 30 s encoder window"):
         run_evaluation(runs["lora"], workspace["sets"], options=ce_only, encoder_window_seconds=10)
+
+
+def test_a_windowed_run_is_scored_at_its_window_or_at_whispers_own(workspace, tmp_path):
+    """The adapters act on linear layers, not on the positions a window cuts: a 10 s run can be used at 30 s."""
+    ce_only = EvalOptions(batch_size=2, decode_limit=0, progress=False)
+    run_training("lora", workspace["model"], workspace["data"], tmp_path / "lora10", ADAPTER,
+                 STEPS.replace(encoder_window_seconds=10))
+    own = run_evaluation(tmp_path / "lora10", workspace["sets"], options=ce_only)
+    wide = run_evaluation(tmp_path / "lora10", workspace["sets"], options=ce_only, encoder_window_seconds=30,
+                          out=tmp_path / "eval-window30.json")
+    assert (own["encoder_window_seconds"], wide["encoder_window_seconds"]) == (10, 30)
+    assert own["results"]["en"]["ce"] != wide["results"]["en"]["ce"]
+    with pytest.raises(ValueError, match="or a wider one"):
+        run_evaluation(tmp_path / "lora10", workspace["sets"], options=ce_only, encoder_window_seconds=5)

@@ -121,15 +121,12 @@ def run_evaluation(
     ``delta_scale`` λ evaluates a run with its update scaled, W0 + λ (W_run − W0), into
     ``eval-scale<λ>.json`` (λ = 1: the run as trained). ``encoder_window_seconds`` cuts a model's
     encoder to that window (a base model scored beside windowed runs); a run keeps the window it
-    was trained with and refuses another. ``retain_budget`` with ``retain`` (retention data) evaluates a
+    was trained with unless a wider one is asked for (its adapter used at Whisper's own 30 s). ``retain_budget`` with ``retain`` (retention data) evaluates a
     run with its update scaled by the largest λ inside that forgetting budget
     (:func:`budget_scaled_model`), into ``eval-budget<budget>.json``."""
     run_dir = Path(source) if is_run_folder(source) else None
-    whisper, processor, description = load_run_model(source)
+    whisper, processor, description = load_run_model(source, encoder_window_seconds if run_dir is not None else None)
     if encoder_window_seconds is not None:
-        if run_dir is not None and encoder_window_seconds != window_of(whisper):
-            raise ValueError(f"{source} was trained with a {window_of(whisper):g} s encoder window; evaluate it "
-                             f"without an encoder window (it uses its own), not {encoder_window_seconds:g} s")
         set_encoder_window(whisper, encoder_window_seconds)
     if delta_scale is not None and delta_scale != 1:
         if run_dir is None:
