@@ -111,6 +111,11 @@ def test_conflicting_settings_and_unwrapped_models_are_refused(tmp_path):
         train_config_from_arguments(args, TrainConfig(lr=0.5))
     with pytest.raises(ValueError, match="needs max_steps"):
         train_config_from_arguments(arguments(tmp_path, max_steps=-1, num_train_epochs=1))
+    with pytest.raises(ValueError, match="use bf16=True"):
+        train_config_from_arguments(arguments(tmp_path, fp16=True))
+    with pytest.raises(ValueError, match="pyro-blora evaluate"):
+        BLoRATrainer(wrap_whisper(tiny_whisper(0), BLoRAConfig(rank=4)), arguments(tmp_path, eval_strategy="steps"),
+                     TinyTask(8), collate, model_source="tiny")
     with pytest.raises(TypeError, match="wrap_whisper"):
         BLoRATrainer(tiny_whisper(0), args, TinyTask(8), collate)
     with pytest.raises(ValueError, match="model_source="):
@@ -137,7 +142,7 @@ def speech_run(real_sized_tiny, tmp_path_factory):
     return out, folder / "audio"
 
 
-def test_the_posterior_loads_in_transcribe_export_and_evaluate(speech_run, tmp_path):
+def test_the_run_folder_loads_in_transcribe_export_evaluate_and_inspect(speech_run, tmp_path):
     from pyro_blora.cli import app
     from pyro_blora.posterior import read_posterior_tensors
     from pyro_blora.runs import finished, load_run_model
@@ -161,6 +166,9 @@ def test_the_posterior_loads_in_transcribe_export_and_evaluate(speech_run, tmp_p
     assert "posterior mean" in description and merged.keys() == saved.keys()
     for name in merged:
         torch.testing.assert_close(saved[name], merged[name], msg=name)
+    done = CliRunner().invoke(app, ["inspect", str(run), "--out", str(tmp_path / "inspection")])
+    assert done.exit_code == 0, done.output
+    assert json.loads((tmp_path / "inspection" / "inspect.json").read_text())["scales"]
 
 
 # ------------------------------------------------------------ data parallelism

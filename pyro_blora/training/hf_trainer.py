@@ -75,6 +75,9 @@ def train_config_from_arguments(args: Seq2SeqTrainingArguments, options: TrainCo
     if args.max_steps is None or args.max_steps <= 0:
         raise ValueError("BLoRATrainer needs max_steps in the training arguments (e.g. max_steps=4000): the beta-ELBO's "
                          "warm-up + cosine schedule is counted in optimiser steps, as in pyro-blora train")
+    if args.fp16:
+        raise ValueError("fp16 is not supported: the ELBO is trained in float32 or under bfloat16 autocast, as in "
+                         "pyro-blora train; use bf16=True instead")
     decided = _from_arguments(args)
     options = options or TrainConfig()
     defaults = TrainConfig()
@@ -85,7 +88,11 @@ def train_config_from_arguments(args: Seq2SeqTrainingArguments, options: TrainCo
                 f"train_config.{name}={given!r} but the training arguments give {value!r}; the Trainer's arguments "
                 f"decide {name}: set it there, or leave train_config.{name} at its default"
             )
-    return options.replace(**decided)
+    config = options.replace(**decided)
+    if config.gradient_checkpointing and config.weight_noise != "shared":
+        raise ValueError(f"gradient checkpointing recomputes layers with one adapter draw per batch, which "
+                         f"weight_noise={config.weight_noise!r} does not make; turn one of them off")
+    return config
 
 
 class StepOrderSampler(torch.utils.data.Sampler[int]):
@@ -166,6 +173,10 @@ class BLoRATrainer(Seq2SeqTrainer):
         if args.fsdp or _zero_stage(args) == 3:
             raise ValueError("FSDP and DeepSpeed ZeRO-3 shard the guide's parameters, which the posterior folder is "
                              "written from whole; use DDP or DeepSpeed ZeRO-2 (see README: From a Hugging Face Trainer script)")
+        if args.eval_strategy != "no" or kwargs.get("eval_dataset") is not None:
+            raise ValueError("BLoRATrainer does not evaluate during training (its model decodes through the posterior, "
+                             "not generate()); set eval_strategy='no' and score the run folder afterwards with "
+                             "`pyro-blora evaluate <output_dir>`")
         self.train_config = train_config_from_arguments(args, train_config)
         source = model_source or model.whisper.config.name_or_path
         if not source:
@@ -291,9 +302,6 @@ class BLoRATrainer(Seq2SeqTrainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         self._load_guide(resume_from_checkpoint)
-
-    def _load_best_model(self) -> None:
-        self._load_guide(self.state.best_model_checkpoint)
 
 
 def _zero_stage(args: Seq2SeqTrainingArguments) -> int | None:
