@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, elbo_scaling, elbo_terms, train, wrap_whisper
+from pyro_blora.config import ALL_LINEAR_TARGETS
 from pyro_blora.model.noise import LocalNoise, flipout_linear, lrt_linear
 from pyro_blora.model.objective import analytic_kl
 from tests.tiny import TinyTask, collate, tiny_whisper
@@ -197,3 +198,10 @@ def test_gradient_checkpointing_with_local_noise_is_refused():
     with pytest.raises(ValueError, match="weight_noise='shared'"):
         train(model, guide, TinyTask(4), collate,
               TrainConfig(steps=1, progress=False, weight_noise="flipout", gradient_checkpointing=True))
+
+
+def test_converged_preset_is_the_paper_preset_on_all_linear_layers_with_fast_scales():
+    adapter, training = BLoRAConfig.converged(), TrainConfig.converged()
+    assert adapter == BLoRAConfig.paper(target_modules=ALL_LINEAR_TARGETS)
+    assert training == TrainConfig.paper(scale_lr_multiplier=30.0)
+    assert BLoRAConfig.converged(rank=8).rank == 8 and TrainConfig.converged(steps=7).steps == 7

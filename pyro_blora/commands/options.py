@@ -18,9 +18,11 @@ from pyro_blora.data.columns import COLUMN_FLAGS
 
 T = TypeVar("T")
 
-PRESETS = ("default", "paper")
-PRESET_HELP = ("default, or paper: the paper's BLoRA as its authors' code runs it (BLoRAConfig.paper(), "
-               "TrainConfig.paper(); README: the paper preset); the options below override it")
+PRESETS = ("default", "paper", "converged")
+PRESET_HELP = ("default, paper: the paper's BLoRA as its authors' code runs it (BLoRAConfig.paper(), "
+               "TrainConfig.paper(); README: the paper preset), or converged: paper on all linear layers with "
+               "the scales learning at 30x (BLoRAConfig.converged(), TrainConfig.converged()); the options below "
+               "override it")
 TARGETS_HELP = f"adapted layers: {', '.join(TARGET_PRESETS)}, or a regular expression"
 
 # Domains scored by default: the code-switched domain adapted to and the original one.
@@ -124,6 +126,8 @@ def preset_configs(preset: str, adapter: dict, train: dict) -> tuple[BLoRAConfig
             adapter[name] = float(adapter[name])
     if preset == "paper":
         return BLoRAConfig.paper(**adapter), TrainConfig.paper(**train)
+    if preset == "converged":
+        return BLoRAConfig.converged(**adapter), TrainConfig.converged(**train)
     return BLoRAConfig(**adapter), TrainConfig(**train)
 
 
