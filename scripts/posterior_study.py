@@ -1,0 +1,84 @@
+r"""The converged-posterior study's pages: convergence plots and tables, and seed-pooled paired differences.
+
+    # sigma trajectories, sigma/sigma* histograms and the convergence table of finished blora runs
+    python scripts/posterior_study.py convergence runs/blora-x1 runs/blora-x30 --out results/posterior/convergence
+
+    # b − a, seeds paired position by position and pooled (utterance of one seed = resampled unit)
+    python scripts/posterior_study.py compare --a map-s0/eval.json map-s1/eval.json \
+        --b blora-s0/eval.json blora-s1/eval.json --pair en:ce --pair zh-en:error_rate
+
+Thin wrappers over :mod:`pyro_blora.report.convergence_plots`, :mod:`pyro_blora.metrics.bootstrap`
+and the run folder readers; every number comes from committed files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pyro_blora.checkpoint import atomic_write_text
+from pyro_blora.metrics.bootstrap import bootstrap_evals, difference
+from pyro_blora.report.convergence_plots import plot_scale_trajectories, plot_sigma_over_optimum
+from pyro_blora.report.plots import save_figure
+from pyro_blora.report.tables import markdown_table
+from pyro_blora.runs import read_log, read_result
+
+COLUMNS = ("run", "converged", "median σ/σ*", "p90 |log σ/σ*|", "within 1.5×", "KL change, last fifth",
+           "pinned by data")
+
+
+def convergence(runs: list[Path], out: Path) -> str:
+    logs = {run.name: read_log(run) for run in runs}
+    summaries = {run.name: (read_result(run) or {}).get("posterior") for run in runs}
+    missing = [name for name, summary in summaries.items() if not summary]
+    if missing:
+        raise SystemExit(f"no convergence summary in result.json of {', '.join(missing)}: train with curvature_batches > 0")
+    save_figure(plot_scale_trajectories(logs, prior_scale=0.01), out / "trajectories.png")
+    save_figure(plot_sigma_over_optimum(summaries), out / "optimum.png")
+    rows = [{"run": name, "converged": s["converged"], "median σ/σ*": f"{s['sigma_vs_optimum/median_ratio']:.3f}",
+             "p90 |log σ/σ*|": f"{s['sigma_vs_optimum/p90_abs_log_ratio']:.3f}",
+             "within 1.5×": f"{100 * s['sigma_vs_optimum/share_within']:.1f}%",
+             "KL change, last fifth": "–" if s["kl_change_last_fifth"] is None else f"{100 * s['kl_change_last_fifth']:.1f}%",
+             "pinned by data": f"{s['pinned_by_data']['all']} of {s['entries']}"} for name, s in summaries.items()]
+    pinned = {name: {k: v for k, v in s["pinned_by_data"].items() if v} for name, s in summaries.items()}
+    page = "\n".join(["# Posterior convergence", "", f"Rule: {next(iter(summaries.values()))['rule']}.", "",
+                      markdown_table(rows, COLUMNS), "", "Pinned entries by group and layer kind (non-zero only):", "",
+                      *(f"- {name}: {json.dumps(counts)}" for name, counts in pinned.items()), "",
+                      "![trajectories](trajectories.png)", "", "![sigma over sigma*](optimum.png)", ""])
+    atomic_write_text(out / "convergence.md", page)
+    return page
+
+
+def compare(a: list[str], b: list[str], pairs: list[str]) -> str:
+    if len(a) != len(b):
+        raise SystemExit(f"--a and --b pair seed by seed: give as many files to each (got {len(a)} and {len(b)})")
+    read = [[json.loads(Path(p).read_text()) for p in files] for files in (a, b)]
+    lines = []
+    for pair in pairs:
+        domain, _, metric = pair.partition(":")
+        found = bootstrap_evals(read, [domain], metric, difference)
+        lines.append(f"{domain} {metric}: b − a = {found.estimate:+.4f} [{found.low:+.4f}, {found.high:+.4f}] "
+                     f"({len(a)} seed pair{'s' if len(a) > 1 else ''})")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    pages = commands.add_parser("convergence", help="plots and table of finished blora runs")
+    pages.add_argument("runs", nargs="+", type=Path)
+    pages.add_argument("--out", type=Path, required=True)
+    pairs = commands.add_parser("compare", help="seed-pooled paired differences b − a")
+    pairs.add_argument("--a", nargs="+", required=True)
+    pairs.add_argument("--b", nargs="+", required=True)
+    pairs.add_argument("--pair", action="append", required=True, help="domain:metric, e.g. en:ce")
+    args = parser.parse_args()
+    if args.command == "convergence":
+        print(convergence(args.runs, args.out))
+    else:
+        print(compare(args.a, args.b, args.pair))
+
+
+if __name__ == "__main__":
+    main()
