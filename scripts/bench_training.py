@@ -1,4 +1,4 @@
-"""Training step of BLoRA (default and paper preset) against peft's LoRA on a real Whisper: time, peak
+"""Training step of BLoRA (default, paper and converged presets) against peft's LoRA on a real Whisper: time, peak
 memory, profile, with the machine's load average and thread count next to every figure.
 
 Same base model, rank 32, alpha 64, targets (q/k of every attention block) and batch; a step is
@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
-from pyro_blora.config import DEFAULT_TARGETS  # noqa: E402
+from pyro_blora.config import TARGET_PRESETS  # noqa: E402
 from pyro_blora.training.distributed import default_device  # noqa: E402
 from pyro_blora.model.injection import find_target_modules  # noqa: E402
 from pyro_blora.training.methods import teacher_forced_loss  # noqa: E402
@@ -55,8 +55,10 @@ from pyro_blora.metrics.bootstrap import Interval, bootstrap_ratios  # noqa: E40
 from pyro_blora.report.tables import markdown_table  # noqa: E402
 
 SENTENCE = "the quick brown fox jumps over the lazy dog while the band plays on in the park"
-BLORA, PAPER, LORA = "BLoRA", "BLoRA, paper preset", "LoRA (peft)"
-TARGETS = {BLORA: 1.05, PAPER: 1.10}  # ratio to LoRA (peft), time and memory
+BLORA, PAPER, CONVERGED, LORA = "BLoRA", "BLoRA, paper preset", "BLoRA, converged preset", "LoRA (peft)"
+TARGETS = {BLORA: 1.05, PAPER: 1.10, CONVERGED: 1.10}  # ratio to LoRA (peft), time and memory
+# The adapted layers of every method (--targets): q/k of every attention block unless asked otherwise.
+ADAPTED = TARGET_PRESETS["qk"]
 
 
 def make_batch(processor, batch: int, device) -> dict:
@@ -69,11 +71,14 @@ def make_batch(processor, batch: int, device) -> dict:
     return {"input_features": features.to(device), "labels": labels.to(device), "index": torch.arange(batch, device=device)}
 
 
-def blora_step(model_name: str, batch_size: int, device, precision: str, paper: bool = False):
+def blora_step(model_name: str, batch_size: int, device, precision: str, preset: str = "default"):
     """One SVI step as the training loop takes it (objective, optimiser and its groups)."""
     whisper, processor = load_whisper(model_name)
-    config = BLoRAConfig.paper(target_modules=DEFAULT_TARGETS) if paper else BLoRAConfig(rank=32, target_modules=DEFAULT_TARGETS)
-    train_config = TrainConfig.paper() if paper else TrainConfig()
+    if preset == "default":
+        config, train_config = BLoRAConfig(rank=32, target_modules=ADAPTED), TrainConfig()
+    else:
+        config = getattr(BLoRAConfig, preset)(target_modules=ADAPTED)
+        train_config = getattr(TrainConfig, preset)()
     model = wrap_whisper(whisper.to(device), config)
     pyro.set_rng_seed(0)
     guide = build_guide(model)
@@ -99,7 +104,7 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
     whisper.to(device)
     config = BLoRAConfig(rank=32)
     peft_model = get_peft_model(whisper, LoraConfig(r=32, lora_alpha=config.scaling * 32, lora_dropout=0.0,
-                                                    target_modules=find_target_modules(whisper, DEFAULT_TARGETS)))
+                                                    target_modules=find_target_modules(whisper, ADAPTED)))
     whisper.eval()
     optimizer = torch.optim.Adam([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     batch = make_batch(processor, batch_size, device)
@@ -116,7 +121,8 @@ def lora_step(model_name: str, batch_size: int, device, precision: str):
 
 STEPS = {
     BLORA: blora_step,
-    PAPER: lambda *args: blora_step(*args, paper=True),
+    PAPER: lambda *args: blora_step(*args, preset="paper"),
+    CONVERGED: lambda *args: blora_step(*args, preset="converged"),
     LORA: lora_step,
 }
 
@@ -209,10 +215,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--targets", default="qk", choices=tuple(TARGET_PRESETS), help="the adapted layers")
     parser.add_argument("--memory-of", choices=tuple(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write every figure as JSON here")
     parser.add_argument("--no-write", action="store_true", help="print, do not update BENCHMARKS.md")
     args = parser.parse_args()
+    global ADAPTED
+    ADAPTED = TARGET_PRESETS[args.targets]
     device = default_device()
     if args.memory_of:
         print(json.dumps(memory_of(args.memory_of, args, device)))
@@ -238,7 +247,7 @@ def main() -> None:
     memory = {}
     for name in names:
         command = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch),
-                   "--precision", args.precision, "--memory-of", name]
+                   "--precision", args.precision, "--targets", args.targets, "--memory-of", name]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[name] = json.loads(output.splitlines()[-1])
 
@@ -252,7 +261,8 @@ def main() -> None:
     conditions_columns = {"load (1 min): mean (range)": {name: load_note(loads[name]) for name in names},
                           "torch threads": {name: str(threads) for name in names}}
     command = f"OMP_NUM_THREADS={threads} python scripts/bench_training.py --model {args.model} --batch {args.batch} --repeats {args.repeats}" + (
-        f" --precision {args.precision}" if args.precision != "fp32" else "") + (f" --out {args.out}" if args.out else "")
+        f" --precision {args.precision}" if args.precision != "fp32" else "") + (
+        f" --targets {args.targets}" if args.targets != "qk" else "") + (f" --out {args.out}" if args.out else "")
 
     def interval_verdicts(intervals: dict[str, Interval]) -> str:
         def verdict(interval: Interval, target: float) -> str:
@@ -279,13 +289,15 @@ def main() -> None:
          "load (1 min): cProfile / profiler": f"{profiles[name]['load']:.1f} / {ops[name]['load']:.1f}",
          "torch threads": threads} for name in names])
     body = f"""
-Three training steps on Whisper `{args.model}`, rank 32, alpha 64, q/k of every attention block, a batch
+Training steps on Whisper `{args.model}`, rank 32, alpha 64, adapters on `{args.targets}` ({"q/k of every attention block" if args.targets == "qk" else "the layers of that preset"}), a batch
 of {args.batch} utterances (30 s windows, {args.precision}), on {device}: **BLoRA** (`BLoRAConfig(rank=32)`,
 `TrainConfig()`: SVI step with guide sample, model trace, Trace_ELBO terms, backward, Adam; Pyro's
 validation on the warm-up step only, as in training), **BLoRA,
 paper preset** (`BLoRAConfig.paper(target_modules=...)`, `TrainConfig.paper()`: the same with flipout weight
-noise, the per-matrix KL and AdamW) and peft's **LoRA** (teacher-forced cross-entropy, backward, Adam).
-{args.repeats} repeats after one warm-up step each, the three in turn with the order rotating every repeat; the
+noise, the per-matrix KL and AdamW), **BLoRA, converged preset** (`BLoRAConfig.converged(target_modules=...)`,
+`TrainConfig.converged()`: the paper preset's step with the scales at 30x the learning rate) and peft's
+**LoRA** (teacher-forced cross-entropy, backward, Adam).
+{args.repeats} repeats after one warm-up step each, all in turn with the order rotating every repeat; the
 1-minute load average was read after every timed step.
 
 ```
@@ -338,7 +350,8 @@ for these runs; the script measures them unchanged on a CUDA machine.
             "cpu_ratio": cpu_ratio, "memory_ratio": memory_ratio,
             "paired_cpu_ratio": {name: interval.to_dict() for name, interval in paired.items()}}, indent=1))
     if not args.no_write:
-        write_section(f"Training step: BLoRA vs LoRA ({args.model}, {device.type})", body)
+        suffix = "" if args.targets == "qk" else f", {args.targets}"
+        write_section(f"Training step: BLoRA vs LoRA ({args.model}, {device.type}{suffix})", body)
 
 
 if __name__ == "__main__":
