@@ -314,10 +314,11 @@ class RetentionBudget:
     the model already knew) stays inside a limit (README: "A forgetting budget"; pyro_blora.training.budget).
 
     The retention loss is the teacher-forced cross-entropy per transcript token of the first
-    ``utterances`` utterances of the retention set. During training it is measured every ``every``
-    steps; for blora and map the KL weight beta follows it by dual ascent in log space (GECO,
-    Rezende & Viola 2018): beta grows while the smoothed loss is above the limit and decays while
-    there is slack. The run keeps the last weights measured inside the limit."""
+    ``utterances`` utterances of the retention set; the budget holds its one-sided upper confidence
+    bound at ``confidence``, paired per utterance with the base model's loss. During training it is
+    measured every ``every`` steps; for blora and map the KL weight beta follows the bound by dual
+    ascent in log space (GECO, Rezende & Viola 2018): beta grows while the smoothed bound is above
+    the limit and decays while there is slack. The run keeps the last weights whose bound was inside."""
 
     # How much worse the retention loss may get. kind="relative": a fraction of the base model's
     # retention loss (0.03: at most 3% worse). kind="absolute": the highest retention loss allowed,
@@ -326,8 +327,18 @@ class RetentionBudget:
     kind: Literal["relative", "absolute"] = "relative"
     # Measure the retention loss every this many training steps (and always after the last step).
     every: int = 10
-    # Utterances of the fixed retention batch: the first ones of the retention set.
-    utterances: int = 8
+    # Utterances of the fixed retention batch: the first ones of the retention set. The budget holds
+    # an upper confidence bound, whose width shrinks as 1/sqrt(utterances); `scripts/budget_variance.py`
+    # measures it per size.
+    utterances: int = 64
+    # Confidence of the one-sided upper bound on the retention CE's change that the budget holds
+    # (pyro_blora.training.budget_bound): 0.95 reads "with 95% confidence, at most X% worse".
+    confidence: float = 0.95
+    # While the last upper bound has used less than far_fraction of the allowed CE increase, measure
+    # only every far_every-th time (every far_every * every steps): the overhead is low while far
+    # from the limit, and every measurement near it is kept.
+    far_fraction: float = 0.5
+    far_every: int = 4
     # Dual-ascent step eta: at every measurement log(beta) += eta * (average - limit) / limit.
     lr: float = 5.0
     # Weight the moving average of the retention loss keeps at each measurement (GECO's alpha). GECO
@@ -364,6 +375,12 @@ class RetentionBudget:
             (isinstance(self.every, int) and self.every >= 1, f"every must be an integer >= 1, got {self.every!r}"),
             (isinstance(self.utterances, int) and self.utterances >= 1,
              f"utterances must be an integer >= 1, got {self.utterances!r}"),
+            (0.5 <= self.confidence < 1, f"confidence must lie in [0.5, 1) (0.95: a 95% upper bound), got "
+             f"{self.confidence!r}"),
+            (0 <= self.far_fraction <= 1, f"far_fraction must lie in [0, 1] (0: never measure less often), got "
+             f"{self.far_fraction!r}"),
+            (isinstance(self.far_every, int) and self.far_every >= 1,
+             f"far_every must be an integer >= 1 (1: always every `every` steps), got {self.far_every!r}"),
             (self.lr > 0, f"lr (the dual-ascent step eta) must be > 0, got {self.lr!r}"),
             (0 <= self.decay < 1, f"decay must lie in [0, 1) (0: no smoothing), got {self.decay!r}"),
             (self.max_log_step > 0, f"max_log_step must be > 0, got {self.max_log_step!r}"),

@@ -14,6 +14,7 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, elbo_scaling, train, wrap_whisper
 from pyro_blora.training.budget import BASE_MODEL_LABELS, RetentionSet, choose_scale, transcript_ce
+from pyro_blora.training.budget_bound import retention_bound, retention_losses
 from pyro_blora.config import RetentionBudget
 from tests.tiny import VOCAB, TinyTask, collate, tiny_whisper
 
@@ -67,8 +68,13 @@ def run(state, budget=None, steps=40, run_dir=None, resume=False, config=None, k
         result = train(model, guide, TinyTask(8), collate, config, budget=budget,
                        retention=retention() if budget else None, run_dir=run_dir, resume=resume)
     with model.hold_adapters(guide.means()):
-        retained = transcript_ce(model.whisper, retention().batches)
+        retained = retention_losses(model.whisper, retention().batches)
     return result, model, guide, retained
+
+
+def bound_of(state, losses, budget):
+    """The budget's verdict on ``losses``, against the base model's losses on the same utterances."""
+    return retention_bound(budget, losses, retention_losses(base_whisper(state), retention().batches))
 
 
 # ---------------------------------------------------------------- options
@@ -121,23 +127,28 @@ def test_transcript_ce_leaves_the_prompt_out(base_state):
 
 
 # ---------------------------------------------------------------- during training
-def test_budgeted_run_keeps_the_retention_loss_inside_where_an_unbudgeted_one_breaks_it(base_state):
-    budget = RetentionBudget(0.2, every=2)
+def test_budgeted_run_keeps_the_bound_inside_where_an_unbudgeted_one_breaks_it(base_state):
+    budget = RetentionBudget(0.2, every=2, far_every=1)
     free, _, _, free_retained = run(base_state)
     result, model, guide, retained = run(base_state, budget)
     summary = result.budget
     limit = summary["retain_limit"]
     assert limit == pytest.approx(1.2 * transcript_ce(base_whisper(base_state), retention().batches))
-    assert free_retained > 1.5 * limit  # without a budget the known domain is forgotten
-    assert retained <= limit + 1e-6 and summary["met"]  # with one, the kept model stays inside
-    assert summary["retain_ce"] == pytest.approx(retained, rel=1e-5)
+    free_bound, kept_bound = bound_of(base_state, free_retained, budget), bound_of(base_state, retained, budget)
+    assert not free_bound.inside and free_bound.change_upper > 0.5  # without a budget the known domain is forgotten
+    assert kept_bound.inside and kept_bound.change_upper <= 0.2 and summary["met"]  # with one, its bound stays inside
+    assert kept_bound.change_upper > kept_bound.change  # the bound, not the point estimate, is what is held
+    assert summary["retain_ce_upper"] == pytest.approx(kept_bound.ce_upper, rel=1e-5)
+    assert summary["retention_bound"]["line"] == kept_bound.line() and "inside the 20% budget" in summary["line"]
+    assert summary["utterances"] == 8 and summary["confidence"] == 0.95
     assert result.final_nll < 0.8 * result.base_nll  # and it still adapted
     records = [r for r in result.history if "retain_ce" in r]
     assert [r["step"] for r in records] == list(range(2, 41, 2))
     betas = [BLoRAConfig().beta] + [r["beta"] for r in records]
     for before, after, record in zip(betas, betas[1:], records):  # beta rises exactly while violated
         assert (after > before) == (record["retain_ce_avg"] > limit)
-        assert record["retain_slack"] == pytest.approx(limit - record["retain_ce"])
+        assert record["retain_slack"] == pytest.approx(limit - record["retain_ce_upper"])
+        assert record["retain_ce_upper"] >= record["retain_ce"]
     assert max(betas) > 10 * betas[0]
     assert summary["final_beta"] == pytest.approx(model.beta) == pytest.approx(betas[-1])
 
@@ -185,12 +196,13 @@ def test_resumed_budgeted_run_matches_uninterrupted_run(base_state, tmp_path):
 
 
 def test_map_adapts_beta_too(base_state):
-    result, model, _, retained = run(base_state, RetentionBudget(0.2, every=4), steps=12, kind="delta")
-    assert any("beta" in r for r in result.history) and retained <= result.budget["retain_limit"] + 1e-6
+    budget = RetentionBudget(0.2, every=4)
+    result, model, _, retained = run(base_state, budget, steps=12, kind="delta")
+    assert any("beta" in r for r in result.history) and bound_of(base_state, retained, budget).inside
 
 
 # ---------------------------------------------------------------- runs, evaluate, export
-def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
+def test_lora_run_with_unlabelled_retention_set_evaluate_export_and_frontier(tmp_path, monkeypatch):
     from pyro_blora.commands.experiment import budget_line
     from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets
     from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS
@@ -208,12 +220,18 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
     save_domain(testbed / "unlabelled", {"dev": [{**row, "text": ""} for row in _rows("en", "en", 3, 60)]})
     processor = load_processor(model)
     data = load_training_data(testbed / "zh-en", processor, cache_dir=tmp_path / "cache")
-    budget = RetentionBudget(0.05, every=1, utterances=3)
+    budget = RetentionBudget(0.05, every=1, utterances=3, far_every=1)
     steps = TrainConfig(steps=3, batch_size=2, lr=3e-2, warmup_steps=1, checkpoint_every=0, progress=False)
     adapter = BLoRAConfig(rank=4, target_modules=ALL_LINEAR_TARGETS)
     out = tmp_path / "runs" / "lora"
+    import pyro_blora.training.budget_bound as bound_module
+
+    estimates = []  # every bound, in training and after it, comes from the one estimator
+    estimator = bound_module.ratio_upper_bound
+    monkeypatch.setattr(bound_module, "ratio_upper_bound", lambda *a: estimates.append(estimator(*a)) or estimates[-1])
     result = run_training("lora", model, data, out, adapter, steps, budget=budget, retain=testbed / "unlabelled",
                           cache_dir=tmp_path / "cache")
+    assert len(estimates) >= 3
     config = json.loads((out / "config.json").read_text())
     assert config["retention"]["labels"] == BASE_MODEL_LABELS and config["retention"]["utterances"] == 3
     labels = json.loads((out / "retention-labels.json").read_text())
@@ -222,8 +240,18 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
     assert all("retain_ce" in r and "beta" not in r for r in records)  # no prior: early stopping only
     saved = json.loads((out / "result.json").read_text())["budget"]
     assert saved["kept"] in ("final", "checkpoint", "scaled") and saved["met"]
-    assert saved["retain_ce"] <= saved["retain_limit"]
-    assert "keeps" in budget_line(saved)
+    assert saved["retain_ce"] <= saved["retain_ce_upper"] <= saved["retain_limit"]
+    assert "keeps" in budget_line(saved) and saved["line"] in budget_line(saved)
+    assert saved["line"].startswith("unlabelled CE ") and "95% upper bound" in saved["line"]
+    assert "3 utterances): inside the 5% budget" in saved["line"]
+    # Early stopping and the post-hoc lambda judge the same losses with the same bound.
+    from pyro_blora.experiments.budget_frontier import scaled_run
+
+    trained, _, _ = load_run_model(out)
+    posthoc = scaled_run(out, trained, processor, testbed / "unlabelled", 3).bound(1.0, budget)
+    assert posthoc.ce_upper == pytest.approx(saved["retain_ce_upper"], rel=1e-4)  # the kept model, as saved
+    assert posthoc.change_upper == pytest.approx(saved["retain_change_upper"], abs=1e-4)
+    count = len(estimates)
     # The kept model, measured again, is inside the budget.
     from pyro_blora.training.budget import load_retention_set
 
@@ -238,7 +266,9 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
     report = run_evaluation(out, sets, options=EvalOptions(batch_size=2, decode_limit=0, progress=False),
                             retain=testbed / "unlabelled", retain_budget=tight)
     chosen = report["retention_budget"]
-    assert chosen["retain_ce"] <= chosen["retain_limit"] and 0 <= chosen["scale"] <= 1
+    assert len(estimates) > count  # the post-hoc lambda went through the same estimator
+    assert chosen["retain_ce_upper"] <= chosen["retain_limit"] and 0 <= chosen["scale"] <= 1
+    assert "inside the 0.5% budget" in chosen["line"] and chosen["utterances"] == 3
     assert read_eval(out / "eval-budget0.005.json")["delta_scale"] == chosen["scale"]
     info = export_run(out, tmp_path / "export", retain=testbed / "unlabelled", retain_budget=tight)
     assert info["retention_budget"]["scale"] == chosen["scale"]
@@ -246,3 +276,15 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_and_export(tmp_path):
 
     exported = WhisperForConditionalGeneration.from_pretrained(tmp_path / "export")
     assert transcript_ce(exported, again.batches) == pytest.approx(chosen["retain_ce"], rel=1e-4)
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert chosen["line"] in card and "## Forgetting budget" in card
+    # Train once, choose later: the frontier names the lambda that export picks for each budget.
+    from pyro_blora.experiments.budget_frontier import frontier
+
+    curve = frontier(out, testbed / "unlabelled", tmp_path / "frontier", budgets=(0.005, 0.5), utterances=3)
+    assert [p["scale"] for p in curve["points"]][:2] == [0.0, pytest.approx(0.1)]
+    assert curve["points"][0]["change"] == 0.0 == curve["points"][0]["change_upper"]
+    assert all(p["change_upper"] >= p["change"] for p in curve["points"])
+    assert curve["budgets"][0]["scale"] == chosen["scale"]
+    assert {"frontier.json", "frontier.md", "frontier.png"} <= {f.name for f in (tmp_path / "frontier").iterdir()}
+    assert "--retain-budget 0.005" in (tmp_path / "frontier" / "frontier.md").read_text()

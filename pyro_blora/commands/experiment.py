@@ -1,4 +1,4 @@
-"""``pyro-blora train``, ``evaluate`` and ``main``: the experiment's commands."""
+"""``pyro-blora train``, ``evaluate``, ``export``, ``frontier`` and ``main``: the experiment's commands."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from pyro_blora.commands.options import (
     adapter_default,
     budget_default,
     column_mapping,
+    comma_list,
     comma_values,
     default_note,
     preset_configs,
@@ -40,9 +41,11 @@ from pyro_blora.config import WEIGHT_NOISES, RetentionBudget, TrainConfig
 from pyro_blora.data.training_data import load_training_data
 from pyro_blora.evaluation.scoring import EvalOptions, load_eval_sets, load_eval_source
 from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
+from pyro_blora.experiments.budget_frontier import FRONTIER_BUDGETS, default_scales
+from pyro_blora.experiments.budget_frontier import frontier as run_frontier
 from pyro_blora.experiments.step import export_run, run_evaluation
 from pyro_blora.report.tables import evaluation_table
-from pyro_blora.runs import METHODS, base_model_of
+from pyro_blora.runs import METHODS, base_model_of, is_run_folder
 from pyro_blora.training.methods import run_training
 
 TRAIN = TrainConfig()
@@ -107,6 +110,8 @@ def train(
     retain_every: Optional[int] = typer.Option(None, help="measure the retention loss every N steps " + budget_default("every")),
     retain_utterances: Optional[int] = typer.Option(None, help="utterances of the fixed retention batch "
                                                     + budget_default("utterances")),
+    retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
+                                                      + budget_default("confidence")),
     retain_lr: Optional[float] = typer.Option(None, help="dual-ascent step of log beta " + budget_default("lr")),
     retain_decay: Optional[float] = typer.Option(None, help="moving average of the retention loss " + budget_default("decay")),
     beta_min: Optional[float] = typer.Option(None, help="lower bound of the adapted beta " + budget_default("beta_min")),
@@ -130,7 +135,7 @@ def train(
              scale_init=scale_init, curvature_batches=curvature_batches),
     )
     budget = retention_budget(retain_budget, retain_absolute, retain, every=retain_every, utterances=retain_utterances,
-                              lr=retain_lr, decay=retain_decay, beta_min=beta_min, beta_max=beta_max,
+                              confidence=retain_confidence, lr=retain_lr, decay=retain_decay, beta_min=beta_min, beta_max=beta_max,
                               scale_at_end=retain_scale)
     processor = load_processor(base_model_of(model))
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit,
@@ -152,7 +157,7 @@ def train(
 
 
 def budget_line(summary: dict) -> str:
-    """A budgeted run's end in one line: what it kept, its retention loss against the limit, beta."""
+    """A budgeted run's end in one line: what it kept, its retention bound against the budget, beta."""
     if summary.get("message") and not summary.get("met_during_training"):
         head = f"BUDGET NOT MET DURING TRAINING: {summary['message']}"
     else:
@@ -161,8 +166,8 @@ def budget_line(summary: dict) -> str:
             "scaled": f"its final update scaled by {summary['scale']:.4g}"}[summary["kept"]]
     beta = f"; final beta {summary['final_beta']:.4g}" if summary.get("final_beta") is not None else ""
     dev = "".join(f"; {k} {v:.4g}" for k, v in (summary.get("dev") or {}).items() if k.endswith("error_rate"))
-    return (f"{head}: the run keeps {kept}, retention loss {summary['retain_ce']:.4f} (limit "
-            f"{summary['retain_limit']:.4f}, base {summary['base_retain_ce']:.4f}){beta}{dev}")
+    return (f"{head}: the run keeps {kept}; {summary['line']} (upper bound {summary['retain_ce_upper']:.4f} nats per "
+            f"token, limit {summary['retain_limit']:.4f}, base {summary['base_retain_ce']:.4f}){beta}{dev}")
 
 
 def evaluate(
@@ -197,10 +202,13 @@ def evaluate(
     retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
     retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured "
                                                     + budget_default("utterances")),
+    retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
+                                                      + budget_default("confidence")),
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
-    budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances)
+    budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances,
+                              confidence=retain_confidence)
     if budget is not None and delta_scale is not None:
         raise typer.BadParameter("give --delta-scale or --retain-budget, not both: the budget chooses the scale")
     scales = (None,) if delta_scale is None else comma_values(delta_scale, float, "--delta-scale")
@@ -215,6 +223,9 @@ def evaluate(
                                 delta_scale=scale, encoder_window_seconds=encoder_window, retain=retain,
                                 retain_budget=budget, retain_split=retain_split, cache_dir=cache_dir)
         tables[report["model"]] = report["results"]
+        if report.get("retention_budget"):
+            chosen = report["retention_budget"]
+            typer.echo(f"update scaled by {chosen['scale']:.4g}: {chosen['line']}")
         for name in ("base", "against"):
             if report.get(f"relative_to_{name}"):
                 typer.echo(f"{report['model']}: relative change against {name} ({report[f'{name}_source']}): "
@@ -246,16 +257,52 @@ def export(
     retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
     retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured "
                                                     + budget_default("utterances")),
+    retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
+                                                      + budget_default("confidence")),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
 ) -> None:
     """Write a run's adapted model as a plain transformers Whisper folder, optionally inside a forgetting budget."""
-    budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances)
+    budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances,
+                              confidence=retain_confidence)
     info = export_run(run, out, retain=retain, retain_budget=budget, retain_split=retain_split, cache_dir=cache_dir)
     if "retention_budget" in info:
         chosen = info["retention_budget"]
-        typer.echo(f"update scaled by {chosen['scale']:.4g}: retention loss {chosen['retain_ce']:.4f} (limit "
-                   f"{chosen['retain_limit']:.4f}, base {chosen['base_retain_ce']:.4f})")
+        typer.echo(f"update scaled by {chosen['scale']:.4g}: {chosen['line']}")
     typer.echo(f"wrote {out}")
+
+
+def frontier(
+    run: Path = typer.Argument(..., help="a finished run folder"),
+    retain: Path = typer.Option(..., help="retention data (the domain to keep, e.g. testbed/en)"),
+    out: Path = typer.Option(..., help="output folder: frontier.json, frontier.md, frontier.png"),
+    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
+    retain_utterances: int = typer.Option(RetentionBudget.utterances, help="retention utterances measured"),
+    retain_confidence: float = typer.Option(RetentionBudget.confidence, help="confidence of the upper bound"),
+    scales: str = typer.Option(comma_list(default_scales()), help="comma-separated λ in [0, 1] of the curve"),
+    budgets: str = typer.Option(comma_list(FRONTIER_BUDGETS), help="comma-separated relative budgets to pick a λ for"),
+    cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
+) -> None:
+    """A finished run's forgetting frontier: retention CE and its upper bound at every λ (W0 + λ ΔW),
+    and the λ each budget picks; `export --retain-budget` exports that point without retraining."""
+    if not is_run_folder(run):
+        raise typer.BadParameter(f"{run} is not a run folder (one written by `pyro-blora train`)", param_hint="RUN")
+    lambdas = comma_values(scales, float, "--scales")
+    if any(not 0 <= s <= 1 for s in lambdas):
+        raise typer.BadParameter("every λ must lie in [0, 1] (0: the base model, 1: the run as trained)",
+                                 param_hint="--scales")
+    chosen = comma_values(budgets, float, "--budgets")
+    if any(b < 0 for b in chosen):
+        raise typer.BadParameter("a relative budget is >= 0 (0.03: at most 3% worse)", param_hint="--budgets")
+    try:
+        RetentionBudget(0.0, utterances=retain_utterances, confidence=retain_confidence)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    report = run_frontier(run, retain, out, lambdas, chosen, retain_utterances, retain_confidence, retain_split,
+                          cache_dir)
+    for pick in report["budgets"]:
+        where = "no λ, not even 0" if pick["scale"] is None else f"λ {pick['scale']:.4g}: {pick['line']}"
+        typer.echo(f"budget {100 * pick['budget']:g}%: {where}")
+    typer.echo(f"wrote {out}/frontier.json, frontier.md, frontier.png")
 
 
 def main(
@@ -277,4 +324,5 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("evaluate")(evaluate)
     app.command("export")(export)
+    app.command("frontier")(frontier)
     app.command("main")(main)

@@ -4,7 +4,8 @@ The main job, the sweep and the sequence are lists of these steps, so each of th
 way after a crash: a run without its weights and result (:func:`pyro_blora.runs.finished`) trains on
 from its last checkpoint, and an evaluation file that exists is read instead of recomputed.
 :func:`run_evaluation` scores one model (base, run folder or any Whisper) into the run's eval file;
-:func:`export_run` writes a run's model as a plain transformers folder.
+:func:`export_run` writes a run's model as a plain transformers folder. A run's update scaled into a
+forgetting budget, with no retraining, is :func:`pyro_blora.experiments.budget_frontier.budget_scaled_model`.
 """
 
 from __future__ import annotations
@@ -14,17 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
 from pyro_blora.model.interpolation import interpolate_weights
 from pyro_blora.checkpoint import atomic_write_json
 from pyro_blora.config import RetentionBudget
 from pyro_blora.evaluation.scoring import EvalOptions, EvalSet, evaluate_whisper, load_eval_sets, relative_changes
-from pyro_blora.model.encoder_window import encoder_input_frames
 from pyro_blora.model.encoder_window import encoder_window_seconds as window_of
 from pyro_blora.model.encoder_window import set_encoder_window
 from pyro_blora.runs import eval_file_name, finished, has_checkpoints, is_run_folder, load_run_model, read_eval, read_run_config
-from pyro_blora.training.budget import LABELS_FILE, choose_scale, load_retention_set, parameter_update, transcript_ce
+from pyro_blora.experiments.budget_frontier import base_of_run, budget_scaled_model
 
 __all__ = ["budget_scaled_model", "ensure_evaluated", "ensure_trained", "export_run", "run_evaluation"]
 
@@ -44,54 +42,9 @@ def ensure_evaluated(path: str | Path, evaluate: Callable[[], Mapping[str, Any]]
     return read_eval(path) if path.is_file() else dict(evaluate())
 
 
-def _base_of_run(run_dir: Path, whisper):
-    """The base model a run was trained from (``model_source`` in its config), cut to ``whisper``'s window."""
-    base, _, _ = load_run_model(read_run_config(run_dir)["run"]["model_source"])
-    set_encoder_window(base, window_of(whisper))
-    return base
-
-
 def _scaled_update(run_dir: Path, whisper, scale: float):
     """The run's model with its update scaled: W0 + λ (W_run − W0), W0 from the base the run records."""
-    return interpolate_weights(_base_of_run(run_dir, whisper), whisper, scale)
-
-
-def budget_scaled_model(run_dir: str | Path, whisper, processor, retain: str | Path, budget: RetentionBudget,
-                        split: str = "dev", cache_dir: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
-    """A finished run's model (``whisper``, changed in place) with its update scaled, W0 + lambda dW,
-    by the largest lambda in [0, 1] whose retention loss on ``retain`` stays inside ``budget``, with
-    no retraining; and what was measured. Any method: dW is the difference of the run's weights and
-    its base model's. Retention utterances without transcripts are labelled by the base model's
-    greedy transcripts (the run's ``retention-labels.json`` when it holds them)."""
-    run_dir = Path(run_dir)
-    model_source = read_run_config(run_dir)["run"]["model_source"]
-    base = _base_of_run(run_dir, whisper)
-    retention = load_retention_set(retain, processor, base, budget.utterances, split, cache_dir, run_dir / LABELS_FILE,
-                                   encoder_input_frames(whisper), model_name=str(model_source))
-    device = next(whisper.parameters()).device
-    retention = retention.to(device)
-    reference = dict(base.named_parameters())
-    params = dict(whisper.named_parameters())
-    origin = {name: reference[name].detach().to(device) for name, p in params.items()
-              if name in reference and not torch.equal(p.detach(), reference[name].detach().to(device))}
-    del base, reference
-    update = parameter_update(whisper, params, origin)
-
-    def measure(scale: float) -> float:
-        with update.scaled(scale) as model:
-            return transcript_ce(model, retention.batches)
-
-    base_ce = measure(0.0)
-    limit = budget.limit(base_ce)
-    scale, tried = choose_scale(measure, limit, budget.scale_grid, budget.scale_refine)
-    if scale is None:
-        raise ValueError(f"the forgetting budget ({budget.describe()}: at most {limit:.4f}) is below even the base "
-                         f"model's retention loss ({base_ce:.4f}) on {retain}; give a larger budget")
-    update.commit(scale)
-    info = {"budget": budget.to_dict(), "described": budget.describe(), "retention": retention.describe(),
-            "base_retain_ce": base_ce, "retain_limit": limit, "scale": scale, "retain_ce": dict(tried)[scale],
-            "scales_tried": tried}
-    return whisper, info
+    return interpolate_weights(base_of_run(run_dir, whisper), whisper, scale)
 
 
 def run_evaluation(
@@ -195,4 +148,25 @@ def export_run(source: str | Path, out: str | Path, retain: str | Path | None = 
     whisper.save_pretrained(str(out))
     processor.save_pretrained(str(out))
     atomic_write_json(out / "budget.json" if retain_budget is not None else out / "export.json", info)
+    if retain_budget is not None:
+        (out / "README.md").write_text(_budget_card(out, run_dir, info))
     return info
+
+
+def _budget_card(out: Path, run_dir: Path, info: Mapping[str, Any]) -> str:
+    """An exported model's card: the run's card (configuration and results) and what the budget kept."""
+    from pyro_blora.interop.hub import model_card
+    from pyro_blora.markdown import markdown_table
+
+    chosen = info["retention_budget"]
+    fields = [{"field": name, "value": chosen[name]} for name in
+              ("described", "confidence", "utterances", "scale", "base_retain_ce", "retain_ce", "retain_ce_upper",
+               "retain_change", "retain_change_upper", "retain_limit")]
+    section = ["## Forgetting budget", "", f"**{chosen['line']}.**", "",
+               f"The run's update is scaled by λ = {chosen['scale']:.4g} (W0 + λ ΔW): the largest λ whose one-sided "
+               f"{100 * chosen['confidence']:g}% upper bound of the retention CE is inside the budget, measured on "
+               f"{chosen['utterances']} utterances of {chosen['retention']['source']} "
+               f"({chosen['retention']['split']}; labels: {chosen['retention']['labels']}). The bound holds for the "
+               "distribution those utterances come from, not for other speech of the same language.", "",
+               markdown_table(fields), ""]
+    return model_card(out, "merged", out.name, run_dir=run_dir).rstrip() + "\n\n" + "\n".join(section)

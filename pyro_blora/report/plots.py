@@ -30,6 +30,7 @@ __all__ = [
     "curve_keys",
     "plot_budget_curves",
     "plot_confidence",
+    "plot_budget_frontier",
     "plot_energy_curves",
     "plot_forgetting_curves",
     "plot_frontier",
@@ -414,4 +415,24 @@ def plot_confidence(transcript: UtteranceTranscript, low_confidence: float = 0.5
              title=f"{transcript.id}: {sum(v < low_confidence for v in values)} of {len(values)} words below "
                    f"{low_confidence:.2f}")
     figure.tight_layout()
+    return figure
+
+
+def plot_budget_frontier(points: Sequence[Mapping[str, float]], budgets: Sequence[float], confidence: float,
+                  name: str = "retention") -> Figure:
+    """A run's forgetting frontier: the retention CE's change against the update's scale λ, its
+    one-sided upper bound, and the budgets (horizontal lines) the bound must stay under."""
+    figure = Figure(figsize=(6, 4))
+    axes = figure.add_subplot()
+    scales = [p["scale"] for p in points]
+    axes.plot(scales, [100 * p["change"] for p in points], marker=".", label="point estimate")
+    axes.plot(scales, [100 * p["change_upper"] for p in points], marker=".", linestyle="--",
+              label=f"{100 * confidence:g}% upper bound")
+    for budget in budgets:
+        axes.axhline(100 * budget, color="red", linestyle=":", linewidth=0.8)
+        axes.annotate(f"{100 * budget:g}%", (0, 100 * budget), fontsize=8, color="red", va="bottom")
+    axes.set_xlabel("λ (W0 + λ ΔW)")
+    axes.set_ylabel(f"{name} CE change (%)")
+    axes.set_title("forgetting frontier")
+    axes.legend()
     return figure

@@ -1,23 +1,26 @@
 """A forgetting budget: adapt as much as possible while the original domain gets at most X% worse.
 
 The constraint is on the *retention loss*: the teacher-forced cross-entropy per transcript token
-(:func:`transcript_ce`) of a fixed batch of retention utterances (the domain the model already knew),
-against the same loss of the base model. :class:`~pyro_blora.config.RetentionBudget` holds the options.
+of a fixed set of retention utterances (the domain the model already knew), against the same loss of
+the base model on the same utterances. The budget holds a one-sided upper confidence bound of its
+change, not the point estimate (:func:`pyro_blora.training.budget_bound.retention_bound`, the one
+function every use of the budget calls). :class:`~pyro_blora.config.RetentionBudget` holds the options.
 
-During training (:class:`BudgetTracker`) the retention loss is measured every ``every`` steps. For
-blora and map the KL weight beta is the Lagrange multiplier of the constraint and follows it by dual
-ascent in log space, as GECO does (Rezende & Viola 2018, "Taming VAEs")::
+During training (:class:`BudgetTracker`) the bound is measured every ``every`` steps (less often while
+it is far below the limit). For blora and map the KL weight beta is the Lagrange multiplier of the
+constraint and follows it by dual ascent in log space, as GECO does (Rezende & Viola 2018)::
 
-    average <- decay * average + (1 - decay) * loss           (the first measurement starts it)
+    average <- decay * average + (1 - decay) * upper           (the first measurement starts it)
     log beta <- clamp(log beta + clamp(eta * (average - limit) / limit, +-max_log_step),
                       log beta_min, log beta_max)
 
-so beta grows while the constraint is violated and decays while there is slack. lora and full have
-no prior, so the budget acts as early stopping there. Every measurement inside the limit keeps a
-copy of the trained state; at the end the run keeps its final weights if they are inside the
-limit, else the better (lower in-domain loss) of the last weights measured inside the limit and the
-final update scaled, W0 + lambda dW, with the largest lambda inside the limit (:func:`choose_scale`).
-Nothing is extrapolated: every kept model had its retention loss measured.
+where ``upper`` is the bound in nats per token, so beta grows while the constraint is violated and
+decays while there is slack. lora and full have no prior, so the budget acts as early stopping
+there. Every measurement inside the limit keeps a copy of the trained state; at the end the run
+keeps its final weights if they are inside the limit, else the better (lower in-domain loss) of the
+last weights measured inside the limit and the final update scaled, W0 + lambda dW, with the largest
+lambda inside the limit (:func:`choose_bounded_scale`). Nothing is extrapolated: every kept model had
+its bound measured.
 
 The retention set may lack transcripts: the base model's own greedy transcripts are then its labels
 (:func:`load_retention_set`), decoded once and cached in the run folder.
@@ -40,6 +43,8 @@ from pyro_blora.training import distributed
 from pyro_blora.config import RetentionBudget
 from pyro_blora.model.interpolation import interpolated
 from pyro_blora.model.objective import token_nll_per_utterance
+from pyro_blora.training.budget_bound import (RetentionBound, RetentionLosses, far_from_limit, retention_bound,
+                                                retention_losses, retention_name)
 
 __all__ = [
     "BASE_MODEL_LABELS",
@@ -48,6 +53,7 @@ __all__ = [
     "RetentionSet",
     "TrainedUpdate",
     "budget_fingerprint",
+    "choose_bounded_scale",
     "choose_scale",
     "load_retention_set",
     "parameter_update",
@@ -91,14 +97,16 @@ class RetentionSet:
     ids: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_dataset(cls, dataset, collate: Callable[[list], dict], utterances: int, **info: Any) -> "RetentionSet":
-        """The first ``utterances`` items of ``dataset`` as one batch."""
+    def from_dataset(cls, dataset, collate: Callable[[list], dict], utterances: int, batch_size: int = 16,
+                     **info: Any) -> "RetentionSet":
+        """The first ``utterances`` items of ``dataset``, collated in batches of ``batch_size`` (so
+        hundreds of utterances are measured without one huge batch)."""
         if len(dataset) == 0:
             raise ValueError("the retention set is empty; give utterances of the domain the model should keep")
         items = [dataset[i] for i in range(min(utterances, len(dataset)))]
-        batch = collate(items)
-        ids = [str(i) for i in batch.get("ids") or range(len(items))]
-        return cls([batch], ids=ids, **info)
+        batches = [collate(items[i:i + batch_size]) for i in range(0, len(items), batch_size)]
+        ids = [str(i) for batch in batches for i in (batch.get("ids") or [])] or [str(i) for i in range(len(items))]
+        return cls(batches, ids=ids, **info)
 
     def __len__(self) -> int:
         return sum(int(b["labels"].shape[0]) for b in self.batches)
@@ -219,12 +227,40 @@ def choose_scale(measure: Callable[[float], float], limit: float, grid: int = 10
     return low, tried
 
 
-class BudgetTracker:
-    """The forgetting budget of one training run: measures the retention loss, adapts beta (when the
-    model has a prior), keeps the last state inside the limit, and decides what the run keeps.
+def choose_bounded_scale(bound_at: Callable[[float], RetentionBound], limit: float, budget: RetentionBudget,
+                         known: Mapping[float, RetentionBound] | None = None
+                         ) -> tuple[float | None, dict[float, RetentionBound]]:
+    """:func:`choose_scale` on the retention bound: the largest lambda whose upper bound is inside the
+    budget, and every bound measured (by lambda). The end of a budgeted run and the post-hoc lambda of
+    ``evaluate`` / ``export`` / ``frontier`` search the same way."""
+    bounds = dict(known or {})
 
-    Its ``state_dict`` (beta, the moving average, the last state inside the limit) goes into every
-    checkpoint, so a resumed run continues exactly as an uninterrupted one."""
+    def measure(scale: float) -> float:
+        if scale not in bounds:
+            bounds[scale] = bound_at(scale)
+        return bounds[scale].ce_upper
+
+    scale, _ = choose_scale(measure, limit, budget.scale_grid, budget.scale_refine)
+    return scale, bounds
+
+
+def _kept(bound: RetentionBound) -> dict[str, Any]:
+    """The fields of ``result.json``'s ``budget`` that describe the kept model's retention."""
+    return {"retain_ce": bound.ce, "retain_ce_upper": bound.ce_upper, "retain_change": bound.change,
+            "retain_change_upper": bound.change_upper, "retention_bound": bound.to_dict(), "line": bound.line()}
+
+
+def _bound(saved: Mapping[str, Any]) -> RetentionBound:
+    return RetentionBound(**{k: v for k, v in saved.items() if k != "line"})
+
+
+class BudgetTracker:
+    """The forgetting budget of one training run: measures the retention loss and its upper bound,
+    adapts beta (when the model has a prior), keeps the last state inside the limit, and decides what
+    the run keeps.
+
+    Its ``state_dict`` (the base model's losses, beta, the moving average, the last state inside the
+    limit) goes into every checkpoint, so a resumed run continues exactly as an uninterrupted one."""
 
     def __init__(self, budget: RetentionBudget, retention: RetentionSet, update: TrainedUpdate, total_steps: int,
                  model=None) -> None:
@@ -234,33 +270,40 @@ class BudgetTracker:
         self.total_steps = total_steps
         # The BLoRA model whose beta is the multiplier (None for methods without a prior).
         self.model = model
+        self.name = retention_name(retention.source)
+        self.base: RetentionLosses | None = None  # the base model's per-utterance losses, measured once
         self.base_ce: float | None = None
         self.limit: float | None = None
         self.average: float | None = None
         self.log_beta: float | None = None
         self.measurements = 0
-        self.last: dict[str, Any] | None = None  # {"step", "ce"} of the latest measurement
-        self.inside: dict[str, Any] | None = None  # {"step", "ce", "beta", "state"} of the last one inside
+        self.last: dict[str, Any] | None = None  # {"step", "bound"} of the latest measurement
+        self.inside: dict[str, Any] | None = None  # {"step", "bound", "beta", "state"} of the last one inside
         self.seconds = 0.0
 
     # ------------------------------------------------------------------ measuring
-    def measure(self, scale: float = 1.0) -> float:
-        """The retention loss of the trained weights with the update scaled by ``scale`` (rank 0
-        measures, every rank gets the value)."""
+    def measure(self, scale: float = 1.0) -> RetentionLosses:
+        """The per-utterance retention losses of the trained weights with the update scaled by
+        ``scale`` (rank 0 measures, every rank gets the value)."""
         start = time.perf_counter()
 
-        def run() -> float:
+        def run() -> RetentionLosses:
             with self.update.scaled(scale) as whisper:
-                return transcript_ce(whisper, self.retention.batches)
+                return retention_losses(whisper, self.retention.batches)
 
         value = distributed.current().on_main(run)
         self.seconds += time.perf_counter() - start
         return value
 
+    def bound(self, scale: float = 1.0) -> RetentionBound:
+        """The budget's verdict (:func:`retention_bound`) on the update scaled by ``scale``."""
+        return retention_bound(self.budget, self.measure(scale), self.base, self.name)
+
     def start(self) -> None:
         """Measure the base model (the update scaled by 0) and set the limit; clamp beta into its bounds."""
-        if self.base_ce is None:
-            self.base_ce = self.measure(0.0)
+        if self.base is None:
+            self.base = self.measure(0.0)
+            self.base_ce = self.base.ce
             self.limit = self.budget.limit(self.base_ce)
             self.seconds = 0.0  # the overhead counted is that of the measurements during training
         if self.model is not None and self.log_beta is None:
@@ -271,35 +314,49 @@ class BudgetTracker:
         self.log_beta = min(high, max(low, value))
         self.model.set_beta(math.exp(self.log_beta))
 
+    def due(self, step: int) -> bool:
+        """Every ``every`` steps and after the last one; while the last upper bound was far below the
+        limit (:func:`far_from_limit`), only every ``far_every * every`` steps."""
+        if step == self.total_steps:
+            return True
+        if step % self.budget.every:
+            return False
+        far = self.last is not None and far_from_limit(_bound(self.last["bound"]), self.budget.far_fraction)
+        return not far or step % (self.budget.every * self.budget.far_every) == 0
+
     def after_step(self, step: int) -> dict[str, float]:
-        """After optimiser step ``step`` (1-based): every ``every`` steps and after the last one,
-        measure, update the average and beta, and return the fields for the step's log record."""
-        if step % self.budget.every and step != self.total_steps:
+        """After optimiser step ``step`` (1-based), when a measurement is :meth:`due`: measure, update
+        the average of the upper bound and beta, and return the fields for the step's log record."""
+        if not self.due(step):
             return {}
-        loss = self.measure()
+        bound = self.bound()
         self.measurements += 1
-        decay = self.budget.decay
-        self.average = loss if self.average is None else decay * self.average + (1 - decay) * loss
-        record = {"retain_ce": loss, "retain_ce_avg": self.average, "retain_limit": self.limit,
-                  "retain_slack": self.limit - loss}
+        decay, upper = self.budget.decay, bound.ce_upper
+        self.average = upper if self.average is None else decay * self.average + (1 - decay) * upper
+        record = {"retain_ce": bound.ce, "retain_ce_upper": upper, "retain_change": bound.change,
+                  "retain_change_upper": bound.change_upper, "retain_ce_avg": self.average,
+                  "retain_limit": self.limit, "retain_slack": self.limit - upper}
         if self.model is not None:
             violation = (self.average - self.limit) / self.limit
-            bound = self.budget.max_log_step
-            self._set_log_beta(self.log_beta + min(bound, max(-bound, self.budget.lr * violation)))
+            step_bound = self.budget.max_log_step
+            self._set_log_beta(self.log_beta + min(step_bound, max(-step_bound, self.budget.lr * violation)))
             record["beta"] = math.exp(self.log_beta)
-        self.last = {"step": step, "ce": loss}
-        if loss <= self.limit:
-            self.inside = {"step": step, "ce": loss, "beta": record.get("beta"), "state": self.update.snapshot()}
+        self.last = {"step": step, "bound": bound.to_dict()}
+        if bound.inside:
+            self.inside = {"step": step, "bound": bound.to_dict(), "beta": record.get("beta"),
+                           "state": self.update.snapshot()}
         return record
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {"base_ce": self.base_ce, "limit": self.limit, "average": self.average, "log_beta": self.log_beta,
+        return {"base": None if self.base is None else self.base.to_dict(), "base_ce": self.base_ce,
+                "limit": self.limit, "average": self.average, "log_beta": self.log_beta,
                 "measurements": self.measurements, "last": self.last, "inside": self.inside}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for name in ("base_ce", "limit", "average", "measurements", "last", "inside"):
             setattr(self, name, state[name])
+        self.base = None if state["base"] is None else RetentionLosses(**state["base"])
         self.log_beta = None
         if self.model is not None and state["log_beta"] is not None:
             self._set_log_beta(state["log_beta"])
@@ -310,10 +367,13 @@ class BudgetTracker:
         return the summary for ``result.json``. ``in_domain(whisper)`` is the in-domain loss (lower is
         better) that chooses between two models inside the budget."""
         context = distributed.current()
-        final_ce = self.last["ce"] if self.last and self.last["step"] == self.total_steps else self.measure()
+        ended = self.last is not None and self.last["step"] == self.total_steps
+        final = _bound(self.last["bound"]) if ended else self.bound()
         summary: dict[str, Any] = {
             "budget": self.budget.to_dict(), "described": self.budget.describe(), "retention": self.retention.describe(),
-            "base_retain_ce": self.base_ce, "retain_limit": self.limit, "final_retain_ce": final_ce,
+            "confidence": self.budget.confidence, "utterances": len(self.retention),
+            "base_retain_ce": self.base_ce, "retain_limit": self.limit, "final_retain_ce": final.ce,
+            "final_retain_ce_upper": final.ce_upper,
             "final_beta": None if self.log_beta is None else math.exp(self.log_beta),
             "measurements": self.measurements, "met_during_training": self.inside is not None,
             "last_inside_step": None if self.inside is None else self.inside["step"],
@@ -321,8 +381,8 @@ class BudgetTracker:
         if loop_seconds:
             summary["estimate_seconds"] = self.seconds
             summary["overhead"] = self.seconds / max(1e-9, loop_seconds - self.seconds)
-        if final_ce <= self.limit:
-            summary.update(kept="final", kept_step=self.total_steps, scale=1.0, retain_ce=final_ce, met=True)
+        if final.inside:
+            summary.update(kept="final", kept_step=self.total_steps, scale=1.0, met=True, **_kept(final))
             return summary
         candidates = []
         if self.inside is not None:
@@ -332,36 +392,37 @@ class BudgetTracker:
                 loss = context.on_main(lambda: in_domain(whisper))
             self.update.restore(final_state)
             candidates.append({"kept": "checkpoint", "kept_step": self.inside["step"], "scale": 1.0,
-                               "retain_ce": self.inside["ce"], "in_domain_loss": loss})
+                               "in_domain_loss": loss, **_kept(_bound(self.inside["bound"]))})
         if self.budget.scale_at_end:
-            scale, tried = choose_scale(self.measure, self.limit, self.budget.scale_grid, self.budget.scale_refine,
-                                        known={1.0: final_ce})
-            summary["scales_tried"] = tried
+            scale, bounds = choose_bounded_scale(self.bound, self.limit, self.budget, known={1.0: final})
+            summary["scales_tried"] = [(s, b.ce_upper) for s, b in bounds.items()]
             if scale is not None:
                 with self.update.scaled(scale) as whisper:
                     loss = context.on_main(lambda: in_domain(whisper))
                 candidates.append({"kept": "scaled", "kept_step": self.total_steps, "scale": scale,
-                                   "retain_ce": dict(tried)[scale], "in_domain_loss": loss})
+                                   "in_domain_loss": loss, **_kept(bounds[scale])})
         if not candidates:
-            summary.update(kept="final", kept_step=self.total_steps, scale=1.0, retain_ce=final_ce, met=False)
-            warnings.warn(self._never_met(final_ce), BudgetNotMetWarning, stacklevel=3)
-            summary["message"] = self._never_met(final_ce)
+            summary.update(kept="final", kept_step=self.total_steps, scale=1.0, met=False, **_kept(final))
+            warnings.warn(self._never_met(final), BudgetNotMetWarning, stacklevel=3)
+            summary["message"] = self._never_met(final)
             return summary
         chosen = min(candidates, key=lambda c: c["in_domain_loss"])
         if chosen["kept"] == "checkpoint":
             self.update.restore(self.inside["state"])
         else:
             self.update.commit(chosen["scale"])
-        summary.update(chosen, met=True, candidates=candidates)
+        summary.update(chosen, met=True, candidates=[{k: c[k] for k in ("kept", "kept_step", "scale", "retain_ce",
+                                                                          "retain_ce_upper", "in_domain_loss")}
+                                                     for c in candidates])
         if self.inside is None:
-            summary["message"] = self._never_met(final_ce) + f" The run keeps its final update scaled by {chosen['scale']:.4g}."
+            summary["message"] = self._never_met(final) + f" The run keeps its final update scaled by {chosen['scale']:.4g}."
             warnings.warn(summary["message"], BudgetNotMetWarning, stacklevel=3)
         return summary
 
-    def _never_met(self, final_ce: float) -> str:
-        return (f"the forgetting budget ({self.budget.describe()}: a retention loss of at most {self.limit:.4f}) was "
-                f"never met during training: all {self.measurements} measurements were above it (the last "
-                f"{final_ce:.4f}, the base model {self.base_ce:.4f}).")
+    def _never_met(self, final: RetentionBound) -> str:
+        return (f"the forgetting budget ({self.budget.describe()}: an upper bound of the retention loss of at most "
+                f"{self.limit:.4f}) was never met during training: all {self.measurements} measurements were above "
+                f"it (the last: {final.line()}).")
 
 
 # ---------------------------------------------------------------------- retention data
