@@ -288,3 +288,27 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_export_and_frontier(tmp
     assert curve["budgets"][0]["scale"] == chosen["scale"]
     assert {"frontier.json", "frontier.md", "frontier.png"} <= {f.name for f in (tmp_path / "frontier").iterdir()}
     assert "--retain-budget 0.005" in (tmp_path / "frontier" / "frontier.md").read_text()
+    from typer.testing import CliRunner
+
+    from pyro_blora.cli import app
+
+    printed = CliRunner().invoke(app, ["frontier", str(out), "--retain", str(testbed / "unlabelled"), "--out",
+                                       str(tmp_path / "cli"), "--retain-utterances", "3", "--budgets", "0.005"])
+    assert printed.exit_code == 0 and f"budget 0.5%: λ {chosen['scale']:.4g}: {chosen['line']}" in printed.output
+    # The variance study's script on the same run: one bound per size, with its time.
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "budget_variance.py"
+    spec = importlib.util.spec_from_file_location("budget_variance", script)
+    variance = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variance)
+    monkeypatch.setattr(sys, "argv", ["budget_variance.py", str(out), "--retain", str(testbed / "unlabelled"),
+                                      "--sizes", "2,3", "--repeats", "1", "--out", str(tmp_path / "variance")])
+    variance.main()
+    study = json.loads((tmp_path / "variance" / "variance.json").read_text())
+    assert [r["utterances"] for r in study["sizes"]] == [2, 3] and study["available"] == 3
+    three = study["sizes"][1]
+    assert three["width"] == pytest.approx(curve["points"][-1]["change_upper"] - curve["points"][-1]["change"])
+    assert all(r["seconds_per_measurement"] > 0 for r in study["sizes"])

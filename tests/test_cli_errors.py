@@ -164,3 +164,16 @@ def test_bugs_keep_their_traceback(monkeypatch, tiny_posterior):
     monkeypatch.setattr("pyro_blora.commands.transcribe.transcribe", broken)
     result = runner.invoke(app, ["transcribe", str(folder / "audio" / "a.wav"), "--posterior", str(folder / "posterior")])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+def test_frontier_and_budget_confidence(tmp_path):
+    assert "is not a run folder" in fail("frontier", tmp_path, "--retain", tmp_path, "--out", tmp_path / "f")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "log.jsonl").write_text("")
+    run = tmp_path / "run"
+    for option, value, message in (("--scales", "0,1.5", "[0, 1]"), ("--scales", "a", "--scales"),
+                                   ("--budgets", "-0.1", ">= 0"), ("--retain-confidence", "1.2", "confidence")):
+        assert message in fail("frontier", run, "--retain", tmp_path, "--out", tmp_path / "f", option, value)
+    assert "confidence" in fail("export", run, "--out", tmp_path / "e", "--retain", tmp_path, "--retain-budget",
+                                "0.03", "--retain-confidence", "0.2")
