@@ -8,12 +8,15 @@ With ``--train-lora`` that run is trained first (into ``--lora``, default ``<out
 (:func:`~pyro_blora.experiments.uncertainty.train_matching_lora`). Temperatures of the posterior mean and of
 LoRA are fitted on ``--dev-clips`` dev utterances per domain (never on test). Records go to
 ``<out>/utterances.jsonl`` (a killed run continues where it stopped), the summary to
-``<out>/summary.json`` and the plots next to it.
+``<out>/summary.json`` and the plots next to it. ``--baselines beam,temperature`` also decodes the
+posterior mean with S beams and with S samples at ``--sample-temperature``, MBR over the latter, each
+against MBR over S posterior draws (``against_posterior_mbr``; :mod:`pyro_blora.predict.baselines`).
 
 Example (real base model)::
 
     python scripts/evaluate_uncertainty.py --testbed testbed --posterior runs/blora \
-        --lora runs/lora --clips-per-domain 50 --dev-clips 50 --samples 1 4 8 16 --out runs/unc
+        --lora runs/lora --clips-per-domain 50 --dev-clips 50 --samples 1 4 8 16 --out runs/unc \
+        --baselines beam,temperature --sample-temperature 1.0
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ def main() -> None:
     parser.add_argument("--widest-sites", type=int, help="sample only the N adapter sites of largest posterior variance")
     parser.add_argument("--entropy-alpha", type=float, default=DEFAULTS.entropy_alpha,
                         help="Tsallis alpha of the word entropy confidence (1: Gibbs entropy)")
+    parser.add_argument("--baselines", default=",".join(DEFAULTS.baselines),
+                        help="comma-separated decoders of the posterior mean at the same S passes: beam (S beams), "
+                        "temperature (MBR over S samples); default none")
+    parser.add_argument("--sample-temperature", type=float, default=DEFAULTS.sample_temperature,
+                        help="temperature of the 'temperature' baseline's samples (1: the mean model's own distribution)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULTS.max_new_tokens,
                         help="cap on generated tokens (stops repetition loops)")
@@ -56,12 +64,13 @@ def main() -> None:
 
     options = PayoffOptions(samples=tuple(args.samples), posterior_temperature=args.posterior_temperature,
                             widest_sites=args.widest_sites, entropy_alpha=args.entropy_alpha, batch_size=args.batch_size,
-                            max_new_tokens=args.max_new_tokens, seed=args.seed)
+                            max_new_tokens=args.max_new_tokens, seed=args.seed, baselines=args.baselines,
+                            sample_temperature=args.sample_temperature)
     summary = uncertainty_study(args.testbed, args.posterior, Path(args.out), options, lora=args.lora,
                                 train_lora=args.train_lora, model=args.model, domains=args.domains,
                                 clips_per_domain=args.clips_per_domain, dev_clips=args.dev_clips,
                                 bootstrap_samples=args.bootstrap_samples)
-    print(json.dumps({k: summary[k] for k in ("utterances", "error_rate", "against_mean")}, indent=2))
+    print(json.dumps({k: summary[k] for k in ("utterances", "error_rate", "against_mean", "against_posterior_mbr")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ One pass over the test utterances records, per utterance: the S posterior sample
 largest S asked for; smaller S use the first draws), the posterior mean's hypothesis with its token
 log-probability (also temperature-scaled) and per-word entropy confidence, the mutual information and
 expected entropy of the samples along the mean hypothesis, and the same for the baseline LoRA (held in
-the same model, ``run_training("lora")``'s adapter). Temperatures are fitted on dev utterances only,
+the same model, ``run_training("lora")``'s adapter). With ``PayoffOptions.baselines`` it also records
+the non-Bayesian decoders of the posterior mean that spend the same S passes
+(:mod:`pyro_blora.predict.baselines`): the top hypothesis of S-beam search per S, and S temperature
+samples (the largest S; smaller S use the first). Temperatures are fitted on dev utterances only,
 one per deterministic model. :func:`summarise_payoff` turns the records into error rates (MBR at each
-S against the posterior mean, with paired bootstrap intervals) and uncertainty reports (AUROC and
-selective area with intervals, ECE of each word confidence).
+S against the posterior mean, and each baseline against MBR over as many posterior draws, with paired
+bootstrap intervals) and uncertainty reports (AUROC and selective area with intervals, ECE of each word
+confidence; the temperature samples' disagreement and agreement scored next to the posterior draws').
 
 :func:`run_payoff_study` is the whole study on a testbed, resumable (its LoRA baseline, trained to match
 the BLoRA run, comes from :mod:`pyro_blora.experiments.uncertainty`).
@@ -30,6 +34,7 @@ from pyro_blora.data import load_audio
 from pyro_blora.features import log_mel_features
 from pyro_blora.model.encoder_window import encoder_input_frames, encoder_window_seconds, window_frames
 from pyro_blora.model.guide import BLoRAGuide
+from pyro_blora.predict.baselines import beam_transcribe, temperature_transcribe, utterance_seed
 from pyro_blora.predict.monte_carlo import minimum_bayes_risk, monte_carlo_transcribe, point_transcribe, widest_sites
 from pyro_blora.data import load_speech_dataset
 from pyro_blora.data.training_data import TrainingData, load_training_data
@@ -47,6 +52,8 @@ __all__ = ["PayoffOptions", "decode_payoff_records", "dev_logits", "fit_model_te
 RECORDS_FILE = "utterances.jsonl"
 SUMMARY_FILE = "summary.json"
 TEMPERATURES_FILE = "temperatures.json"
+# The non-Bayesian decoders PayoffOptions.baselines may name (see pyro_blora.predict.baselines).
+BASELINES = ("beam", "temperature")
 
 
 @dataclass(frozen=True)
@@ -64,9 +71,23 @@ class PayoffOptions:
     seed: int = 0
     # Tsallis alpha of the entropy confidence (arXiv 2212.08703's best: 1/3; 1: Gibbs entropy).
     entropy_alpha: float = DEFAULT_ENTROPY_ALPHA
+    # Decoders of the posterior mean at S passes, against MBR over S draws: "beam" (S beams),
+    # "temperature" (MBR over S samples at sample_temperature). Empty: none (the study's cost).
+    baselines: tuple[str, ...] = ()
+    # Temperature T of the "temperature" baseline's next-token samples (1: the mean model's own distribution).
+    sample_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "samples", tuple(sorted(set(int(s) for s in self.samples))))
+        names = self.baselines.split(",") if isinstance(self.baselines, str) else self.baselines
+        object.__setattr__(self, "baselines", tuple(sorted({n.strip() for n in names if n.strip()})))
+        unknown = sorted(set(self.baselines) - set(BASELINES))
+        if unknown:
+            raise ValueError(f"unknown baselines {unknown}; name some of {BASELINES}, e.g. "
+                             "baselines=('beam', 'temperature') (--baselines beam,temperature)")
+        if not self.sample_temperature > 0:
+            raise ValueError(f"sample_temperature must be > 0 (1: the mean model's own distribution), "
+                             f"got {self.sample_temperature}")
         if not self.samples or self.samples[0] < 1:
             raise ValueError(f"samples must be values of S >= 1, got {self.samples}")
         if not self.posterior_temperature > 0:
@@ -147,11 +168,17 @@ def decode_payoff_records(model: BLoRAWhisper, guide: BLoRAGuide, processor, utt
                                          language=language, generate_kwargs=kwargs,
                                          posterior_temperature=options.posterior_temperature, sampled_sites=sites,
                                          entropy_alpha=options.entropy_alpha)
-        points = {"mean": point_transcribe(model, guide.means(), features, tokenizer, language, kwargs,
+        means = guide.means()
+        points = {"mean": point_transcribe(model, means, features, tokenizer, language, kwargs,
                                            temperatures.get("mean"), options.entropy_alpha)}
         if lora is not None:
             points["lora"] = point_transcribe(model, lora, features, tokenizer, language, kwargs, temperatures.get("lora"),
                                               options.entropy_alpha)
+        beams = {size: beam_transcribe(model, means, features, tokenizer, size, language, kwargs)
+                 for size in options.samples} if "beam" in options.baselines else {}
+        drawn = temperature_transcribe(model, means, features, tokenizer, options.samples[-1],
+                                       [utterance_seed(options.seed, u.id) for u in batch], options.sample_temperature,
+                                       language, kwargs) if "temperature" in options.baselines else None
         for b, (utterance, result) in enumerate(zip(batch, sampled)):
             record = {"id": utterance.id, "language": language, "reference": utterance.reference,
                       "samples": result.hypotheses, "token_entropy": result.mean_token_entropy,
@@ -165,6 +192,10 @@ def decode_payoff_records(model: BLoRAWhisper, guide: BLoRAGuide, processor, utt
                                 "scaled_log_prob": point.scaled_mean_log_prob,
                                 "word_entropy_confidence": word_entropy_confidences(
                                     tokenizer, point.token_ids, point.token_confidences, language)}
+            if beams:
+                record["beam"] = {str(size): texts[b] for size, texts in beams.items()}
+            if drawn is not None:
+                record["temperature_samples"] = drawn[b]
             yield record
         batch = []
 
@@ -189,6 +220,25 @@ def _scaled(rows, key) -> dict[str, list[float]]:
     return {}
 
 
+def _mbr(rows: Sequence[Mapping[str, Any]], key: str, size: int) -> tuple[list[str], list[float]]:
+    """Per row, the MBR choice among the first ``size`` hypotheses of ``key`` and their disagreement."""
+    chosen, disagreement = [], []
+    for r in rows:
+        drawn = r[key][:size]
+        best, spread = minimum_bayes_risk(drawn, r["language"])
+        chosen.append(drawn[best])
+        disagreement.append(spread)
+    return chosen, disagreement
+
+
+def _recorded_baselines(rows: Sequence[Mapping[str, Any]], options: PayoffOptions) -> tuple[bool, bool]:
+    """Whether every record has the beam hypotheses of every S, and the temperature samples of the
+    largest (records written without the baselines have neither)."""
+    beam = all(str(size) in r.get("beam", {}) for r in rows for size in options.samples)
+    sampled = all(len(r.get("temperature_samples", ())) >= options.samples[-1] for r in rows)
+    return beam, sampled
+
+
 def _report(report: UncertaintyReport, drop: Sequence[str] = ()) -> dict[str, Any]:
     for name in drop:
         report.scores.pop(name, None)
@@ -198,16 +248,22 @@ def _report(report: UncertaintyReport, drop: Sequence[str] = ()) -> dict[str, An
 def summarise_payoff(rows: Sequence[Mapping[str, Any]], options: PayoffOptions,
                      temperatures: Mapping[str, TemperatureFit] | None = None,
                      bootstrap_samples: int = 2000) -> dict[str, Any]:
-    """Error rates (MBR at each S against the posterior mean, paired intervals) and uncertainty reports
+    """Error rates (MBR at each S against the posterior mean, paired intervals; the recorded baselines,
+    beam@S and temperature_mbr@S, also against mbr@S in ``against_posterior_mbr``) and uncertainty reports
     (``UncertaintyReport.from_dict`` of one draws it again)."""
     if not rows:
         raise ValueError("no records to summarise; decode some test utterances first")
     references, languages = [r["reference"] for r in rows], [r["language"] for r in rows]
     have_lora = all("lora" in r for r in rows)
+    have_beam, have_sampled = _recorded_baselines(rows, options)
     hypotheses = {"mean": [r["mean"]["text"] for r in rows]}
+    sampled_disagreement = {}
     for size in options.samples:
-        hypotheses[f"mbr@{size}"] = [r["samples"][:size][minimum_bayes_risk(r["samples"][:size], r["language"])[0]]
-                                     for r in rows]
+        hypotheses[f"mbr@{size}"] = _mbr(rows, "samples", size)[0]
+        if have_beam:
+            hypotheses[f"beam@{size}"] = [r["beam"][str(size)] for r in rows]
+        if have_sampled:
+            hypotheses[f"temperature_mbr@{size}"], sampled_disagreement[size] = _mbr(rows, "temperature_samples", size)
     if have_lora:
         hypotheses["lora"] = [r["lora"]["text"] for r in rows]
     counts = {name: utterance_errors(texts, references, languages) for name, texts in hypotheses.items()}
@@ -218,6 +274,11 @@ def summarise_payoff(rows: Sequence[Mapping[str, Any]], options: PayoffOptions,
         "error_rate": {name: float(e.sum() / n.sum()) for name, (e, n) in counts.items()},
         "against_mean": {name: paired_bootstrap(mean_errors, lengths, e, n, samples=bootstrap_samples).to_dict()
                          for name, (e, n) in counts.items() if name != "mean"},
+        # Each baseline minus MBR over as many posterior draws (> 0: the draws are better).
+        "against_posterior_mbr": {
+            f"{kind}@{size}": paired_bootstrap(*counts[f"mbr@{size}"], *counts[f"{kind}@{size}"],
+                                               samples=bootstrap_samples).to_dict()
+            for size in options.samples for kind in ("beam", "temperature_mbr") if f"{kind}@{size}" in counts},
         "uncertainty": {},
     }
     largest = options.samples[-1]
@@ -229,11 +290,16 @@ def summarise_payoff(rows: Sequence[Mapping[str, Any]], options: PayoffOptions,
         extra["lora_neg_log_prob_on_mean_errors"] = [-r["lora"]["log_prob"] for r in rows]
     words = {"entropy_mean_model": [r["mean"]["word_entropy_confidence"] for r in rows],
              "entropy_ensemble": [r["ensemble_word_entropy_confidence"] for r in rows]}
+    if have_sampled:  # the share of the temperature samples agreeing with each word of the mean hypothesis
+        words["temperature_sample_agreement"] = [
+            [w.confidence for w in word_confidences(r["mean"]["text"], r["temperature_samples"][:largest], r["language"])]
+            for r in rows]
     for size in options.samples:
         at_largest = size == largest  # entropies and mutual information are recorded for all S draws only
+        sampled = {"temperature_disagreement": sampled_disagreement[size]} if have_sampled else {}
         report = evaluate_uncertainty(_transcripts(rows, "mean", size),
-                                      extra_scores={k: v for k, v in extra.items() if at_largest or "entropy" not in k
-                                                    and k != "mutual_information"},
+                                      extra_scores={**{k: v for k, v in extra.items() if at_largest or "entropy" not in k
+                                                       and k != "mutual_information"}, **sampled},
                                       word_confidences=words if at_largest else None,
                                       bootstrap_samples=bootstrap_samples)
         summary["uncertainty"][f"S={size}"] = _report(report, () if at_largest else ("token_entropy",))
