@@ -25,7 +25,33 @@ from pyro_blora.report.tables import markdown_table
 from pyro_blora.runs import read_log, read_result
 
 COLUMNS = ("run", "converged", "median σ/σ*", "p90 |log σ/σ*|", "within 1.5×", "KL change, last fifth",
-           "pinned by data")
+           "KL at the end: means / scales", "pinned by data")
+
+
+def kl_parts(run: Path) -> tuple[float, float]:
+    """The final KL term split into its mean part, β Σ_m Σ μ²/(2σp² P_m), and its scale part (the rest),
+    from the saved posterior; the run's prior is the default N(0, σp) (no prior.safetensors)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pyro_blora.posterior import read_posterior_config
+
+    folder = run / "posterior"
+    info = read_posterior_config(folder)
+    if (folder / "prior.safetensors").exists():
+        raise SystemExit(f"{run} has a non-default prior; the KL split assumes N(0, sigma_p)")
+    config, scaling = info["blora_config"], info["elbo_scaling"]
+    state = load_file(str(folder / "posterior.safetensors"))
+    sigma_p, means, scales = config["prior_scale"], 0.0, 0.0
+    for key, loc in state.items():
+        if not key.startswith("locs."):
+            continue
+        raw = state["scales." + key[len("locs."):]].double()
+        sigma = raw.exp() if config["scale_parameterization"] == "exp" else torch.nn.functional.softplus(raw)
+        weight = scaling["kl"] / (loc.numel() if scaling["per_matrix"] else 1)
+        means += weight * float((loc.double() ** 2).sum()) / (2 * sigma_p**2)
+        scales += weight * float((torch.log(sigma_p / sigma) + sigma**2 / (2 * sigma_p**2) - 0.5).sum())
+    return means, scales
 
 
 def convergence(runs: list[Path], out: Path) -> str:
@@ -36,11 +62,13 @@ def convergence(runs: list[Path], out: Path) -> str:
         raise SystemExit(f"no convergence summary in result.json of {', '.join(missing)}: train with curvature_batches > 0")
     save_figure(plot_scale_trajectories(logs, prior_scale=0.01), out / "trajectories.png")
     save_figure(plot_sigma_over_optimum(summaries), out / "optimum.png")
-    rows = [{"run": name, "converged": s["converged"], "median σ/σ*": f"{s['sigma_vs_optimum/median_ratio']:.3f}",
+    rows = [{"run": run.name, "converged": s["converged"], "median σ/σ*": f"{s['sigma_vs_optimum/median_ratio']:.3f}",
              "p90 |log σ/σ*|": f"{s['sigma_vs_optimum/p90_abs_log_ratio']:.3f}",
              "within 1.5×": f"{100 * s['sigma_vs_optimum/share_within']:.1f}%",
              "KL change, last fifth": "–" if s["kl_change_last_fifth"] is None else f"{100 * s['kl_change_last_fifth']:.1f}%",
-             "pinned by data": f"{s['pinned_by_data']['all']} of {s['entries']}"} for name, s in summaries.items()]
+             "KL at the end: means / scales": "{:.2f} / {:.2f}".format(*kl_parts(run)),
+             "pinned by data": f"{s['pinned_by_data']['all']} of {s['entries']}"}
+            for run, s in zip(runs, summaries.values())]
     pinned = {name: {k: v for k, v in s["pinned_by_data"].items() if v} for name, s in summaries.items()}
     page = "\n".join(["# Posterior convergence", "", f"Rule: {next(iter(summaries.values()))['rule']}.", "",
                       markdown_table(rows, COLUMNS), "", "Pinned entries by group and layer kind (non-zero only):", "",

@@ -34,12 +34,15 @@ def plot_scale_trajectories(logs: Mapping[str, Sequence[Mapping[str, Any]]], pri
         kl = [(r["step"], r["kl_analytic"]) for r in records if "kl_analytic" in r]
         if kl:
             panels[-1].plot(*zip(*kl), color=color, marker=".", label=label)
+        means = [(r["step"], r["kl_means"]) for r in records if "kl_means" in r]
+        if means:  # the means' share, dashed: what is left of the KL when the scales are at the prior's
+            panels[-1].plot(*zip(*means), color=color, linestyle="--", linewidth=1)
     for axes, group in zip(panels, GROUPS):
         if prior_scale is not None:
             axes.axhline(prior_scale, color="grey", linestyle=":", linewidth=1)
         axes.set(yscale="log", title=f"σ of {group}", xlabel="step")
     panels[0].set_ylabel("σ (median, 5-95% band)")
-    panels[-1].set(yscale="log", title="KL term (analytic)", xlabel="step")
+    panels[-1].set(yscale="log", title="KL term (analytic; dashed: means' part)", xlabel="step")
     panels[-1].legend(fontsize=7)
     figure.suptitle("Posterior scales over training" + (" (dotted: σp)" if prior_scale is not None else ""))
     figure.tight_layout()

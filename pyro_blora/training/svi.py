@@ -29,7 +29,9 @@ from pyro_blora.model.objective import token_nll
 from pyro_blora.runs import RunFolder
 from pyro_blora.training import distributed
 from pyro_blora.metrics.scales import scale_quantiles
-from pyro_blora.training.convergence import curvature_batches, curvature_scales, posterior_convergence, weighted_kl
+from pyro_blora.training.convergence import (
+    curvature_batches, curvature_scales, posterior_convergence, weighted_kl, weighted_kl_of_means,
+)
 from pyro_blora.training.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
 from pyro_blora.training.loop import (
     Optimization,
@@ -165,6 +167,7 @@ def train(
         if mean_field:  # the scales' trajectory and the KL without Monte Carlo noise
             fields.update(scale_quantiles(guide.stddevs()))
             fields["kl_analytic"] = weighted_kl(model, guide)
+            fields["kl_means"] = weighted_kl_of_means(model, guide)
         if evaluate is not None:
             fields.update(evaluate())
         return fields
