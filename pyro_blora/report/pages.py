@@ -116,7 +116,8 @@ def budget_rows(paths: Sequence[Path], labels: Sequence[str]) -> list[dict[str, 
         if summary:
             rows.append({"run": label, "budget": summary["described"], "kept": summary["kept"],
                          "kept_step": summary.get("kept_step"), "scale": summary.get("scale"),
-                         "retain_ce": summary["retain_ce"], "retain_limit": summary["retain_limit"],
+                         "retain_ce": summary["retain_ce"], "retain_ce_upper": summary.get("retain_ce_upper"),
+                         "retain_limit": summary["retain_limit"],
                          "base_retain_ce": summary["base_retain_ce"], "final_beta": summary.get("final_beta"),
                          "met": summary["met"], "met_during_training": summary["met_during_training"]})
     return rows

@@ -267,7 +267,7 @@ def plot_training_curves(run_dir: str | Path, title: str | None = None) -> Figur
 
 def plot_budget_curves(run_dir: str | Path, title: str | None = None) -> Figure:
     """A budgeted run over steps: beta (log scale; blora and map), the retention loss against its
-    limit (measured and smoothed), and the in-domain loss (the training NLL, and the dev CE the run
+    limit (measured, its upper bound, and the smoothed value the budget follows), and the in-domain loss (the training NLL, and the dev CE the run
     logged)."""
     records = read_log(run_dir)
     measured = [r for r in records if r.get("retain_ce") is not None]
@@ -284,6 +284,8 @@ def plot_budget_curves(run_dir: str | Path, title: str | None = None) -> Figure:
             axes.set(yscale="log", title="β (KL weight)", xlabel="step")
         elif panel == "retention":
             axes.plot(steps, [r["retain_ce"] for r in measured], marker=".", label="measured")
+            if all(r.get("retain_ce_upper") is not None for r in measured):  # runs before the bound lack it
+                axes.plot(steps, [r["retain_ce_upper"] for r in measured], marker=".", label="upper bound")
             axes.plot(steps, [r["retain_ce_avg"] for r in measured], linestyle="--", label="moving average")
             axes.plot(steps, [r["retain_limit"] for r in measured], color="red", linestyle=":", label="limit")
             axes.set(title="retention loss (CE / transcript token)", xlabel="step")

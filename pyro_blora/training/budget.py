@@ -354,6 +354,9 @@ class BudgetTracker:
                 "measurements": self.measurements, "last": self.last, "inside": self.inside}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "base" not in state:
+            raise ValueError("this checkpoint's forgetting budget predates the upper confidence bound (it holds no "
+                             "per-utterance base losses); train the run again, without --resume")
         for name in ("base_ce", "limit", "average", "measurements", "last", "inside"):
             setattr(self, name, state[name])
         self.base = None if state["base"] is None else RetentionLosses(**state["base"])
