@@ -13,6 +13,7 @@ from pyro_blora.features import log_mel_features
 from pyro_blora.predict.baselines import beam_transcribe, temperature_transcribe, utterance_seed
 from pyro_blora.predict.monte_carlo import point_transcribe
 from pyro_blora.predict.transcribe import collect_utterances
+from tests.test_laplace import lora_and_laplace  # noqa: F401 - a fixture
 from tests.test_transcribe import real_sized_tiny  # noqa: F401 - a fixture
 
 KWARGS = {"max_new_tokens": 4}
@@ -104,3 +105,16 @@ def test_payoff_records_the_baselines_and_summarises_them_against_the_posterior_
     assert set(before["error_rate"]) == {"mean", "mbr@1", "mbr@3"} and before["against_posterior_mbr"] == {}
     assert "temperature_disagreement" not in before["uncertainty"]["S=3"]["scores"]
     assert before["error_rate"] == {k: v for k, v in summary["error_rate"].items() if k not in new}
+
+
+@pytest.mark.slow
+def test_the_study_runs_the_baselines_on_a_laplace_posterior_of_a_multilingual_model(lora_and_laplace, tmp_path):
+    """A Laplace run is an ordinary posterior folder; the language reaches beam search and sampling."""
+    from pyro_blora.evaluation.payoff import run_payoff_study
+
+    root, _, _ = lora_and_laplace
+    options = PayoffOptions(samples=(1, 2), max_new_tokens=3, baselines="beam,temperature")
+    summary = run_payoff_study(root / "testbed", root / "laplace", tmp_path, options, lora=root / "lora",
+                               domains=["zh-en"], clips_per_domain=2, dev_clips=0, bootstrap_samples=20)
+    assert set(summary["against_posterior_mbr"]) == {"beam@1", "beam@2", "temperature_mbr@1", "temperature_mbr@2"}
+    assert summary["error_rate"]["beam@1"] == summary["error_rate"]["mean"]

@@ -15,6 +15,7 @@ import zlib
 from typing import Mapping, Sequence
 
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 
 from pyro_blora.model.whisper import BLoRAWhisper
 from pyro_blora.predict.decoding import generate
@@ -29,7 +30,7 @@ def utterance_seed(seed: int, key: str) -> int:
     return zlib.crc32(f"{seed}:{key}".encode("utf-8"))
 
 
-def _held_texts(model: BLoRAWhisper, values: Mapping[str, torch.Tensor], input_features: torch.Tensor, tokenizer,
+def _held_texts(model: BLoRAWhisper, values: Mapping[str, torch.Tensor], input_features: torch.Tensor | None, tokenizer,
                 language: str | None, generate_kwargs: Mapping | None, **decoding) -> list[str]:
     """The texts ``generate`` returns with the adapters held at ``values`` (``decoding`` on top of
     ``generate_kwargs``), decoded as the posterior draws' texts are."""
@@ -60,8 +61,9 @@ def temperature_transcribe(model: BLoRAWhisper, adapter_values: Mapping[str, tor
                            generate_kwargs: Mapping | None = None) -> list[list[str]]:
     """``num_samples`` hypotheses per row of ``input_features``, each token drawn from the model's
     next-token distribution at ``temperature``. Row b is drawn under ``seeds[b]`` alone (the same samples
-    in any batch), in one batched pass of ``num_samples`` sequences; a smaller ``num_samples`` draws
-    other samples, so draw once at the largest S and take the first k (as the posterior draws do)."""
+    in any batch), in one batched pass of ``num_samples`` sequences that share one encoder pass (one
+    model: the audio's encoding is the same for all); a smaller ``num_samples`` draws other samples, so
+    draw once at the largest S and take the first k (as the posterior draws do)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if not temperature > 0:
@@ -70,11 +72,14 @@ def temperature_transcribe(model: BLoRAWhisper, adapter_values: Mapping[str, tor
     if len(seeds) != input_features.shape[0]:
         raise ValueError(f"give one seed per row of input_features: {len(seeds)} seeds for {input_features.shape[0]} rows")
     device = input_features.device
+    model.eval()
+    with model.hold_adapters(adapter_values):
+        encoded = model.whisper.get_encoder()(input_features).last_hidden_state
     samples = []
     for row, seed in enumerate(seeds):
+        shared = BaseModelOutput(last_hidden_state=encoded[row:row + 1].repeat(num_samples, 1, 1))
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            samples.append(_held_texts(model, adapter_values, input_features[row:row + 1], tokenizer, language,
-                                       generate_kwargs, do_sample=True, temperature=temperature,
-                                       num_return_sequences=num_samples))
+            samples.append(_held_texts(model, adapter_values, None, tokenizer, language, generate_kwargs,
+                                       encoder_outputs=shared, do_sample=True, temperature=temperature))
     return samples
