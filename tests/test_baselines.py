@@ -29,7 +29,7 @@ def features(real_sized_tiny):
 def test_one_beam_is_greedy_and_more_beams_search(real_sized_tiny, features, monkeypatch):
     model, guide, processor, _ = real_sized_tiny
     greedy = [p.text for p in point_transcribe(model, guide.means(), features, processor.tokenizer, generate_kwargs=KWARGS)]
-    assert beam_transcribe(model, guide.means(), features, processor.tokenizer, 1, generate_kwargs=KWARGS) == greedy
+    assert beam_transcribe(model, guide.means(), features, processor.tokenizer, [1], generate_kwargs=KWARGS) == {1: greedy}
     widths = []
     search = type(model.whisper)._beam_search
 
@@ -38,11 +38,11 @@ def test_one_beam_is_greedy_and_more_beams_search(real_sized_tiny, features, mon
         return search(self, input_ids, *args, **kwargs)
 
     monkeypatch.setattr(type(model.whisper), "_beam_search", counted)
-    wide = beam_transcribe(model, guide.means(), features, processor.tokenizer, 3, generate_kwargs=KWARGS)
-    assert len(wide) == len(greedy) and all(isinstance(t, str) for t in wide)
-    assert widths == [3 * len(greedy)]  # one search, three beams per utterance
-    with pytest.raises(ValueError, match="num_beams must be >= 1"):
-        beam_transcribe(model, guide.means(), features, processor.tokenizer, 0)
+    decoded = beam_transcribe(model, guide.means(), features, processor.tokenizer, [1, 3, 2], generate_kwargs=KWARGS)
+    assert decoded[1] == greedy and all(len(texts) == len(greedy) for texts in decoded.values())
+    assert widths == [3 * len(greedy), 2 * len(greedy)]  # one search per width, its beams per utterance
+    with pytest.raises(ValueError, match="numbers of beams >= 1"):
+        beam_transcribe(model, guide.means(), features, processor.tokenizer, [0])
 
 
 def test_temperature_samples_are_seeded_per_utterance_and_differ_across_draws(real_sized_tiny, features):

@@ -174,8 +174,8 @@ def decode_payoff_records(model: BLoRAWhisper, guide: BLoRAGuide, processor, utt
         if lora is not None:
             points["lora"] = point_transcribe(model, lora, features, tokenizer, language, kwargs, temperatures.get("lora"),
                                               options.entropy_alpha)
-        beams = {size: beam_transcribe(model, means, features, tokenizer, size, language, kwargs)
-                 for size in options.samples} if "beam" in options.baselines else {}
+        beams = beam_transcribe(model, means, features, tokenizer, options.samples, language,
+                                kwargs) if "beam" in options.baselines else {}
         drawn = temperature_transcribe(model, means, features, tokenizer, options.samples[-1],
                                        [utterance_seed(options.seed, u.id) for u in batch], options.sample_temperature,
                                        language, kwargs) if "temperature" in options.baselines else None

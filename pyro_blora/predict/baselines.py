@@ -42,16 +42,26 @@ def _held_texts(model: BLoRAWhisper, values: Mapping[str, torch.Tensor], input_f
     return [text.strip() for text in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
 
 
+def _encoded(model: BLoRAWhisper, values: Mapping[str, torch.Tensor], input_features: torch.Tensor) -> torch.Tensor:
+    """The encoder's output with the adapters held at ``values``: one pass, shared by every decode of the
+    same model (``generate`` expands a fresh :class:`BaseModelOutput` of it in place, so wrap it anew)."""
+    model.eval()
+    with model.hold_adapters(values):
+        return model.whisper.get_encoder()(input_features).last_hidden_state
+
+
 @torch.no_grad()
 def beam_transcribe(model: BLoRAWhisper, adapter_values: Mapping[str, torch.Tensor], input_features: torch.Tensor,
-                    tokenizer, num_beams: int, language: str | None = None,
-                    generate_kwargs: Mapping | None = None) -> list[str]:
-    """The top hypothesis of beam search with ``num_beams`` beams, one per row of ``input_features``
-    (``num_beams=1`` is greedy decoding)."""
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1 (1: greedy decoding), got {num_beams}")
-    return _held_texts(model, adapter_values, input_features, tokenizer, language, generate_kwargs,
-                       num_beams=num_beams, do_sample=False)
+                    tokenizer, beams: Sequence[int], language: str | None = None,
+                    generate_kwargs: Mapping | None = None) -> dict[int, list[str]]:
+    """For each number of beams in ``beams``, the top hypothesis of beam search, one per row of
+    ``input_features`` (1 beam is greedy decoding); one encoder pass serves them all."""
+    if not beams or min(beams) < 1:
+        raise ValueError(f"beams must be numbers of beams >= 1 (1: greedy decoding), got {list(beams)}")
+    encoded = _encoded(model, adapter_values, input_features)
+    return {width: _held_texts(model, adapter_values, None, tokenizer, language, generate_kwargs,
+                               encoder_outputs=BaseModelOutput(last_hidden_state=encoded), num_beams=width,
+                               do_sample=False) for width in beams}
 
 
 @torch.no_grad()
@@ -72,9 +82,7 @@ def temperature_transcribe(model: BLoRAWhisper, adapter_values: Mapping[str, tor
     if len(seeds) != input_features.shape[0]:
         raise ValueError(f"give one seed per row of input_features: {len(seeds)} seeds for {input_features.shape[0]} rows")
     device = input_features.device
-    model.eval()
-    with model.hold_adapters(adapter_values):
-        encoded = model.whisper.get_encoder()(input_features).last_hidden_state
+    encoded = _encoded(model, adapter_values, input_features)
     samples = []
     for row, seed in enumerate(seeds):
         shared = BaseModelOutput(last_hidden_state=encoded[row:row + 1].repeat(num_samples, 1, 1))
