@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,3 +119,9 @@ def test_the_study_runs_the_baselines_on_a_laplace_posterior_of_a_multilingual_m
                                domains=["zh-en"], clips_per_domain=2, dev_clips=0, bootstrap_samples=20)
     assert set(summary["against_posterior_mbr"]) == {"beam@1", "beam@2", "temperature_mbr@1", "temperature_mbr@2"}
     assert summary["error_rate"]["beam@1"] == summary["error_rate"]["mean"]
+
+    without = tmp_path / "without"
+    run_payoff_study(root / "testbed", root / "laplace", without, replace(options, baselines=()), domains=["zh-en"],
+                     clips_per_domain=2, dev_clips=0, bootstrap_samples=10)
+    with pytest.raises(ValueError, match=r"without the \['beam', 'temperature'\] baseline.*new output folder"):
+        run_payoff_study(root / "testbed", root / "laplace", without, options, domains=["zh-en"], dev_clips=0)

@@ -354,6 +354,15 @@ def _dev_temperatures(model: BLoRAWhisper, models: Mapping[str, Mapping[str, tor
     return fits
 
 
+def _refuse_records_without_baselines(rows: Sequence[Mapping[str, Any]], options: PayoffOptions, path: Path) -> None:
+    """A study resumed with baselines its records lack would summarise without them, silently."""
+    recorded = dict(zip(BASELINES, _recorded_baselines(rows, options))) if rows else {}
+    missing = [name for name in options.baselines if rows and not recorded[name]]
+    if missing:
+        raise ValueError(f"{path} holds {len(rows)} records decoded without the {missing} baseline(s) at S = "
+                         f"{list(options.samples)}; decode the study with them into a new output folder (--out)")
+
+
 def run_payoff_study(testbed: str | Path, posterior: str | Path, out: str | Path, options: PayoffOptions = PayoffOptions(),
                      *, lora: str | Path | None = None, model: str | None = None, domains: Sequence[str] | None = None,
                      clips_per_domain: int = 50, dev_clips: int = 50, bootstrap_samples: int = 2000) -> dict[str, Any]:
@@ -373,10 +382,12 @@ def run_payoff_study(testbed: str | Path, posterior: str | Path, out: str | Path
                                                      keep_window=True)
     lora_values = lora_run_values(lora, blora) if lora is not None else None
     names = list(domains) if domains else testbed_domains(testbed)
+    records = out / RECORDS_FILE
+    decoded = read_records(records)
+    _refuse_records_without_baselines(decoded, options, records)
     baselines = {"mean": guide.means(), **({"lora": lora_values} if lora_values is not None else {})}
     fits = _dev_temperatures(blora, baselines, processor, [testbed / name for name in names], dev_clips, out)
-    records = out / RECORDS_FILE
-    done = {(row["domain"], row["id"]) for row in read_records(records)}
+    done = {(row["domain"], row["id"]) for row in decoded}
     for name in names:
         utterances = [u for u in collect_utterances(testbed / name, split="test", limit=clips_per_domain)
                       if (name, u.id) not in done]
