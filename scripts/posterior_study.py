@@ -3,6 +3,9 @@ r"""The converged-posterior study's pages: convergence plots and tables, and see
     # sigma trajectories, sigma/sigma* histograms and the convergence table of finished blora runs
     python scripts/posterior_study.py convergence runs/blora-x1 runs/blora-x30 --out results/posterior/convergence
 
+    # sigma* of one run under its own, "token" and "dataset" weighting of the same curvature
+    python scripts/posterior_study.py weightings runs/blora-x30
+
     # b − a, seeds paired position by position and pooled (utterance of one seed = resampled unit)
     python scripts/posterior_study.py compare --a map-s0/eval.json map-s1/eval.json \
         --b blora-s0/eval.json blora-s1/eval.json --pair en:ce --pair zh-en:error_rate
@@ -78,6 +81,41 @@ def convergence(runs: list[Path], out: Path) -> str:
     return page
 
 
+def weightings(run: Path, batches: int) -> str:
+    """sigma* of one finished blora run's posterior mean under three weightings of the same likelihood
+    curvature: the run's own, "token" and "dataset" (the textbook ELBO) at the run's beta, and how
+    many entries each lets the data pin (data precision above the prior's)."""
+    import torch
+
+    from pyro_blora.data.training_data import load_training_data
+    from pyro_blora.model.curvature import diagonal_fisher, optimal_scales
+    from pyro_blora.model.encoder_window import encoder_input_frames
+    from pyro_blora.model.objective import elbo_scaling
+    from pyro_blora.metrics.scales import scale_quantiles
+    from pyro_blora.runs import load_for_transcription, read_run_config, weights_folder
+    from pyro_blora.training.convergence import curvature_batches, pinned_by_data
+    from pyro_blora.training.loop import count_label_tokens
+    from dataclasses import replace
+
+    config = read_run_config(run)
+    model, guide, processor = load_for_transcription(weights_folder(run), keep_window=True)
+    data = load_training_data(config["run"]["train_data"], processor, split=config["run"].get("train_split", "train"))
+    collate = replace(data.collate, n_frames=encoder_input_frames(model.whisper))
+    tokens = count_label_tokens(data.dataset, collate)
+    batches = curvature_batches(data.dataset, collate, config["train"]["batch_size"], 0, batches, torch.device("cpu"))
+    fisher = diagonal_fisher(model, guide.means(), batches, generator=torch.Generator().manual_seed(0))
+    priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
+    lines = [f"{run.name}: {tokens} training tokens, curvature on {fisher.batches} batches ({fisher.tokens} tokens)"]
+    for normalization in (model.config.kl_normalization, "token", "dataset"):
+        adapter = model.config.replace(kl_normalization=normalization)
+        model.configure_objective(elbo_scaling(adapter, len(data.dataset), tokens, model.num_adapter_parameters()))
+        sigma_star = optimal_scales(model, fisher.per_token, tokens)
+        quantiles = scale_quantiles(sigma_star, (0.001, 0.01, 0.5), prefix="sigma*")
+        lines.append(f"- {normalization}: pinned {pinned_by_data(sigma_star, priors)}; "
+                     + ", ".join(f"{k} {v:.2e}" for k, v in quantiles.items()))
+    return "\n".join(lines)
+
+
 def compare(a: list[str], b: list[str], pairs: list[str]) -> str:
     if len(a) != len(b):
         raise SystemExit(f"--a and --b pair seed by seed: give as many files to each (got {len(a)} and {len(b)})")
@@ -101,8 +139,13 @@ def main() -> None:
     pairs.add_argument("--a", nargs="+", required=True)
     pairs.add_argument("--b", nargs="+", required=True)
     pairs.add_argument("--pair", action="append", required=True, help="domain:metric, e.g. en:ce")
+    weights = commands.add_parser("weightings", help="sigma* of a run under its own, token and dataset weighting")
+    weights.add_argument("run", type=Path)
+    weights.add_argument("--batches", type=int, default=8)
     args = parser.parse_args()
-    if args.command == "convergence":
+    if args.command == "weightings":
+        print(weightings(args.run, args.batches))
+    elif args.command == "convergence":
         print(convergence(args.runs, args.out))
     else:
         print(compare(args.a, args.b, args.pair))
