@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from pyro_blora.config import BLoRAConfig, TrainConfig
+from pyro_blora.config import BLoRAConfig, RetentionBudget, TrainConfig
 from pyro_blora.evaluation.scoring import EvalOptions, evaluate_whisper, load_eval_sets, relative_changes
 from pyro_blora.report.tables import evaluation_table
 from pyro_blora.experiments.main_job import ALL_LINEAR_TARGETS, ensure_testbed
@@ -28,6 +28,8 @@ from tests.experiment_fixtures import fake_testbed, small_whisper_folder
 ADAPTER = BLoRAConfig(rank=4, target_modules=ALL_LINEAR_TARGETS)
 STEPS = TrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=1, eval_every=2, progress=False)
 EVAL = EvalOptions(batch_size=2, decode_limit=1, extra_new_tokens=2, progress=False)
+# A budget loose enough for a tiny random model: the job only has to choose and export a scale.
+STEPS_BUDGET = RetentionBudget(1.0, utterances=2, scale_grid=2, scale_refine=1)
 
 
 @pytest.fixture(scope="module")
@@ -225,23 +227,59 @@ def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
     from dataclasses import replace
 
     from pyro_blora.experiments.main_job import MainJobConfig, run_main_job
+    from pyro_blora.predict.transcripts import read_jsonl
     from pyro_blora.testbed import TestbedConfig
+    from transformers import WhisperForConditionalGeneration
 
     config = MainJobConfig(out=tmp_path, model=str(workspace["model"]), testbed=TestbedConfig.small(),
-                           eval_domains=("zh-en", "backward-es"),
-                           blora=ADAPTER, train=replace(STEPS, steps=1, eval_every=1), curve_utterances=1,
-                           curve_decoded=1, eval_limit=1)
+                           eval_domains=("zh-en", "en", "backward-es"),
+                           blora=ADAPTER, train=replace(STEPS, steps=1, eval_every=1, encoder_window_seconds=10),
+                           curve_utterances=1, curve_decoded=1, eval_limit=1,
+                           real_english=(("en-spontaneous", 1), ("en-digits", 1)), frontier_scales=(0.5,),
+                           budget=STEPS_BUDGET, transcript_clips=1, transcript_samples=2)
     # A testbed stamped with the job's config and seed is reused instead of synthesised.
     shutil.copytree(workspace["testbed"], tmp_path / "testbed")
     ensure_stamp = {"settings": config.testbed.settings(), "seed": config.testbed_seed}
     (tmp_path / "testbed" / "build-config.json").write_text(json.dumps(ensure_stamp, default=str))
     lines = []
     outcome = run_main_job(config, echo=lines.append)
-    assert set(outcome["evaluations"]) == {"base", "lora", "blora"}
+    assert set(outcome["evaluations"]) == {"base", "lora", "blora", "lora (budget)", "blora (budget)"}
     report = (tmp_path / "report.md").read_text()
     assert "backward-es" in report and "Dev curves during training: blora" in report
-    assert json.loads((tmp_path / "comparison.json").read_text())["lora"]["zh-en"]["ce"] > 0
-    assert any("[3/4] training lora" in line for line in lines)
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert comparison["lora"]["zh-en"]["ce"] > 0
+    # Real English is scored (error, CE and language ID) for every model.
+    assert all(comparison[name]["real-en"]["utterances"] == 2 and "language_id" in comparison[name]["real-en"]
+               for name in comparison)
+    # Scored at the training window (10 s); the real clips fit it, the synthetic ones too.
+    assert read_eval(tmp_path / "runs" / "blora")["encoder_window_seconds"] == 10
+    assert read_eval(tmp_path / "budgeted" / "lora.json")["encoder_window_seconds"] == 10
+    assert any("[3/8] training lora" in line for line in lines) and any("[8/8]" in line for line in lines)
+    # The frontier: base at 0, the CE-only scale, the run as trained at 1; the plot is written.
+    assert list(outcome["frontiers"]["blora"]) == [0.0, 0.5, 1.0]
+    assert "decoded" not in outcome["frontiers"]["blora"][0.5]["zh-en"]
+    assert (tmp_path / "frontier.png").stat().st_size > 0 and "![frontier](frontier.png)" in report
+    # The budget's choice, exported as a plain Whisper at Whisper's own 30 s, and scored as a row of the table.
+    for method in ("lora", "blora"):
+        chosen = json.loads((tmp_path / "export" / method / "budget.json").read_text())["retention_budget"]
+        assert 0 <= chosen["scale"] <= 1 and f"scales {method} by {chosen['scale']:.2f}" in report
+        exported = WhisperForConditionalGeneration.from_pretrained(tmp_path / "export" / method)
+        assert exported.config.max_source_positions == 1500
+    # Monte Carlo transcripts with word confidence, JSONL and SRT: one test clip and one real clip.
+    transcripts = read_jsonl(tmp_path / "transcripts" / "transcripts.jsonl")
+    assert len(transcripts) == 2 and all(t.num_samples == 2 and len(t.samples) == 2 for t in transcripts)
+    assert len(list((tmp_path / "transcripts" / "srt").glob("*.srt"))) == 2
+    # The posterior's scales and the update's sparsity; the recommendation is computed, not written in.
+    posterior = json.loads((tmp_path / "posterior" / "blora.json").read_text())
+    assert posterior["sigma"] and 0 <= posterior["dW"]["thresh_fraction"] <= 1
+    assert "sigma" not in json.loads((tmp_path / "posterior" / "lora.json").read_text())
+    assert "## Recommendation" in report and outcome["recommendation"] in report
+    assert "Posterior scales σ of blora" in report
+    # Done unless done: a second run reads every stage back and trains, scores and exports nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.json") if p.name != "main-config.json"
+              and p.name != "comparison.json"}
+    run_main_job(config, echo=lambda line: None)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
 @pytest.mark.parametrize("method", METHODS)
