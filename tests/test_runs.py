@@ -39,7 +39,9 @@ def workspace(tmp_path_factory):
 def main_job_config(workspace, out):
     config = MainJobConfig(out=out, model=str(workspace["model"]), testbed=TestbedConfig.small(),
                            eval_domains=("zh-en", "backward-es"), methods=("blora",), blora=ADAPTER,
-                           train=STEPS, curve_utterances=1, curve_decoded=0, eval_limit=1)
+                           train=STEPS, curve_utterances=1, curve_decoded=0, eval_limit=1,
+                           real_english=(("en-digits", 1),), frontier_scales=(0.5,), transcript_clips=1,
+                           transcript_samples=2)
     shutil.copytree(workspace["testbed"], out / "testbed")  # reused: stamped with the job's config and seed
     stamp = {"settings": config.testbed.settings(), "seed": config.testbed_seed}
     (out / "testbed" / "build-config.json").write_text(json.dumps(stamp, default=str))

@@ -122,8 +122,6 @@ class MainJobConfig:
             raise ValueError(f"unknown methods {unknown}; choose among {METHODS}")
         if self.domain not in self.eval_domains:
             raise ValueError(f"the trained domain {self.domain!r} must be among eval_domains {self.eval_domains}")
-        if self.retain_domain not in self.eval_domains:
-            raise ValueError(f"the retained domain {self.retain_domain!r} must be among eval_domains {self.eval_domains}")
         if not self.train.encoder_window_seconds <= self.scoring_window <= self.use_window_seconds:
             raise ValueError(f"the windows must widen from training ({self.train.encoder_window_seconds:g} s) to scoring "
                              f"(eval_window_seconds, {self.scoring_window:g}) to use (use_window_seconds, "
