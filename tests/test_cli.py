@@ -80,7 +80,8 @@ def test_help_shows_the_config_defaults_and_presets():
 
     text = " ".join(runner.invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).output.split())
     assert f"[{BLoRAConfig().rank}]" in text and f"[{RetentionBudget.every}]" in text
-    assert "[parameter; paper: matrix]" in text and "qk, attention, all-linear" in text
+    assert "[converged, paper: matrix; default: parameter]" in text and "qk, attention, all-linear" in text
+    assert "[converged: all-linear; paper, default: qk]" in text  # the adapted layers, by preset
 
 
 def test_target_presets_are_one_definition():

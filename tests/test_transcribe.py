@@ -70,6 +70,31 @@ def test_vectorized_and_sequential_give_the_same_hypotheses():
     assert any(len(set(r.hypotheses)) > 1 for r in runs[True])
 
 
+def test_a_batch_split_by_generation_falls_back_to_one_sample_at_a_time(monkeypatch):
+    """When generation runs the encoder on part of a stacked batch, the draws are decoded one by one."""
+    import pyro_blora.predict.monte_carlo as monte_carlo
+    from pyro_blora.model.adapters import StackedBatchError
+
+    model, guide = noisy_posterior()
+    features = torch.randn(2, MELS, FRAMES, generator=torch.Generator().manual_seed(1))
+    pyro.set_rng_seed(5)
+    expected = monte_carlo_transcribe(model, guide, features, WordTokenizer(), num_samples=3, choose="mbr",
+                                      vectorized=False, generate_kwargs={"max_new_tokens": 6})
+    decode = monte_carlo._decode
+
+    def splitting(model_, input_features, *args, **kwargs):
+        if input_features.shape[0] > features.shape[0]:  # the stacked batch: split as generation may do
+            decode(model_, input_features[:1], *args, **kwargs)
+        return decode(model_, input_features, *args, **kwargs)
+    monkeypatch.setattr(monte_carlo, "_decode", splitting)
+    pyro.set_rng_seed(5)
+    fallen_back = monte_carlo_transcribe(model, guide, features, WordTokenizer(), num_samples=3, choose="mbr",
+                                         vectorized=True, generate_kwargs={"max_new_tokens": 6})
+    assert [r.hypotheses for r in fallen_back] == [r.hypotheses for r in expected]
+    with pytest.raises(StackedBatchError), model.hold_adapters(monte_carlo.sample_posterior(guide, 3)):
+        decode(model, features[:1], {"max_new_tokens": 2})
+
+
 def test_mean_chooser_reports_the_mean_models_log_prob():
     model, guide = noisy_posterior()
     features = torch.randn(2, MELS, FRAMES)

@@ -18,11 +18,12 @@ from pyro_blora.data.columns import COLUMN_FLAGS
 
 T = TypeVar("T")
 
-PRESETS = ("default", "paper", "converged")
-PRESET_HELP = ("default, paper: the paper's BLoRA as its authors' code runs it (BLoRAConfig.paper(), "
-               "TrainConfig.paper(); README: the paper preset), or converged: paper on all linear layers with "
-               "the scales learning at 30x (BLoRAConfig.converged(), TrainConfig.converged()); the options below "
-               "override it")
+# The first is what `train` runs unless told otherwise (RESULTS "A posterior that learns").
+PRESETS = ("converged", "paper", "default")
+PRESET_HELP = ("converged: the paper preset on all linear layers with the scales learning at 30x (BLoRAConfig.converged(), "
+               "TrainConfig.converged()); paper: the paper's BLoRA as its authors' code runs it (BLoRAConfig.paper(), "
+               "TrainConfig.paper(); README: the paper preset); default: the dataclasses' own defaults (the earlier "
+               "per-entry KL); the options below override it")
 TARGETS_HELP = f"adapted layers: {', '.join(TARGET_PRESETS)}, or a regular expression"
 
 # Domains scored by default: the code-switched domain adapted to and the original one.
@@ -58,9 +59,25 @@ def default_note(default: Any, other: Any = _NOT_GIVEN, none: str = "none", othe
     return escape(f"[{text}]")
 
 
+def presets_note(values: dict[str, Any], none: str = "none") -> str:
+    """``[value]`` when every preset agrees, else ``[converged, paper: a; default: b]``: each value with the
+    presets that take it, in the order of ``PRESETS``; escaped for the help renderer."""
+    shown_values = {name: shown(value, none) for name, value in values.items()}
+    if len(set(shown_values.values())) == 1:
+        return escape(f"[{next(iter(shown_values.values()))}]")
+    groups: dict[str, list[str]] = {}
+    for name, text in shown_values.items():
+        groups.setdefault(text, []).append(name)
+    return escape("[" + "; ".join(f"{', '.join(names)}: {text}" for text, names in groups.items()) + "]")
+
+
+def _preset_values(cls, field: str) -> dict[str, Any]:
+    return {name: getattr(cls() if name == "default" else getattr(cls, name)(), field) for name in PRESETS}
+
+
 def adapter_default(field: str, none: str = "none") -> str:
-    """The default of a ``BLoRAConfig`` field, and the paper preset's where it differs."""
-    return default_note(getattr(BLoRAConfig(), field), getattr(BLoRAConfig.paper(), field), none)
+    """A ``BLoRAConfig`` field's value under each preset."""
+    return presets_note(_preset_values(BLoRAConfig, field), none)
 
 
 def target_name(patterns: tuple[str, ...]) -> str:
@@ -69,14 +86,16 @@ def target_name(patterns: tuple[str, ...]) -> str:
 
 
 def targets_default(default: tuple[str, ...] | None = None) -> str:
-    """The adapted layers by preset name: ``default`` (BLoRAConfig's unless given) and the paper preset's."""
-    return default_note(target_name(default or BLoRAConfig().target_modules),
-                        target_name(BLoRAConfig.paper().target_modules))
+    """The adapted layers by preset name under each preset (``default`` replaces the default preset's)."""
+    values = {name: target_name(patterns) for name, patterns in _preset_values(BLoRAConfig, "target_modules").items()}
+    if default is not None:
+        values["default"] = target_name(default)
+    return presets_note(values)
 
 
 def training_default(field: str) -> str:
-    """The default of a ``TrainConfig`` field, and the paper preset's where it differs."""
-    return default_note(getattr(TrainConfig(), field), getattr(TrainConfig.paper(), field))
+    """A ``TrainConfig`` field's value under each preset."""
+    return presets_note(_preset_values(TrainConfig, field))
 
 
 def budget_default(field: str) -> str:

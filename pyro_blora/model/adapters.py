@@ -23,7 +23,12 @@ from torch import nn
 
 from pyro_blora.model.noise import active_noise
 
-__all__ = ["AdapterPrior", "BayesianLoRALinear", "lora_delta_weight", "lora_update"]
+__all__ = ["AdapterPrior", "BayesianLoRALinear", "StackedBatchError", "lora_delta_weight", "lora_update"]
+
+
+class StackedBatchError(ValueError):
+    """A forward pass under stacked adapter samples got a batch that is not S sample-major slices
+    (e.g. generation re-ran the encoder on some rows only)."""
 
 _LOG_SQRT_2PI = math.log(math.sqrt(2 * math.pi))
 
@@ -49,7 +54,7 @@ def lora_update(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, sca
         return (x @ lora_A.transpose(0, 1)) @ lora_B.transpose(0, 1)
     num_samples = lora_A.shape[0]
     if x.shape[0] % num_samples:
-        raise ValueError(
+        raise StackedBatchError(
             f"input batch of {x.shape[0]} rows cannot be split across {num_samples} stacked adapter samples; "
             "repeat each input once per sample (sample-major) before the forward pass"
         )

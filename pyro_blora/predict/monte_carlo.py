@@ -19,6 +19,7 @@ from transformers import WhisperForConditionalGeneration
 
 from pyro_blora.predict.confidence import DEFAULT_ENTROPY_ALPHA, entropy_confidence
 from pyro_blora.predict.decoding import generate
+from pyro_blora.model.adapters import StackedBatchError
 from pyro_blora.model.guide import BLoRAGuide
 # The teacher-forced cross-entropy lives with the objective; its names stay importable from here.
 from pyro_blora.metrics import normalize_text, scoring_unit, utterance_error_counts
@@ -324,9 +325,14 @@ def monte_carlo_transcribe(
     model.eval()
     samples = sample_posterior(guide, num_samples, temperature=posterior_temperature, sites=sampled_sites)
     batch = input_features.shape[0]
+    decoded = None
     if vectorized:
-        with model.hold_adapters(samples):
-            decoded = _decode(model, input_features.repeat(num_samples, 1, 1), generate_kwargs)
+        try:
+            with model.hold_adapters(samples):
+                decoded = _decode(model, input_features.repeat(num_samples, 1, 1), generate_kwargs)
+        except StackedBatchError:  # generation ran part of the batch on its own: decode sample by sample
+            decoded = None
+    if decoded is not None:
         entropies = decoded.mean_entropy.reshape(num_samples, batch)
         tokens = [decoded.text_tokens[s * batch:(s + 1) * batch] for s in range(num_samples)]
         prompts = [decoded.sequences[s * batch:(s + 1) * batch, :decoded.prompt_length] for s in range(num_samples)]
