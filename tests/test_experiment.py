@@ -258,6 +258,7 @@ def test_main_job_writes_the_comparison_and_report(workspace, tmp_path):
     # The frontier: base at 0, the CE-only scale, the run as trained at 1; the plot is written.
     assert list(outcome["frontiers"]["blora"]) == [0.0, 0.5, 1.0]
     assert "decoded" not in outcome["frontiers"]["blora"][0.5]["zh-en"]
+    assert set(outcome["frontiers"]["blora"][0.5]) == {"zh-en", "en", "real-en"}  # the backward set is not traced
     assert (tmp_path / "frontier.png").stat().st_size > 0 and "![frontier](frontier.png)" in report
     # The budget's choice, exported as a plain Whisper at Whisper's own 30 s, and scored as a row of the table.
     for method in ("lora", "blora"):
@@ -335,3 +336,29 @@ def test_a_windowed_run_is_scored_at_its_window_or_at_whispers_own(workspace, tm
     assert own["results"]["en"]["ce"] != wide["results"]["en"]["ce"]
     with pytest.raises(ValueError, match="or a wider one"):
         run_evaluation(tmp_path / "lora10", workspace["sets"], options=ce_only, encoder_window_seconds=5)
+
+
+def test_frontier_choice_and_recommendation_follow_the_measured_numbers():
+    from pyro_blora.experiments.main_job_report import recommendation
+    from pyro_blora.experiments.post_hoc import frontier_choice
+
+    points = {0.0: {"zh-en": {"ce": 2.0}, "en": {"ce": 1.0}}, 0.5: {"zh-en": {"ce": 1.0}, "en": {"ce": 1.02}},
+              1.0: {"zh-en": {"ce": 0.5}, "en": {"ce": 1.5}}}
+    assert frontier_choice(points, "zh-en", "en", 0.03)["scale"] == 0.5
+    assert frontier_choice(points, "zh-en", "en", 0.6)["scale"] == 1.0
+    assert frontier_choice(points, "zh-en", "en", 0.01) is None
+
+    def scored(error, lid):
+        return {"results": {"zh-en": {"error_rate": error, "ce": 1.0}, "en": {"error_rate": 0.1, "ce": 1.0,
+                                                                               "language_id": lid}}}
+
+    budgets = {"lora": {"retention_budget": {"scale": 0.4, "described": "3%"}}}
+    evaluations = {"base": scored(0.7, 1.0), "lora": scored(0.05, 0.0), "lora (budget)": scored(0.08, 0.95),
+                   "blora": scored(0.09, 1.0)}
+    lines = recommendation(evaluations, {"lora": points}, budgets, "zh-en", 0.03)
+    assert "lora × 0.5 reaches zh-en CE 1.000" in lines[0] and "scales lora by 0.40: zh-en 8.0%" in lines[1]
+    assert "**Use lora (budget)**" in lines[-1]  # lora as trained is better in-domain, but lost English LID
+    evaluations["blora"] = scored(0.07, 1.0)
+    assert "**Use blora**" in recommendation(evaluations, {"lora": points}, budgets, "zh-en", 0.03)[-1]
+    evaluations = {name: scored(0.1, 0.5) for name in evaluations}
+    assert "No adapted model keeps" in recommendation(evaluations, {}, budgets, "zh-en", 0.03)[-1]

@@ -107,12 +107,15 @@ def recommendation(evaluations: Mapping[str, Mapping[str, Any]], frontiers: Mapp
 
 def plot_main_frontier(frontiers: Mapping[str, Mapping[float, Mapping[str, Any]]], domain: str,
                        kept: Sequence[str], budgets: Mapping[str, Mapping[str, Any]],
-                       evaluations: Mapping[str, Mapping[str, Any]]) -> Figure:
+                       evaluations: Mapping[str, Mapping[str, Any]], tolerance: float) -> Figure:
     """Each method's CE frontier over λ: in-domain CE (x) against each kept domain's CE (y), one
-    panel per kept domain; the base model is λ = 0 and the budget's choice a square."""
+    panel per kept domain; the base model is λ = 0, the budget's choice a square, and the dashed line
+    the base model's CE plus ``tolerance``."""
     figure = Figure(figsize=(6 * len(kept), 5))
     for position, other in enumerate(kept, 1):
         axes = figure.add_subplot(1, len(kept), position)
+        limit = evaluations["base"]["results"][other]["ce"] * (1 + tolerance)
+        axes.axhline(limit, linestyle="--", linewidth=1, color="grey", label=f"base CE +{100 * tolerance:g}%")
         for index, (method, points) in enumerate(frontiers.items()):
             scales = [s for s, entry in points.items() if other in entry and domain in entry]
             xs = [points[s][domain]["ce"] for s in scales]
@@ -180,7 +183,8 @@ def write_main_job_report(config, outcome: Mapping[str, Any], out: str | Path) -
     advice = "\n".join(recommendation(evaluations, frontiers, budgets, config.domain, config.budget.budget))
     kept = [d for d in ("en", "real-en") if d in evaluations["base"]["results"]]
     if frontiers:
-        save_figure(plot_main_frontier(frontiers, config.domain, kept, budgets, evaluations), out / "frontier.png")
+        save_figure(plot_main_frontier(frontiers, config.domain, kept, budgets, evaluations, config.budget.budget),
+                    out / "frontier.png")
     train, blora = config.train, config.blora
     real = evaluations["base"]["results"].get("real-en", {}).get("utterances", 0)
     lines = [
@@ -210,7 +214,8 @@ def write_main_job_report(config, outcome: Mapping[str, Any], out: str | Path) -
         chosen = info["retention_budget"]
         lines.append(f"- {method}: λ = {chosen['scale']:.3f}, retention CE {chosen.get('retain_ce', float('nan')):.4f} "
                      f"(limit {chosen.get('retain_limit', float('nan')):.4f}, base {chosen.get('base_retain_ce', float('nan')):.4f}); "
-                     f"exported to `export/{method}` (plain transformers Whisper, `budget.json` beside it).")
+                     f"exported to `export/{method}` (plain transformers Whisper, `budget.json` beside it)."
+                     + (f" {chosen['line']}" if chosen.get("line") else ""))
     lines += ["", "## Monte Carlo transcripts", "",
               f"{config.transcript_samples} posterior draws per clip; word confidence is the share of draws agreeing "
               "with the chosen word. Files: `transcripts/transcripts.jsonl` and `transcripts/srt/`.", "",
