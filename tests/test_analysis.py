@@ -57,14 +57,16 @@ def assert_png(path):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """blora and lora runs (two steps, dev curves at step 2), evaluated against the base model."""
+    """blora and lora runs (two steps, dev curves at step 2), evaluated against the base model; the
+    dataclass defaults (--preset default: alpha = 2 * rank), which the checks below assume."""
     root = tmp_path_factory.mktemp("analysis")
     model, testbed, cache = small_whisper_folder(root / "model"), fake_testbed(root / "testbed"), root / "cache"
     invoke("evaluate", model, "--testbed", testbed, *EVAL, "--cache-dir", cache, "--out", root / "base.json")
     for method in ("blora", "lora"):
         invoke("train", "--method", method, "--data", testbed / "zh-en", "--out", root / "runs" / method,
                "--model", model, "--cache-dir", cache, "--eval-every", "2", "--eval-testbed", testbed,
-               "--eval-domains", "backward-es", "--eval-utterances", "1", "--eval-decoded", "0", *TRAIN)
+               "--eval-domains", "backward-es", "--eval-utterances", "1", "--eval-decoded", "0", "--preset", "default",
+               *TRAIN)
         invoke("evaluate", root / "runs" / method, "--testbed", testbed, *EVAL, "--cache-dir", cache,
                "--base", root / "base.json")
     return {"root": root, "model": model, "testbed": testbed, "cache": cache}

@@ -137,8 +137,7 @@ SPARSITY_COLUMNS = ("run", "method", "matrix", "n", *STATISTICS)
 
 # The plots of an inspection: file name and caption; those of the posterior only with a Bayesian run.
 INSPECTION_PLOTS = {"magnitudes.png": "Histogram of |w|", "energy.png": "Cumulative energy of dW"}
-POSTERIOR_PLOTS = {"layers.png": "Per-layer KL and posterior scale", "scales.png": "Posterior scales",
-                   "trajectories.png": "Posterior scales over training"}
+POSTERIOR_PLOTS = {"layers.png": "Per-layer KL and posterior scale", "scales.png": "Posterior scales"}
 CONVERGENCE_COLUMNS = ("run", "converged", "sigma_vs_optimum/median_ratio", "sigma_vs_optimum/median_abs_log_ratio",
                        "sigma_vs_optimum/p90_abs_log_ratio", "sigma_vs_optimum/share_within", "kl_change_last_fifth",
                        "pinned")
@@ -149,6 +148,8 @@ def inspection_page(runs: Sequence[str | Path], inspection: Mapping[str, Any]) -
     posterior scales, the plots and one table of layers per run."""
     scale_rows = inspection.get("scales", [])
     images = {**INSPECTION_PLOTS, **(POSTERIOR_PLOTS if scale_rows else {})}
+    if inspection.get("trajectories"):  # runs that logged their scales during training
+        images["trajectories.png"] = "Posterior scales over training"
     lines = ["# Adapter inspection", "", f"Runs: {', '.join(f'`{p}`' for p in runs)}.", "",
              "## Sparsity (all layers pooled; higher = sparser)", "",
              markdown_table(inspection["sparsity"], SPARSITY_COLUMNS), ""]
@@ -182,6 +183,9 @@ def write_inspection(runs: Sequence[str | Path], out: str | Path, curvature_batc
     scale_rows = [scale_summary(run) for run in weights if run.bayesian]
     inspection = {"sparsity": sparsity_rows(weights), "scales": scale_rows,
                   "layers": {run.name: layer_table(run) for run in weights}}
+    logs = {run.name: read_log(path) for path, run in zip(paths, weights) if run.bayesian}
+    if any("kl_analytic" in record for records in logs.values() for record in records):
+        inspection["trajectories"] = True
     convergence = {run.name: run_convergence(path, curvature_batches)
                    for path, run in zip(paths, weights) if run.bayesian and curvature_batches}
     if convergence:
@@ -190,9 +194,9 @@ def write_inspection(runs: Sequence[str | Path], out: str | Path, curvature_batc
     atomic_write_text(out / "inspect.json", json.dumps(inspection, indent=1))
     figures = {"magnitudes.png": plot_magnitude_histograms(weights), "energy.png": plot_energy_curves(weights)}
     if scale_rows:
-        figures.update({"layers.png": plot_layer_posterior(weights), "scales.png": plot_scale_histograms(weights),
-                        "trajectories.png": plot_scale_trajectories(
-                            {run.name: read_log(path) for path, run in zip(paths, weights) if run.bayesian})})
+        figures.update({"layers.png": plot_layer_posterior(weights), "scales.png": plot_scale_histograms(weights)})
+    if inspection.get("trajectories"):
+        figures["trajectories.png"] = plot_scale_trajectories(logs)
     if convergence:
         figures["optimum.png"] = plot_sigma_over_optimum(convergence)
     for name, figure in figures.items():
