@@ -93,7 +93,7 @@ def weightings(run: Path, batches: int) -> str:
     from pyro_blora.model.objective import elbo_scaling
     from pyro_blora.metrics.scales import scale_quantiles
     from pyro_blora.runs import load_for_transcription, read_run_config, weights_folder
-    from pyro_blora.training.convergence import curvature_batches, pinned_by_data
+    from pyro_blora.training.convergence import curvature_batches, pinned_by_data, site_prior_scales
     from pyro_blora.training.loop import count_label_tokens
     from dataclasses import replace
 
@@ -104,7 +104,7 @@ def weightings(run: Path, batches: int) -> str:
     tokens = count_label_tokens(data.dataset, collate)
     batches = curvature_batches(data.dataset, collate, config["train"]["batch_size"], 0, batches, torch.device("cpu"))
     fisher = diagonal_fisher(model, guide.means(), batches, generator=torch.Generator().manual_seed(0))
-    priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
+    priors = site_prior_scales(model)
     lines = [f"{run.name}: {tokens} training tokens, curvature on {fisher.batches} batches ({fisher.tokens} tokens)"]
     for normalization in (model.config.kl_normalization, "token", "dataset"):
         adapter = model.config.replace(kl_normalization=normalization)

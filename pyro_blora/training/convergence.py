@@ -33,6 +33,7 @@ __all__ = [
     "kl_change",
     "pinned_by_data",
     "posterior_convergence",
+    "site_prior_scales",
     "run_convergence",
     "weighted_kl",
     "weighted_kl_of_means",
@@ -107,6 +108,11 @@ def _histograms(stddevs: Mapping[str, torch.Tensor], targets: Mapping[str, torch
     return {group: value.tolist() for group, value in sorted(counts.items())}
 
 
+def site_prior_scales(model: BLoRAWhisper) -> dict[str, torch.Tensor]:
+    """The prior's sigma_p of every adapter site (a scalar, or per entry after a previous posterior became the prior)."""
+    return {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
+
+
 def pinned_by_data(sigma_star: Mapping[str, torch.Tensor], prior_scales: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Entries whose data precision exceeds the prior's (sigma*^2 < sigma_p^2 / 2), counted by group
     (``encoder.A``, ...) and by layer kind (``q_proj``, ``fc1``, ...): where the data pin the posterior."""
@@ -175,5 +181,5 @@ def run_convergence(run_dir: str | Path, batches: int = 8, data=None, seed: int 
     sigma_star = curvature_scales(
         model, guide.means(),
         curvature_batches(data.dataset, collate, train.get("batch_size", 4), seed, batches, device), num_tokens, seed)
-    priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
-    return posterior_convergence(guide.stddevs(), sigma_star, read_log(run_dir), train.get("steps", 0), priors)
+    return posterior_convergence(guide.stddevs(), sigma_star, read_log(run_dir), train.get("steps", 0),
+                                 site_prior_scales(model))

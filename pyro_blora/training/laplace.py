@@ -30,7 +30,7 @@ from pyro_blora.model.whisper import wrap_whisper
 from pyro_blora.posterior import save_posterior
 from pyro_blora.runs import RunFolder, finished, load_run_model, read_run_config, run_encoder_window, weights_folder
 from pyro_blora.training.continual import start_at_posterior
-from pyro_blora.training.convergence import curvature_batches, curvature_scales, pinned_by_data
+from pyro_blora.training.convergence import curvature_batches, curvature_scales, pinned_by_data, site_prior_scales
 from pyro_blora.training.loop import count_label_tokens
 
 __all__ = ["LAPLACE_SOURCES", "laplace_posterior"]
@@ -90,7 +90,7 @@ def laplace_posterior(source: str | Path, data: TrainingData, out: str | Path, p
                            "laplace_of_method": method, "train_data": data.source, "train_split": data.split,
                            "train_utterances": len(data.dataset), "seed": seed}}
     run = RunFolder(out, fingerprint, resume=False)
-    priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
+    priors = site_prior_scales(model)
     result = {"laplace": {"source": str(source), "source_method": method, "curvature_batches": batches,
                           "training_tokens": num_tokens, "pinned_by_data": pinned_by_data(sigma_star, priors),
                           **scale_quantiles(sigma_star)}}

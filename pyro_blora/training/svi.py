@@ -30,7 +30,7 @@ from pyro_blora.runs import RunFolder
 from pyro_blora.training import distributed
 from pyro_blora.metrics.scales import scale_quantiles
 from pyro_blora.training.convergence import (
-    curvature_batches, curvature_scales, posterior_convergence, weighted_kl, weighted_kl_of_means,
+    curvature_batches, curvature_scales, posterior_convergence, site_prior_scales, weighted_kl, weighted_kl_of_means,
 )
 from pyro_blora.training.budget import BudgetTracker, RetentionSet, budget_fingerprint, posterior_update
 from pyro_blora.training.loop import (
@@ -219,9 +219,8 @@ def train(
                                       time.perf_counter() - began, evaluate)
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     if mean_field and config.curvature_batches:
-        priors = {site: model.site_prior(site).base_dist.scale for site in model.site_names()}
         result.posterior = context.on_main(lambda: posterior_convergence(
-            guide.stddevs(), scale_pass(), result.history, config.steps, priors))
+            guide.stddevs(), scale_pass(), result.history, config.steps, site_prior_scales(model)))
     result.collapsed = _collapsed(model, guide, result.base_nll, result.final_nll)
     if result.collapsed:
         warnings.warn(
