@@ -84,14 +84,22 @@ def test_prior_from_refuses_unfinished_runs_other_methods_and_other_adapters(wor
         run_training("lora", workspace["model"], data, tmp_path / "d", ADAPTER, STEPS, prior_from=first_blora)
 
 
-def test_map_prior_from_is_a_penalty_towards_the_previous_point(workspace, first_blora, tmp_path):
-    run_training("map", workspace["model"], workspace["data"]["es-en"], tmp_path / "map", ADAPTER,
-                 STEPS.replace(steps=1), prior_from=first_blora)
+def test_map_prior_from_is_a_penalty_towards_the_previous_point_with_its_scales(workspace, first_blora, tmp_path):
+    one_step = STEPS.replace(steps=1)
+    run_training("map", workspace["model"], workspace["data"]["es-en"], tmp_path / "map", ADAPTER, one_step,
+                 prior_from=first_blora)
     model, guide = load_posterior(tmp_path / "map" / "posterior", load_whisper(workspace["model"])[0])
     _, first_guide = load_posterior(first_blora / "posterior", load_whisper(workspace["model"])[0])
     site = model.site_names()[0]
     prior = model.site_prior(site).base_dist
     assert torch.equal(prior.loc, first_guide.means()[site])
+    assert torch.equal(prior.scale, first_guide.stddevs()[site])  # the posterior's own scales, per entry
+    # After a point estimate there are no scales to copy: the prior's width around that point.
+    run_training("map", workspace["model"], workspace["data"]["zh-en"], tmp_path / "map2", ADAPTER, one_step,
+                 prior_from=tmp_path / "map")
+    second, _ = load_posterior(tmp_path / "map2" / "posterior", load_whisper(workspace["model"])[0])
+    prior = second.site_prior(site).base_dist
+    assert torch.equal(prior.loc, guide.means()[site])
     assert torch.allclose(prior.scale, torch.tensor(ADAPTER.prior_scale))
 
 
@@ -209,6 +217,11 @@ def test_strategies_plan_their_steps_and_share_first_steps(workspace, tmp_path):
     assert three[2].prior_transfer.precision_from == folder / "blora-prior-floor0.001" / "step2-es-en"
     assert three[2].prior_transfer.scale_floor == 1e-3
     assert plans["blora-prior"][1].prior_transfer == PriorTransfer()
+    # laplace-prior: MAP at every step; the next step's prior is the Laplace posterior around the last.
+    first, second = plans["laplace-prior"]
+    assert first.method == second.method == "map" and first.run_dir == order / "laplace-prior" / "step1-zh-en"
+    assert first.laplace_out == order / "laplace-prior" / "step1-zh-en-laplace" and second.laplace_out is None
+    assert second.prior_from == first.laplace_out and second.prior_transfer == PriorTransfer()
 
 
 def test_bad_sequences_are_refused(workspace, tmp_path):
@@ -249,6 +262,25 @@ def test_a_killed_sequence_resumes_to_the_same_matrix(workspace, tmp_path):
         stale.unlink()
     again = run_sequence(config, workspace["testbed"], tmp_path / "killed", echo=lambda line: None)
     assert again.matrices == whole.matrices
+
+
+def test_laplace_prior_trains_map_under_the_laplace_posterior_of_the_previous_step(workspace, tmp_path):
+    config = sequence_config(workspace, "laplace-prior", evaluation=replace(EVAL, decode_limit=0),
+                             train=STEPS.replace(curvature_batches=1))
+    lines = []
+    result = run_sequence(config, workspace["testbed"], tmp_path, echo=lines.append)
+    folder = tmp_path / "zh-en_es-en" / "laplace-prior"
+    laplace = folder / "step1-zh-en-laplace"
+    assert json.loads((laplace / "config.json").read_text())["run"]["laplace_of"] == str(folder / "step1-zh-en")
+    assert any("Laplace posterior around it" in line for line in lines)
+    whisper = load_whisper(workspace["model"])[0]
+    _, laplace_guide = load_posterior(laplace / "posterior", whisper)
+    second, _ = load_posterior(folder / "step2-es-en" / "posterior", load_whisper(workspace["model"])[0])
+    for site, scale in laplace_guide.stddevs().items():
+        prior = second.site_prior(site).base_dist
+        assert torch.equal(prior.loc, laplace_guide.means()[site]) and torch.equal(prior.scale, scale)
+    assert result.rows == ["start", "step1-zh-en", "step2-es-en"]
+    assert json.loads((folder / "step2-es-en" / "config.json").read_text())["run"]["method"] == "map"
 
 
 def test_sequence_command_writes_matrices_markdown_and_heatmaps(workspace, tmp_path):

@@ -35,7 +35,7 @@ def sequence(
     targets: Optional[str] = typer.Option(None, help=f"{TARGETS_HELP} {targets_default(SEQUENCE_TARGETS)}"),
     rank: RankOption = None, alpha: AlphaOption = None, prior_scale: PriorScaleOption = None,
     beta: BetaOption = None, kl_normalization: KLNormalizationOption = None,
-    prior_scale_floor: Optional[float] = typer.Option(None, help="blora-prior, map-anchor: floor on the copied prior "
+    prior_scale_floor: Optional[float] = typer.Option(None, help="blora-prior, map-anchor, laplace-prior: floor on the copied prior "
                                                       "scales (runs go to <strategy>-floor<value>/)"),
     steps: int = typer.Option(STEP_TRAINING.steps, help="training steps per domain"),
     batch_size: int = typer.Option(STEP_TRAINING.batch_size),

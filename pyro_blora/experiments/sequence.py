@@ -15,7 +15,7 @@ domain after every step (and the start model as step 0). Strategies:
   the previous weights" from "uses the posterior's per-entry uncertainty"; it needs blora-prior's
   steps of the same order (run that strategy first).
 
-``prior_scale_floor`` puts a floor under the copied prior scales of blora-prior and map-anchor (a
+``prior_scale_floor`` puts a floor under the copied prior scales of blora-prior, map-anchor and laplace-prior (a
 posterior can end narrower than the prior it started from); those runs go to
 ``<strategy>-floor<value>/`` so floored and unfloored sequences share one ``out``.
 
@@ -24,7 +24,8 @@ Layout under ``out``: ``<order>/<strategy>/step<i>-<domain>/`` (run folders), wi
 ``<order>`` names the domain order (``zh-en_es-en_ar-en``), so both orders share one ``out``.
 Steps that are the same run are trained once: the first step of ``blora-prior`` is the first step
 of ``blora-fresh`` (plain BLoRA from the base), as is that of ``map-anchor``; that of ``lora-replay``
-is the first step of ``lora``;
+is the first step of ``lora``; laplace-prior's Laplace posteriors go to ``step<i>-<domain>-laplace/``
+beside its runs;
 the start model's evaluation (``start/``) is shared by every order and strategy. A finished step
 (weights and evaluation present) is skipped, and a step killed mid-training resumes from its last
 checkpoint, so running the same command again continues a killed sequence.
@@ -49,6 +50,7 @@ from pyro_blora.data.training_data import TrainingData, load_training_data
 from pyro_blora.model.encoder_window import FULL_WINDOW_SECONDS
 from pyro_blora.runs import base_model_of, finished, is_run_folder
 from pyro_blora.training.continual import PriorTransfer
+from pyro_blora.training.laplace import laplace_posterior
 from pyro_blora.training.methods import run_training
 from pyro_blora.experiments.sequence_results import (INTERVALS_FILE, SequenceResult, comparison_intervals,
                                                      comparison_page, matrix_page, write_comparison, write_matrix)
@@ -74,15 +76,17 @@ __all__ = [
 ]
 
 # In the order they can run: map-anchor reads blora-prior's posteriors.
-STRATEGIES = ("lora", "blora-fresh", "blora-prior", "lora-replay", "map-anchor")
+STRATEGIES = ("lora", "blora-fresh", "blora-prior", "lora-replay", "map-anchor", "laplace-prior")
 METHOD_OF = {"lora": "lora", "lora-replay": "lora", "blora-fresh": "blora", "blora-prior": "blora",
-             "map-anchor": "map"}
+             "map-anchor": "map", "laplace-prior": "map"}
 # Strategies whose first step is another strategy's first step: the same run, trained once.
 FIRST_STEP_OF = {"blora-prior": "blora-fresh", "lora-replay": "lora", "map-anchor": "blora-fresh"}
 # Strategies whose prior is copied from the previous step (the ones prior_scale_floor acts on).
-COPIED_PRIOR = ("blora-prior", "map-anchor")
+COPIED_PRIOR = ("blora-prior", "map-anchor", "laplace-prior")
 # Between a strategy and its floor in the name of a floored sequence (``blora-prior-floor0.001``).
 FLOOR_TAG = "-floor"
+# After a laplace-prior step's folder name, the folder of the Laplace posterior around it.
+LAPLACE_TAG = "-laplace"
 
 
 @dataclass(frozen=True)
@@ -105,7 +109,7 @@ class SequenceConfig:
     eval_limit: int | None = None
     evaluation: EvalOptions = EvalOptions(language_id=False)
     seed: int = 0
-    # blora-prior, map-anchor: lower bound on every copied prior scale (None: none).
+    # blora-prior, map-anchor, laplace-prior: lower bound on every copied prior scale (None: none).
     prior_scale_floor: float | None = None
 
     def __post_init__(self) -> None:
@@ -189,6 +193,8 @@ class SequenceStep:
     prior_transfer: PriorTransfer = PriorTransfer()
     # Earlier domains replayed in this step's data.
     replay: tuple[str, ...] = ()
+    # laplace-prior: where the Laplace posterior around this step's adapters goes (the next step's prior).
+    laplace_out: Path | None = None
 
 
 def plan_sequence(config: SequenceConfig, out: str | Path) -> list[SequenceStep]:
@@ -215,8 +221,10 @@ def plan_sequence(config: SequenceConfig, out: str | Path) -> list[SequenceStep]
                 step = replace(step, prior_from=previous, prior_transfer=transfer)
             if strategy == "lora-replay":
                 step = replace(step, replay=config.domains[:number - 1])
+        if strategy == "laplace-prior" and number < len(config.domains):
+            step = replace(step, laplace_out=step.run_dir.with_name(step.run_dir.name + LAPLACE_TAG))
         steps.append(step)
-        previous = step.run_dir
+        previous = step.laplace_out or step.run_dir
     return steps
 
 
@@ -343,6 +351,11 @@ def run_sequence(
         echo(f"[{label}] step {step.number}/{len(steps)}: evaluating on {', '.join(config.columns)}")
         evaluations.append(_evaluated(step.run_dir, step.run_dir, sets, config))
         files.append(_evaluation_file(step.run_dir, config))
+        if step.laplace_out is not None and not finished(step.laplace_out):
+            echo(f"[{label}] step {step.number}/{len(steps)}: Laplace posterior around it -> {step.laplace_out}")
+            laplace_posterior(step.run_dir, training_data(step.domain), step.laplace_out, prior=config.blora,
+                              batches=config.train.curvature_batches, batch_size=config.train.batch_size,
+                              seed=config.seed)
         if after_step is not None:
             after_step(step)
     rows = ["start", *(f"step{s.number}-{s.domain}" for s in steps)]

@@ -7,8 +7,9 @@ A run can start where another ended, for sequential adaptation to several domain
 * ``init_from``: the previous run's trained adapter is the starting point (blora, map, lora), on the
   same base with the same adapters;
 * ``prior_from`` (blora, map): the previous run's posterior becomes the prior, per entry, and the
-  guide starts at it (variational continual learning; for map an L2 penalty towards the previous
-  point with BLoRA's sigma_p and weight). :class:`PriorTransfer` changes how: a floor on the copied
+  guide starts at it (variational continual learning; for map a weighted L2 penalty towards the previous
+  point, with the previous posterior's per-entry scales, or BLoRA's sigma_p where the previous run
+  was a point estimate: online Laplace when that posterior is a Laplace one). :class:`PriorTransfer` changes how: a floor on the copied
   scales (a posterior can be narrower than the original prior), or one isotropic scale at the same
   mean precision (``map-anchor``: anchored to the previous weights without their per-entry uncertainty).
 """
@@ -177,8 +178,12 @@ def start_at_posterior(model: BLoRAWhisper, guide, folder: Path, transfer: Prior
         return None
     if transfer.scales == "mean-precision":
         stddevs = _saved_guide(model, transfer.precision_from / "posterior").stddevs()
-    else:
-        stddevs = guide.stddevs() if guide_kind(guide) == "normal" else model.config.prior_scale
+    elif guide_kind(guide) == "normal":
+        stddevs = guide.stddevs()
+    elif info.get("guide", "normal") == "normal":  # a point estimate under a saved posterior: its scales
+        stddevs = _saved_guide(model, folder).stddevs()
+    else:  # a point estimate under another point estimate: the prior's own width around it
+        stddevs = model.config.prior_scale
     scales, summary = copied_prior(guide.means(), stddevs, transfer)
     model.set_site_priors(guide.means(), scales)
     return summary
