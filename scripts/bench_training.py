@@ -188,20 +188,27 @@ CATEGORIES = (
 )
 
 
+def own_seconds(profiler: cProfile.Profile, categories=CATEGORIES) -> tuple[dict[str, float], int]:
+    """A finished profile's own seconds by category (the first whose test matches a function's file and
+    name), and its number of Python function calls."""
+    shares = {name: 0.0 for name, _ in categories}
+    calls = 0
+    for (filename, _, function), (_, count, own, _, _) in pstats.Stats(profiler).stats.items():
+        calls += count
+        for name, matches in categories:
+            if matches(filename, function):
+                shares[name] += own
+                break
+    return shares, calls
+
+
 def profile(step) -> dict:
     """One step under cProfile (process CPU time): own seconds by category and Python function calls."""
     profiler = cProfile.Profile(time.process_time)
     profiler.enable()
     step()
     profiler.disable()
-    shares = {name: 0.0 for name, _ in CATEGORIES}
-    calls = 0
-    for (filename, _, function), (_, count, own, _, _) in pstats.Stats(profiler).stats.items():
-        calls += count
-        for name, matches in CATEGORIES:
-            if matches(filename, function):
-                shares[name] += own
-                break
+    shares, calls = own_seconds(profiler)
     return {"seconds": shares, "python_calls": calls, **conditions()}
 
 

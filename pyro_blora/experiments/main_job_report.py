@@ -167,9 +167,11 @@ def _posterior_lines(posteriors: Mapping[str, Mapping[str, Any]]) -> list[str]:
             share, change = convergence.get("sigma_vs_optimum/share_within"), convergence.get("kl_change_last_fifth")
             facts = ([f"{100 * share:.1f}% of scales within {convergence.get('sigma_vs_optimum/within')}x of σ*"]
                      if share is not None else []) + ([f"KL changed {100 * change:.1f}% over the last fifth"]
-                                                      if change is not None else [])
-            lines += [f"Converged: **{'yes' if convergence.get('converged') else 'no'}** ({'; '.join(facts)}). "
-                      f"Rule: {convergence.get('rule', '')}.", ""]
+                                                      if change is not None else
+                                                      ["the KL's change is not judged: no dev point in the last fifth"])
+            verdict = ("yes" if convergence.get("converged") else
+                       "scales only" if convergence.get("scales_near_optimum") and change is None else "no")
+            lines += [f"Converged: **{verdict}** ({'; '.join(facts)}). Rule: {convergence.get('rule', '')}.", ""]
     return lines
 
 
