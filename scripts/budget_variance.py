@@ -3,7 +3,8 @@ r"""How many retention utterances a forgetting budget needs: the width of its up
     python scripts/budget_variance.py RUN --retain testbed/en --retain-split dev \
         --sizes 16,32,64,128,256 --out budget/variance
 
-For a finished run against its base model, on the first N utterances of the retention set for each N
+For a finished run (its update scaled by ``--scale``, e.g. to where its change is near the budget) against
+its base model, on the first N utterances of the retention set for each N
 of ``--sizes``: the relative change of the transcript-token CE, its one-sided upper bound at
 ``--confidence`` (the estimator the budget uses, ``pyro_blora.training.budget_bound``), the bound's width
 (upper - estimate), the spread of the estimate over disjoint sets of N utterances (an empirical check of
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--confidence", type=float, default=RetentionBudget.confidence)
     parser.add_argument("--budget", type=float, default=0.03, help="the relative budget the width is judged against")
     parser.add_argument("--tight", type=float, default=0.5, help="a width of at most this share of the budget is tight")
-    parser.add_argument("--repeats", type=int, default=3, help="timed measurements per size")
+    parser.add_argument("--scale", type=float, default=1.0, help="λ: the run's update scaled by it (1: the run as trained)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed measurements per size (0: none)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -45,6 +47,8 @@ def main() -> None:
         sizes = sorted({int(s) for s in args.sizes.split(",") if s.strip()})
     except ValueError:
         parser.error(f"--sizes takes comma-separated integers, got {args.sizes!r}")
+    if args.repeats < 0 or args.scale < 0:
+        parser.error("--repeats and --scale must be >= 0")
     if not sizes or sizes[0] < 2:
         parser.error("every size must be at least 2 utterances (a bound needs a variance)")
     if not is_run_folder(args.run):
@@ -63,7 +67,7 @@ def measure(args, sizes: list[int]) -> dict:
     whisper, processor, description = load_run_model(args.run)
     run = scaled_run(args.run, whisper, processor, args.retain, max(sizes), args.retain_split, args.cache_dir)
     available = len(run.retention)
-    losses = run.losses(1.0)
+    losses = run.losses(args.scale)
     rows = []
     for n in [s for s in sizes if s <= available] or [available]:
         bound = ratio_upper_bound(losses.ce_sum[:n], run.base.ce_sum[:n], args.confidence)
@@ -79,10 +83,10 @@ def measure(args, sizes: list[int]) -> dict:
         rows.append({"utterances": n, "change": bound.estimate - 1, "upper": bound.upper - 1, "width": width,
                      "standard_error": bound.standard_error, "disjoint_sets": len(groups),
                      "spread_of_estimate": statistics.stdev(estimates) if len(estimates) > 1 else None,
-                     "seconds_per_measurement": statistics.median(seconds),
+                     "seconds_per_measurement": statistics.median(seconds) if seconds else None,
                      "tight": width <= args.tight * args.budget})
     chosen = next((r["utterances"] for r in rows if r["tight"]), None)
-    return {"run": str(args.run), "model": description, "retention": run.retention.describe(),
+    return {"run": str(args.run), "scale": args.scale, "model": description, "retention": run.retention.describe(),
             "available": available, "confidence": args.confidence, "budget": args.budget, "tight": args.tight,
             "sizes": rows, "smallest_tight": chosen}
 
@@ -107,11 +111,12 @@ def page(report: dict) -> str:
              "spread over disjoint sets (sd)": "-" if r["spread_of_estimate"] is None
              else f"{100 * r['spread_of_estimate']:.2f} points ({r['disjoint_sets']} sets)",
              "standard error": f"{100 * r['standard_error']:.2f} points",
-             "seconds / measurement": f"{r['seconds_per_measurement']:.2f}"} for r in report["sizes"]]
+             "seconds / measurement": "-" if r["seconds_per_measurement"] is None
+             else f"{r['seconds_per_measurement']:.2f}"} for r in report["sizes"]]
     smallest = report["smallest_tight"]
     verdict = (f"The smallest N whose bound is at most {100 * report['tight']:g}% of a {100 * report['budget']:g}% "
                f"budget wide: {smallest if smallest is not None else 'none of these'}.")
-    return "\n".join([f"# Retention bound width per size: {report['run']}", "",
+    return "\n".join([f"# Retention bound width per size: {report['run']} × {report.get('scale', 1.0):g}", "",
                       f"{report['retention']['source']} ({report['retention']['split']}), {report['available']} "
                       "utterances available; the run against its base model, paired per utterance.", "",
                       markdown_table(rows), "", verdict, ""])
