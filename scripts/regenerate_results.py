@@ -5,11 +5,11 @@
 
 Each table is written again, into a temporary folder, by the package function that wrote it when its
 experiment ran, from the files committed next to it: the sequence matrices and comparisons from their
-``matrix.json``, the main job's report from its config, evaluations and training logs, an inspection
-page from its ``inspect.json``. So a change to a formatter that would change a committed table is seen,
-and the table is regenerated in the same commit. Tables written by an earlier version of the code, or
-whose run folders are not committed (the paper table, the sweep summaries, the run reports of
-``results/paper_table`` and the main job's inspection), are not regenerable and not listed.
+``matrix.json``, an inspection page from its ``inspect.json``. So a change to a formatter that would change
+a committed table is seen, and the table is regenerated in the same commit. Tables written by an earlier
+version of the code, or whose inputs are not committed (the paper table, the sweep summaries, the run
+reports of ``results/paper_table``, and the main job's report, which also needs its Monte Carlo transcripts,
+posteriors and exported models), are not regenerable and not listed.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import re
 import sys
 import tempfile
 from dataclasses import replace
@@ -27,35 +26,20 @@ from typing import Callable, Sequence
 from pyro_blora.checkpoint import atomic_write_bytes, atomic_write_text
 from pyro_blora.experiments.sequence_results import (INTERVALS_FILE, SequenceResult, comparison_intervals, comparison_page,
                                                      matrix_page)
-from pyro_blora.report.pages import inspection_page, main_job_page
-from pyro_blora.runs import read_eval, read_log
+from pyro_blora.report.pages import inspection_page
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 # The strategies of the committed sequence comparisons, in their row order (the order they were run in);
 # each comparison lists those of them it has.
-COMPARED = ("lora", "lora-replay", "blora-fresh", "blora-prior", "map-anchor", "blora-prior-floor0.01")
+COMPARED = ("lora", "lora-replay", "blora-fresh", "blora-prior", "map-anchor", "blora-prior-floor0.01", "laplace-prior")
 # Each committed inspection and the runs it names, as they were given to `pyro-blora inspect`.
 INSPECTED = {
     "faithful/inspect-seed0": ("faithful/paper/runs/blora-r32-beta0.5-sp0.01-matrix", "faithful/paper/runs/lora-r32"),
     "faithful/inspect-seed1-qk": ("paper/runs/blora-r32-beta0.5-sp0.01-matrix-s1", "paper/runs/map-r32-beta0.5-sp0.01-matrix-s1",
                                   "paper-qk/runs/blora-r32-beta0.5-sp0.01-matrix", "paper-qk/runs/lora-r32"),
 }
-# The main job's wall time is recorded by its page alone: read back from the committed page.
-WALL_TIME = re.compile(r"Wall time: ([\d.]+) min on (\S+) with (\d+) torch threads\.")
-
-
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _main_job_page(folder: Path) -> str:
-    """The main job's report.md from main-config.json, base-eval.json and each method's run folder."""
-    settings = json.loads((folder / "main-config.json").read_text())
-    minutes, machine, threads = WALL_TIME.search((folder / "report.md").read_text()).groups()
-    evaluations = {"base": read_eval(folder / "base-eval.json"),
-                   **{method: read_eval(folder / method) for method in settings["methods"]}}
-    logs = {method: read_log(folder / method) for method in settings["methods"]}
-    return main_job_page(settings, evaluations, logs, minutes=float(minutes), machine=machine, threads=int(threads))
 
 
 def _comparison(results: Path, order: Path) -> str:
@@ -69,7 +53,8 @@ def _comparison(results: Path, order: Path) -> str:
 def tables(results: Path) -> dict[str, Callable[[], str]]:
     """Every regenerable table, by its path under ``results``, with the function that writes it again."""
     found: dict[str, Callable[[], str]] = {}
-    matrices = sorted(results.glob("sequential/*/*/matrix.json")) + sorted(results.glob("sequential-paper/*/*/*/matrix.json"))
+    matrices = sorted(results.glob("sequential/*/*/matrix.json")) + sorted(results.glob("sequential-paper/*/*/*/matrix.json")) \
+        + sorted(results.glob("sequential-converged/*/*/*/matrix.json"))
     for matrix in matrices:
         found[(matrix.parent / "matrix.md").relative_to(results).as_posix()] = \
             lambda matrix=matrix: matrix_page(SequenceResult.load(matrix))
@@ -78,7 +63,6 @@ def tables(results: Path) -> dict[str, Callable[[], str]]:
     for folder, runs in INSPECTED.items():
         found[f"{folder}/inspect.md"] = \
             lambda folder=results / folder, runs=runs: inspection_page(runs, json.loads((folder / "inspect.json").read_text()))
-    found["main_job/report.md"] = lambda: _main_job_page(results / "main_job")
     return found
 
 

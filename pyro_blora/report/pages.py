@@ -16,7 +16,6 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pyro_blora.checkpoint import atomic_write_text
-from pyro_blora.config import BLoRAConfig
 from pyro_blora.metrics import flatten_weights
 from pyro_blora.report.convergence_plots import plot_scale_trajectories, plot_sigma_over_optimum
 from pyro_blora.training.convergence import run_convergence
@@ -64,7 +63,6 @@ __all__ = [
     "budget_rows",
     "dev_curve_table",
     "inspection_page",
-    "main_job_page",
     "main_job_table",
     "paired_difference_rows",
     "scale_summary",
@@ -331,34 +329,3 @@ def dev_curve_table(records: Sequence[Mapping[str, Any]]) -> str | None:
         return None
     keys = curve_keys(evaluated)
     return markdown_table([{"step": r["step"], **{k: f"{r[k]:.3f}" if k in r else "" for k in keys}} for r in evaluated])
-
-
-def main_job_page(settings: Mapping[str, Any], evaluations: Mapping[str, Mapping[str, Any]],
-                  logs: Mapping[str, Sequence[Mapping[str, Any]]], *, minutes: float, machine: str, threads: int) -> str:
-    """The main job's ``report.md``: its settings (``main-config.json``), the evaluation table, how long
-    it took where, and each method's dev curves (``logs``: the records of each run's ``log.jsonl``)."""
-    blora, train = BLoRAConfig.from_dict(settings["blora"]), settings["train"]
-    lines = [
-        "# Main job",
-        "",
-        f"Base model `{settings['model']}`; adapted to `{settings['domain']}` with {', '.join(settings['methods'])}; "
-        f"evaluated on {', '.join(settings['eval_domains'])} (test splits, greedy decoding with the language forced; "
-        "CE is teacher-forced cross-entropy per token; LID is language-ID accuracy with the language not forced).",
-        "",
-        f"Adapters: rank {blora.rank}, alpha {blora.rank * blora.scaling:g}, targets "
-        f"`{', '.join(blora.target_modules)}`. BLoRA: prior σp {blora.prior_scale}, β {blora.beta}, "
-        f"KL normalisation `{blora.kl_normalization}`. Training: {train['steps']} steps, batch "
-        f"{train['batch_size']}, Adam lr {train['lr']}, precision {train['precision']}, seed {train['seed']}.",
-        "",
-        "Δ columns: relative change against the base model (positive = worse for error and CE).",
-        "",
-        main_job_table(evaluations, settings["eval_domains"]),
-        "",
-        f"Wall time: {minutes:.1f} min on {machine} with {threads} torch threads. "
-        "One seed: differences of a few points are within seed noise.",
-    ]
-    for method in settings["methods"]:
-        table = dev_curve_table(logs[method])
-        if table is not None:
-            lines += ["", f"## Dev curves during training: {method}", "", table]
-    return "\n".join(lines) + "\n"
