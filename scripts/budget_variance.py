@@ -53,7 +53,10 @@ def main() -> None:
         parser.error("every size must be at least 2 utterances (a bound needs a variance)")
     if not is_run_folder(args.run):
         parser.error(f"{args.run} is not a run folder (one written by `pyro-blora train`)")
-    report = measure(args, sizes)
+    try:
+        report = measure(args, sizes)
+    except KeyError as error:  # a split the retention set lacks: one line naming the splits it has
+        parser.error(f"{error.args[0]}; pass one of them with --retain-split")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "variance.json", report)
