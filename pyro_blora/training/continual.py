@@ -7,11 +7,12 @@ A run can start where another ended, for sequential adaptation to several domain
 * ``init_from``: the previous run's trained adapter is the starting point (blora, map, lora), on the
   same base with the same adapters;
 * ``prior_from`` (blora, map): the previous run's posterior becomes the prior, per entry, and the
-  guide starts at it (variational continual learning; for map a weighted L2 penalty towards the previous
-  point, with the previous posterior's per-entry scales, or BLoRA's sigma_p where the previous run
-  was a point estimate: online Laplace when that posterior is a Laplace one). :class:`PriorTransfer` changes how: a floor on the copied
-  scales (a posterior can be narrower than the original prior), or one isotropic scale at the same
-  mean precision (``map-anchor``: anchored to the previous weights without their per-entry uncertainty).
+  guide starts at it (variational continual learning; for map a weighted L2 penalty towards the
+  previous point, with the previous posterior's per-entry scales, or BLoRA's sigma_p where the
+  previous run was a point estimate: online Laplace when that posterior is a Laplace one).
+  :class:`PriorTransfer` changes how: a floor on the copied scales (a posterior can be narrower than
+  the original prior), or one isotropic scale at the same mean precision (``map-anchor``: anchored to
+  the previous weights without their per-entry uncertainty).
 """
 
 from __future__ import annotations
@@ -168,20 +169,20 @@ def start_at_posterior(model: BLoRAWhisper, guide, folder: Path, transfer: Prior
     same kind takes the saved parameters bit for bit, so the KL against a copied prior starts at 0."""
     from safetensors.torch import load_file
 
-    info = read_posterior_config(folder)
-    state = load_file(str(folder / "posterior.safetensors"))
-    if info.get("guide", "normal") == guide_kind(guide):
-        guide.load_state_dict(state, strict=True)
+    if read_posterior_config(folder).get("guide", "normal") == guide_kind(guide):
+        guide.load_state_dict(load_file(str(folder / "posterior.safetensors")), strict=True)
+        saved = guide
     else:  # the other kind: only the means carry over
-        guide.set_means(_means_of(model, info, state))
+        saved = _saved_guide(model, folder)
+        guide.set_means(saved.means())
     if transfer is None:
         return None
     if transfer.scales == "mean-precision":
         stddevs = _saved_guide(model, transfer.precision_from / "posterior").stddevs()
     elif guide_kind(guide) == "normal":
         stddevs = guide.stddevs()
-    elif info.get("guide", "normal") == "normal":  # a point estimate under a saved posterior: its scales
-        stddevs = _saved_guide(model, folder).stddevs()
+    elif guide_kind(saved) == "normal":  # a point estimate under a saved posterior: its scales
+        stddevs = saved.stddevs()
     else:  # a point estimate under another point estimate: the prior's own width around it
         stddevs = model.config.prior_scale
     scales, summary = copied_prior(guide.means(), stddevs, transfer)
@@ -196,10 +197,3 @@ def _saved_guide(model: BLoRAWhisper, folder: Path):
     guide = build_guide(model, read_posterior_config(folder).get("guide", "normal"))
     guide.load_state_dict(load_file(str(folder / "posterior.safetensors")), strict=True)
     return guide
-
-
-def _means_of(model: BLoRAWhisper, info: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The means of a saved guide of the other kind, read through a guide of that kind."""
-    other = build_guide(model, info.get("guide", "normal"))
-    other.load_state_dict(state, strict=True)
-    return other.means()

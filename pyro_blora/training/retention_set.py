@@ -22,7 +22,6 @@ TRANSCRIPT_LABELS = "transcripts"
 LABELS_FILE = "retention-labels.json"
 
 
-
 @dataclass
 class RetentionSet:
     """The fixed retention batch, and where its labels come from."""
