@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pyro_blora.metrics.retention_bound import ratio_upper_bound
+from pyro_blora.metrics.retention_bound import coverage_interval, ratio_upper_bound
 
 
 def _paired_losses(rng, n: int, ratio: float):
@@ -47,3 +47,18 @@ def test_the_bound_is_the_ratio_plus_a_t_multiple_of_its_paired_standard_error()
 def test_bad_input_names_the_problem(args, message):
     with pytest.raises(ValueError, match=message):
         ratio_upper_bound(*args)
+
+
+def test_the_coverage_interval_is_exact_clopper_pearson():
+    low, high = coverage_interval(45, 45)
+    assert high == 1.0 and low == pytest.approx(0.025 ** (1 / 45))  # all covered: the lower end solves p^n = 2.5%
+    low, high = coverage_interval(0, 10)
+    assert low == 0.0 and high == pytest.approx(1 - 0.025 ** (1 / 10))
+    low, high = coverage_interval(27, 30)
+    assert low < 0.9 < high
+    # exact: the binomial tail at each end is the level's half
+    binomial = lambda k, n, p: sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+    assert binomial(27, 30, low) == pytest.approx(0.025, rel=1e-6)
+    assert 1 - binomial(28, 30, high) == pytest.approx(0.025, rel=1e-6)
+    with pytest.raises(ValueError, match="covered <= runs"):
+        coverage_interval(4, 3)
