@@ -193,6 +193,23 @@ def test_entropy_confidence_is_one_for_certain_zero_for_uniform_and_orders_sharp
     assert float(entropy_confidence(sharp, 1.0)) == pytest.approx((vocab * math.exp(-entropy) - 1) / (vocab - 1), rel=1e-4)
 
 
+def test_the_default_entropy_confidence_separates_tokens_on_whispers_vocabulary():
+    """A chosen token of probability 0.99 to 0.5 over a long tail of 51,864 others, as Whisper's
+    distributions are: the default gives distinct, ordered confidences; Tsallis 1/3 gives every one 0."""
+    import torch
+
+    from pyro_blora.predict.confidence import entropy_confidence
+
+    tail = torch.randn(51864, generator=torch.Generator().manual_seed(0)) * 2
+    rows = []
+    for chosen in (0.99, 0.9, 0.7, 0.5):
+        tail_probs = tail.softmax(-1) * (1 - chosen)
+        rows.append(torch.cat([torch.tensor([chosen]), tail_probs]).log())
+    default = entropy_confidence(torch.stack(rows))
+    assert default[0] > 0.5 and all(a > b > 0 for a, b in zip(default, default[1:]))
+    assert torch.all(entropy_confidence(torch.stack(rows), 1 / 3) < 1e-6)  # why 1/3 is not the default
+
+
 @pytest.mark.parametrize("true_temperature", [0.6, 1.0, 2.0])
 def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_at(true_temperature):
     import torch

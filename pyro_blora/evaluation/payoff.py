@@ -95,7 +95,7 @@ class PayoffOptions:
         if self.widest_sites is not None and self.widest_sites < 1:
             raise ValueError(f"widest_sites must be >= 1 (or None: sample every site), got {self.widest_sites}")
         if not self.entropy_alpha > 0:
-            raise ValueError(f"entropy_alpha must be > 0 (1/3: the Tsallis alpha of arXiv 2212.08703; 1: Gibbs), "
+            raise ValueError(f"entropy_alpha must be > 0 (1: Gibbs, the default; 1/3: the Tsallis alpha of arXiv 2212.08703), "
                              f"got {self.entropy_alpha}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
