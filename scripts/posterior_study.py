@@ -10,6 +10,9 @@ r"""The converged-posterior study's pages: convergence plots and tables, and see
     python scripts/posterior_study.py compare --a map-s0/eval.json map-s1/eval.json \
         --b blora-s0/eval.json blora-s1/eval.json --pair en:ce --pair zh-en:error_rate
 
+    # question (a) as frontiers: in-domain error against kept-domain CE, one panel per kept domain
+    python scripts/posterior_study.py frontier results/posterior/frontier.json --out results/posterior/frontier.png
+
 Thin wrappers over :mod:`pyro_blora.report.convergence_plots`, :mod:`pyro_blora.metrics.bootstrap`
 and the run folder readers; every number comes from committed files.
 """
@@ -129,6 +132,64 @@ def compare(a: list[str], b: list[str], pairs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def frontier(spec_file: Path, out: Path) -> str:
+    """Question (a) as frontiers. The spec (JSON, paths relative to it) names ``x`` (domain, metric) read
+    from every point's ``synthetic`` file, ``panels`` (title, y (domain, metric), the point file key) and
+    ``points`` (label, group, λ, files); a group's points at several λ are joined, λ ascending."""
+    from matplotlib.figure import Figure
+
+    spec = json.loads(spec_file.read_text())
+    read = lambda name: json.loads((spec_file.parent / name).read_text())["results"]  # noqa: E731
+    (x_domain, x_metric) = spec["x"]
+    figure = Figure(figsize=(6 * len(spec["panels"]), 5))
+    colours = {group: f"C{i}" for i, group in enumerate(dict.fromkeys(p["group"] for p in spec["points"]))}
+    lines = []
+    for position, panel in enumerate(spec["panels"], 1):
+        axes = figure.add_subplot(1, len(spec["panels"]), position)
+        (y_domain, y_metric), key = panel["y"], panel["file"]
+        curves: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+        for point in spec["points"]:
+            if key not in point["files"]:
+                continue
+            x = read(point["files"]["synthetic"])[x_domain].get(x_metric)
+            y = read(point["files"][key])[y_domain].get(y_metric)
+            if x is None or y is None:  # e.g. a CE-only evaluation on the error-rate axis
+                continue
+            curves.setdefault((point["group"], point.get("curve", point["label"])), []).append((point["scale"], x, y))
+            lines.append(f"{panel['title']}: {point['label']} λ {point['scale']:g}: {x_domain} {x_metric} {x:.4f}, "
+                         f"{y_domain} {y_metric} {y:.4f}")
+        labelled = set()
+        for (group, _), points in curves.items():
+            points.sort()
+            axes.plot([100 * p[1] for p in points], [p[2] for p in points], marker="o", markersize=5,
+                      color=colours[group], linewidth=1.2, label=None if group in labelled else group)
+            labelled.add(group)
+            for scale, x, y in points:
+                if scale != 1:
+                    axes.annotate(f"{scale:g}", (100 * x, y), fontsize=7, color="dimgrey", xytext=(3, -9),
+                                  textcoords="offset points")
+        axes.set(xlabel=f"{x_domain} {x_metric.replace('_', ' ')} (%)", ylabel=f"{y_domain} {y_metric}",
+                 title=panel["title"])
+        if "xlim" in panel or "ylim" in panel:  # a zoom: say what falls outside it
+            (x0, x1), (y0, y1) = panel.get("xlim", axes.get_xlim()), panel.get("ylim", axes.get_ylim())
+            axes.set(xlim=(x0, x1), ylim=(y0, y1))
+            outside: dict[float, set[float]] = {}
+            for points in curves.values():
+                for s, x, y in points:
+                    if not (x0 <= 100 * x <= x1 and y0 <= y <= y1):
+                        outside.setdefault(s, set()).add(round(y, 2))
+            if outside:
+                note = "; ".join(f"λ {s:g} (y {min(v):.2f}" + (f"-{max(v):.2f})" if len(v) > 1 else ")")
+                                 for s, v in sorted(outside.items()))
+                axes.set_xlabel(axes.get_xlabel() + f"\noff the panel: {note}", fontsize=8)
+        axes.grid(True, linewidth=0.5, alpha=0.5)
+        axes.legend(fontsize=8)
+    figure.suptitle("Does the posterior matter for forgetting? (lower left is better; LoRA's update scaled by λ)")
+    figure.tight_layout()
+    save_figure(figure, out)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,11 +203,16 @@ def main() -> None:
     weights = commands.add_parser("weightings", help="sigma* of a run under its own, token and dataset weighting")
     weights.add_argument("run", type=Path)
     weights.add_argument("--batches", type=int, default=8)
+    frontiers = commands.add_parser("frontier", help="question (a) as frontiers, from a JSON spec")
+    frontiers.add_argument("spec", type=Path)
+    frontiers.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "weightings":
         print(weightings(args.run, args.batches))
     elif args.command == "convergence":
         print(convergence(args.runs, args.out))
+    elif args.command == "frontier":
+        print(frontier(args.spec, args.out))
     else:
         print(compare(args.a, args.b, args.pair))
 
