@@ -114,3 +114,19 @@ def test_column_flags_reach_the_data(own_data, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "has no 'audio' column (found: path, sentence, lang). Map yours with --audio-column path" in \
         " ".join(result.output.split())
+
+
+def test_language_id_on_own_data_is_asked_for_or_follows_the_name(own_data, monkeypatch):
+    from pyro_blora.base_models.loading import load_processor
+    from pyro_blora.evaluation.scoring import load_eval_source
+
+    root, model = own_data
+    monkeypatch.chdir(root)
+    processor = load_processor(model)
+    columns = {"text": "sentence", "language": "lang"}
+    scored = lambda **kw: next(iter(load_eval_source("mydata", processor, columns=columns, **kw).values()))  # noqa: E731
+    assert not scored(name="my-clips").language_id  # a set of one's own: not by default
+    assert scored(name="my-clips", language_id=True).language_id  # unless asked for
+    assert scored(name="backward-real-clips").language_id and not scored(name="en", language_id=False).language_id
+    result = runner.invoke(app, ["evaluate", str(model), "--testbed", str(root), "--language-id"])
+    assert result.exit_code == 2 and "describe --data" in " ".join(result.output.split())

@@ -181,6 +181,9 @@ def evaluate(
                                                + default_note("its folder or file name")),
     audio_column: AudioColumnOption = None, text_column: TextColumnOption = None,
     language_column: LanguageColumnOption = None,
+    language_id: Optional[bool] = typer.Option(None, "--language-id/--no-language-id", help="score language ID on "
+                                               "--data, a set in one language " + default_note(
+                                                   "when its name is en or backward-*, as for testbed domains")),
     split: Optional[str] = typer.Option(None, help="split to score " + default_note(
         "test; with --data: its only split, or test")),
     limit: Optional[int] = typer.Option(None, help="first N utterances of each domain"),
@@ -217,7 +220,7 @@ def evaluate(
         raise typer.BadParameter("--out names one file; leave it out with several --delta-scale values (each "
                                  "writes <run>/eval-scale<λ>.json)")
     sets = eval_sets(source, testbed, domains, data, domain_name,
-                     column_mapping(audio_column, text_column, language_column), split, limit, cache_dir)
+                     column_mapping(audio_column, text_column, language_column), split, limit, cache_dir, language_id)
     tables = {}
     for scale in scales:
         report = run_evaluation(source, sets, options=options, base=base, against=against, out=out,
@@ -235,17 +238,19 @@ def evaluate(
 
 
 def eval_sets(source: str, testbed: Path | None, domains: list[str], data: str | None, domain_name: str | None,
-              columns: dict[str, str] | None, split: str | None, limit: int | None, cache_dir: Path | None) -> dict:
+              columns: dict[str, str] | None, split: str | None, limit: int | None, cache_dir: Path | None,
+              language_id: bool | None = None) -> dict:
     """The sets ``evaluate`` scores: the testbed's domains, or one set of the user's own data."""
     if (testbed is None) == (data is None):
         raise typer.BadParameter("give --testbed <folder> (its --domains) or --data <your test set>, one of the two")
-    if data is None and (domain_name is not None or columns is not None):
-        raise typer.BadParameter("--domain-name and the column flags describe --data; give --data <your test set>")
+    if data is None and (domain_name is not None or columns is not None or language_id is not None):
+        raise typer.BadParameter("--domain-name, --language-id and the column flags describe --data; give --data "
+                                 "<your test set>")
     processor = load_processor(base_model_of(source))
     if data is None:
         return load_eval_sets(testbed, domains, processor, split=split or "test", limit=limit, cache_dir=cache_dir)
     return load_eval_source(data, processor, split=split, name=domain_name, columns=columns, limit=limit,
-                            cache_dir=cache_dir)
+                            cache_dir=cache_dir, language_id=language_id)
 
 
 def export(

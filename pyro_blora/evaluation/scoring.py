@@ -129,12 +129,15 @@ def load_eval_source(
     columns: Mapping[str, str] | None = None,
     limit: int | None = None,
     cache_dir: str | Path | None = None,
+    language_id: bool | None = None,
 ) -> dict[str, EvalSet]:
     """One set from any source ``load_speech_dataset`` reads (an audiofolder or its metadata file, a
     manifest, a saved dataset, a Hub id), so a user's own test data is scored like a testbed domain.
 
     ``split`` None takes the source's only split, or its ``test`` split; the set is called ``name``, or
-    after the source (a folder's or file's name, an audiofolder metadata file's folder, a Hub id)."""
+    after the source (a folder's or file's name, an audiofolder metadata file's folder, a Hub id).
+    ``language_id``: whether each utterance's detected language is scored against its language (a
+    monolingual set); None decides by the name, as for testbed domains."""
     loaded = load_speech_dataset(source, split=split, columns=columns)
     if isinstance(loaded, datasets.DatasetDict):
         if len(loaded) == 1:
@@ -145,15 +148,16 @@ def load_eval_source(
             raise ValueError(f"{source} has the splits {', '.join(loaded)} and none is called test; choose one "
                              "with split= (--split)")
     name = name or _source_name(source)
-    return {name: _eval_set(name, loaded, processor, limit, cache_dir)}
+    return {name: _eval_set(name, loaded, processor, limit, cache_dir, language_id)}
 
 
-def _eval_set(name: str, rows: datasets.Dataset, processor, limit: int | None, cache_dir) -> EvalSet:
+def _eval_set(name: str, rows: datasets.Dataset, processor, limit: int | None, cache_dir,
+              language_id: bool | None = None) -> EvalSet:
     """``rows`` cut to the first ``limit`` and prepared for ``processor``."""
     if limit is not None:
         rows = rows.select(range(min(limit, len(rows))))
     prepared, _ = prepare_dataset(rows, processor, cache_dir=cache_dir)
-    return EvalSet(name, prepared, language_id=detects_language(name))
+    return EvalSet(name, prepared, language_id=detects_language(name) if language_id is None else language_id)
 
 
 def _source_name(source: str | Path) -> str:
