@@ -153,6 +153,24 @@ def test_budgeted_run_keeps_the_bound_inside_where_an_unbudgeted_one_breaks_it(b
     assert summary["final_beta"] == pytest.approx(model.beta) == pytest.approx(betas[-1])
 
 
+@pytest.mark.parametrize("upper, with_prior, due_at_20", [
+    (1.06, False, True), (1.06, True, True),     # near the limit (1.05): every 10 steps
+    (1.01, False, False), (1.01, True, False),   # far below it: every 40
+    (1.50, False, False), (1.50, True, True),    # far above: every 40 for early stopping, every 10 under beta
+])
+def test_measurements_thin_out_far_from_the_limit(upper, with_prior, due_at_20):
+    from pyro_blora.training.budget import BudgetTracker
+    from pyro_blora.training.budget_bound import RetentionBound
+
+    tracker = BudgetTracker(RetentionBudget(0.05, every=10, far_every=4), retention(), update=None, total_steps=150,
+                            model=object() if with_prior else None)
+    last = RetentionBound(0.05, "relative", 0.95, 8, 1.0, upper - 0.02, upper, upper - 1.02, upper - 1.0, 1.05,
+                          upper <= 1.05)
+    tracker.last = {"step": 10, "bound": last.to_dict()}
+    assert tracker.due(20) is due_at_20
+    assert tracker.due(40) and tracker.due(150) and not tracker.due(45)
+
+
 def test_a_budget_that_cannot_be_met_says_so(base_state):
     budget = RetentionBudget(1e-3, kind="absolute", every=5, scale_at_end=False)
     with pytest.warns(UserWarning, match="never met"):
@@ -244,6 +262,9 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_export_and_frontier(tmp
     assert "keeps" in budget_line(saved) and saved["line"] in budget_line(saved)
     assert saved["line"].startswith("unlabelled CE ") and "95% upper bound" in saved["line"]
     assert "3 utterances): inside the 5% budget" in saved["line"]
+    # the overhead counts the search for lambda at the end too
+    assert saved["estimate_seconds"] >= saved["search_seconds"] >= 0 and saved["overhead"] > 0
+    assert (saved["search_seconds"] > 0) == (saved["kept"] == "scaled" or "scales_tried" in saved)
     # Early stopping and the post-hoc lambda judge the same losses with the same bound.
     from pyro_blora.experiments.budget_frontier import scaled_run
 

@@ -41,8 +41,8 @@ from pyro_blora.training import distributed
 from pyro_blora.config import RetentionBudget
 from pyro_blora.model.interpolation import interpolated
 from pyro_blora.model.objective import token_nll_per_utterance
-from pyro_blora.training.budget_bound import (RetentionBound, RetentionLosses, far_from_limit, retention_bound,
-                                                retention_losses, retention_name)
+from pyro_blora.training.budget_bound import (RetentionBound, RetentionLosses, far_above_limit, far_from_limit,
+                                               retention_bound, retention_losses, retention_name)
 # The retention data lives in its own module; its names stay importable from here.
 from pyro_blora.training.retention_set import BASE_MODEL_LABELS, LABELS_FILE, RetentionSet, load_retention_set
 
@@ -275,12 +275,16 @@ class BudgetTracker:
 
     def due(self, step: int) -> bool:
         """Every ``every`` steps and after the last one; while the last upper bound was far below the
-        limit (:func:`far_from_limit`), only every ``far_every * every`` steps."""
+        limit (:func:`far_from_limit`), only every ``far_every * every`` steps. Without a prior (early
+        stopping) also while it was far above it: there a measurement only looks for weights back inside,
+        and no beta has to follow it."""
         if step == self.total_steps:
             return True
         if step % self.budget.every:
             return False
-        far = self.last is not None and far_from_limit(_bound(self.last["bound"]), self.budget.far_fraction)
+        far = self.last is not None and (
+            far_from_limit(_bound(self.last["bound"]), self.budget.far_fraction)
+            or (self.model is None and far_above_limit(_bound(self.last["bound"]), self.budget.far_fraction)))
         return not far or step % (self.budget.every * self.budget.far_every) == 0
 
     def after_step(self, step: int) -> dict[str, float]:
@@ -327,7 +331,17 @@ class BudgetTracker:
     def finish(self, in_domain: Callable[[Any], float], loop_seconds: float | None = None) -> dict[str, Any]:
         """Decide what the run keeps (see the module's docstring), leave those weights in place and
         return the summary for ``result.json``. ``in_domain(whisper)`` is the in-domain loss (lower is
-        better) that chooses between two models inside the budget."""
+        better) that chooses between two models inside the budget. The overhead counts every measurement,
+        the search for lambda at the end too, against the training time without them."""
+        during = self.seconds
+        summary = self._decide(in_domain)
+        if loop_seconds:
+            summary["estimate_seconds"] = self.seconds
+            summary["search_seconds"] = self.seconds - during
+            summary["overhead"] = self.seconds / max(1e-9, loop_seconds - during)
+        return summary
+
+    def _decide(self, in_domain: Callable[[Any], float]) -> dict[str, Any]:
         context = distributed.current()
         ended = self.last is not None and self.last["step"] == self.total_steps
         final = _bound(self.last["bound"]) if ended else self.bound()
@@ -340,9 +354,6 @@ class BudgetTracker:
             "measurements": self.measurements, "met_during_training": self.inside is not None,
             "last_inside_step": None if self.inside is None else self.inside["step"],
         }
-        if loop_seconds:
-            summary["estimate_seconds"] = self.seconds
-            summary["overhead"] = self.seconds / max(1e-9, loop_seconds - self.seconds)
         if final.inside:
             summary.update(kept="final", kept_step=self.total_steps, scale=1.0, met=True, **_kept(final))
             return summary

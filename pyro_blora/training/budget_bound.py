@@ -18,8 +18,8 @@ from pyro_blora.config import RetentionBudget
 from pyro_blora.metrics.retention_bound import ratio_upper_bound
 from pyro_blora.model.objective import token_nll_per_utterance
 
-__all__ = ["RetentionBound", "RetentionLosses", "far_from_limit", "retention_bound", "retention_losses",
-           "retention_name"]
+__all__ = ["RetentionBound", "RetentionLosses", "far_above_limit", "far_from_limit", "retention_bound",
+           "retention_losses", "retention_name"]
 
 
 @dataclass
@@ -103,6 +103,13 @@ def far_from_limit(bound: RetentionBound, fraction: float) -> bool:
     """The upper bound has used less than ``fraction`` of the CE increase the budget allows."""
     allowed = bound.limit - bound.base_ce
     return allowed > 0 and bound.ce_upper - bound.base_ce < fraction * allowed
+
+
+def far_above_limit(bound: RetentionBound, fraction: float) -> bool:
+    """The upper bound has used more than ``1 / fraction`` times the CE increase the budget allows
+    (twice it at 0.5): the mirror image of :func:`far_from_limit`."""
+    allowed = bound.limit - bound.base_ce
+    return allowed > 0 and bound.ce_upper - bound.base_ce > allowed / fraction
 
 
 def retention_name(source: str | Path | None) -> str:
