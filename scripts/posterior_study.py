@@ -20,6 +20,7 @@ and the run folder readers; every number comes from committed files.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -139,7 +140,10 @@ def frontier(spec_file: Path, out: Path) -> str:
     from matplotlib.figure import Figure
 
     spec = json.loads(spec_file.read_text())
-    read = lambda name: json.loads((spec_file.parent / name).read_text())["results"]  # noqa: E731
+    @functools.cache
+    def read(name: str) -> dict:  # each evaluation file is read once, however many panels use it
+        return json.loads((spec_file.parent / name).read_text())["results"]
+
     (x_domain, x_metric) = spec["x"]
     figure = Figure(figsize=(6 * len(spec["panels"]), 5))
     colours = {group: f"C{i}" for i, group in enumerate(dict.fromkeys(p["group"] for p in spec["points"]))}

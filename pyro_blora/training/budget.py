@@ -282,9 +282,9 @@ class BudgetTracker:
             return True
         if step % self.budget.every:
             return False
-        far = self.last is not None and (
-            far_from_limit(_bound(self.last["bound"]), self.budget.far_fraction)
-            or (self.model is None and far_above_limit(_bound(self.last["bound"]), self.budget.far_fraction)))
+        last = None if self.last is None else _bound(self.last["bound"])
+        far = last is not None and (far_from_limit(last, self.budget.far_fraction)
+                                    or (self.model is None and far_above_limit(last, self.budget.far_fraction)))
         return not far or step % (self.budget.every * self.budget.far_every) == 0
 
     def after_step(self, step: int) -> dict[str, float]:
