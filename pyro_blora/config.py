@@ -361,6 +361,11 @@ class RetentionBudget:
     # bisection steps between the largest value inside the budget and the next one up.
     scale_grid: int = 10
     scale_refine: int = 4
+    # Precision of a measurement: "fp32", or "bf16" autocast, about half the cost on CPUs with bf16
+    # matrix units (BENCHMARKS "Forgetting budget"). The base model's losses it is paired with are
+    # measured the same way. bf16 moves the bound by about half a point of the change (BENCHMARKS), so
+    # the budget's coverage (RESULTS "Forgetting budget") is measured in fp32, the default.
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -390,6 +395,7 @@ class RetentionBudget:
              f"scale_grid must be an integer >= 1, got {self.scale_grid!r}"),
             (isinstance(self.scale_refine, int) and self.scale_refine >= 0,
              f"scale_refine must be an integer >= 0, got {self.scale_refine!r}"),
+            (self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

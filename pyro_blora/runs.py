@@ -18,6 +18,7 @@ the base model's evaluation on the same sets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -322,11 +323,22 @@ def _checked_folder(run_dir: Path, fingerprint: dict[str, Any], resume: bool) ->
 
 
 def _as_saved_by(saved: Mapping[str, Any], fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """``fingerprint`` without the training options a folder written before they existed lacks,
-    where they hold their defaults (so such a run still resumes)."""
-    defaults = TrainConfig().to_dict()
-    train = dict(fingerprint.get("train") or {})
-    for name in list(train):
-        if name not in (saved.get("train") or {}) and train[name] == defaults.get(name):
-            del train[name]
-    return {**fingerprint, "train": train} if "train" in fingerprint else fingerprint
+    """``fingerprint`` without the training and budget options a folder written before they existed
+    lacks, where they hold their defaults (so such a run still resumes)."""
+
+    def without_new_defaults(given: Mapping[str, Any], old: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
+        return {k: v for k, v in given.items() if k in old or v != defaults.get(k, _NO_DEFAULT)}
+
+    fingerprint = dict(fingerprint)
+    if "train" in fingerprint:
+        fingerprint["train"] = without_new_defaults(fingerprint["train"] or {}, saved.get("train") or {},
+                                                    TrainConfig().to_dict())
+    budget = (fingerprint.get("retention") or {}).get("budget")
+    if budget is not None:
+        old = (saved.get("retention") or {}).get("budget") or {}
+        defaults = {f.name: f.default for f in dataclasses.fields(RetentionBudget)}
+        fingerprint["retention"] = {**fingerprint["retention"], "budget": without_new_defaults(budget, old, defaults)}
+    return fingerprint
+
+
+_NO_DEFAULT = object()

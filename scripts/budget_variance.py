@@ -9,7 +9,7 @@ of ``--sizes``: the relative change of the transcript-token CE, its one-sided up
 ``--confidence`` (the estimator the budget uses, ``pyro_blora.training.budget_bound``), the bound's width
 (upper - estimate), the spread of the estimate over disjoint sets of N utterances (an empirical check of
 the bound's standard error) and the seconds one measurement of N utterances takes (the median of
-``--repeats``). The smallest N whose width is at most ``--tight`` of the budget is the size the budget
+``--repeats``), in ``--precision`` (the base model's losses too). The smallest N whose width is at most ``--tight`` of the budget is the size the budget
 can rely on. Writes ``variance.json`` and ``variance.md`` into ``--out``.
 """
 
@@ -40,6 +40,8 @@ def main() -> None:
     parser.add_argument("--tight", type=float, default=0.5, help="a width of at most this share of the budget is tight")
     parser.add_argument("--scale", type=float, default=1.0, help="λ: the run's update scaled by it (1: the run as trained)")
     parser.add_argument("--repeats", type=int, default=3, help="timed measurements per size (0: none)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=RetentionBudget.precision,
+                        help="precision of every measurement (RetentionBudget.precision)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -68,7 +70,8 @@ def measure(args, sizes: list[int]) -> dict:
     """Per-utterance losses of the run and its base on max(sizes) utterances, then each size's bound
     (its first N) and the time of one measurement of N."""
     whisper, processor, description = load_run_model(args.run)
-    run = scaled_run(args.run, whisper, processor, args.retain, max(sizes), args.retain_split, args.cache_dir)
+    run = scaled_run(args.run, whisper, processor, args.retain, max(sizes), args.retain_split, args.cache_dir,
+                     args.precision)
     available = len(run.retention)
     losses = run.losses(args.scale)
     rows = []
@@ -80,7 +83,7 @@ def measure(args, sizes: list[int]) -> dict:
         seconds = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            retention_losses(whisper, batches)
+            retention_losses(whisper, batches, args.precision)
             seconds.append(time.perf_counter() - start)
         width = bound.upper - bound.estimate
         rows.append({"utterances": n, "change": bound.estimate - 1, "upper": bound.upper - 1, "width": width,
@@ -89,7 +92,8 @@ def measure(args, sizes: list[int]) -> dict:
                      "seconds_per_measurement": statistics.median(seconds) if seconds else None,
                      "tight": width <= args.tight * args.budget})
     chosen = next((r["utterances"] for r in rows if r["tight"]), None)
-    return {"run": str(args.run), "scale": args.scale, "model": description, "retention": run.retention.describe(),
+    return {"run": str(args.run), "scale": args.scale, "precision": args.precision, "model": description,
+            "retention": run.retention.describe(),
             "available": available, "confidence": args.confidence, "budget": args.budget, "tight": args.tight,
             "sizes": rows, "smallest_tight": chosen}
 
@@ -119,7 +123,9 @@ def page(report: dict) -> str:
     smallest = report["smallest_tight"]
     verdict = (f"The smallest N whose bound is at most {100 * report['tight']:g}% of a {100 * report['budget']:g}% "
                f"budget wide: {smallest if smallest is not None else 'none of these'}.")
-    return "\n".join([f"# Retention bound width per size: {report['run']} × {report.get('scale', 1.0):g}", "",
+    precision = report.get("precision", "fp32")
+    return "\n".join([f"# Retention bound width per size: {report['run']} × {report.get('scale', 1.0):g}"
+                      + ("" if precision == "fp32" else f", {precision}"), "",
                       f"{report['retention']['source']} ({report['retention']['split']}), {report['available']} "
                       "utterances available; the run against its base model, paired per utterance.", "",
                       markdown_table(rows), "", verdict, ""])

@@ -82,7 +82,7 @@ def bound_of(state, losses, budget):
     (dict(budget=-0.1), "relative budget must be >= 0"), (dict(budget=0.0, kind="absolute"), "absolute budget"),
     (dict(budget=0.1, kind="percent"), "kind must be one of"), (dict(budget=0.1, every=0), "every"),
     (dict(budget=0.1, decay=1.0), "decay"), (dict(budget=0.1, beta_min=2.0, beta_max=1.0), "beta_min <= beta_max"),
-    (dict(budget=0.1, lr=0.0), "dual-ascent"),
+    (dict(budget=0.1, lr=0.0), "dual-ascent"), (dict(budget=0.1, precision="fp16"), "precision must be 'fp32' or 'bf16'"),
 ])
 def test_budget_options_are_checked_and_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -211,6 +211,34 @@ def test_resumed_budgeted_run_matches_uninterrupted_run(base_state, tmp_path):
     assert [axes.get_title() for axes in figure.axes][:2] == ["β (KL weight)", "retention loss (CE / transcript token)"]
     [row] = budget_rows([tmp_path / "full"], ["full"])
     assert row["final_beta"] == pytest.approx(full.budget["final_beta"]) and row["met"] == full.budget["met"]
+
+
+def test_bf16_measurements_follow_fp32_and_the_budget_measures_in_its_precision(base_state, monkeypatch):
+    whisper, batches = base_whisper(base_state), retention().batches
+    full, half = retention_losses(whisper, batches), retention_losses(whisper, batches, "bf16")
+    assert full.ids == half.ids and full.tokens == half.tokens and full.ce_sum != half.ce_sum
+    assert half.ce == pytest.approx(full.ce, rel=0.05)
+    import pyro_blora.training.budget as budget_module
+
+    seen = []
+    measure = budget_module.retention_losses
+    monkeypatch.setattr(budget_module, "retention_losses", lambda w, b, precision: seen.append(precision) or measure(w, b, precision))
+    result, *_ = run(base_state, RetentionBudget(0.2, every=2, precision="bf16"), steps=4)
+    assert seen and set(seen) == {"bf16"} and result.budget["met"] in (True, False)
+
+
+def test_a_budgeted_run_written_before_the_precision_option_still_resumes(base_state, tmp_path):
+    budget = RetentionBudget(0.2, every=2)
+    config = TrainConfig(steps=6, **{**FAST, "checkpoint_every": 3})
+    run(base_state, budget, run_dir=tmp_path / "old", config=config)
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    del saved["retention"]["budget"]["precision"]  # as an older version wrote it
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    (tmp_path / "old" / "checkpoints" / "step-00000006.pt").unlink()
+    run(base_state, budget, run_dir=tmp_path / "old", resume=True, config=config)
+    with pytest.raises(ValueError, match="holds a different run"):
+        run(base_state, RetentionBudget(0.2, every=2, precision="bf16"), run_dir=tmp_path / "old", resume=True,
+            config=config)
 
 
 def test_map_adapts_beta_too(base_state):

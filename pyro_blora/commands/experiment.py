@@ -17,6 +17,7 @@ from pyro_blora.commands.options import (
     PRESETS,
     RETAIN_ABSOLUTE_HELP,
     RETAIN_HELP,
+    RETAIN_PRECISION_HELP,
     RETAIN_SPLIT_HELP,
     TARGETS_HELP,
     AlphaOption,
@@ -113,6 +114,7 @@ def train(
                                                     + budget_default("utterances")),
     retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
                                                       + budget_default("confidence")),
+    retain_precision: Optional[str] = typer.Option(None, help=RETAIN_PRECISION_HELP),
     retain_lr: Optional[float] = typer.Option(None, help="dual-ascent step of log beta " + budget_default("lr")),
     retain_decay: Optional[float] = typer.Option(None, help="moving average of the retention loss " + budget_default("decay")),
     beta_min: Optional[float] = typer.Option(None, help="lower bound of the adapted beta " + budget_default("beta_min")),
@@ -136,7 +138,8 @@ def train(
              scale_init=scale_init, curvature_batches=curvature_batches),
     )
     budget = retention_budget(retain_budget, retain_absolute, retain, every=retain_every, utterances=retain_utterances,
-                              confidence=retain_confidence, lr=retain_lr, decay=retain_decay, beta_min=beta_min, beta_max=beta_max,
+                              confidence=retain_confidence, precision=retain_precision, lr=retain_lr, decay=retain_decay,
+                              beta_min=beta_min, beta_max=beta_max,
                               scale_at_end=retain_scale)
     processor = load_processor(base_model_of(model))
     training = load_training_data(data, processor, split=split, cache_dir=cache_dir, limit=limit,
@@ -208,11 +211,12 @@ def evaluate(
                                                     + budget_default("utterances")),
     retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
                                                       + budget_default("confidence")),
+    retain_precision: Optional[str] = typer.Option(None, help=RETAIN_PRECISION_HELP),
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
     budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances,
-                              confidence=retain_confidence)
+                              confidence=retain_confidence, precision=retain_precision)
     if budget is not None and delta_scale is not None:
         raise typer.BadParameter("give --delta-scale or --retain-budget, not both: the budget chooses the scale")
     scales = (None,) if delta_scale is None else comma_values(delta_scale, float, "--delta-scale")
@@ -265,11 +269,12 @@ def export(
                                                     + budget_default("utterances")),
     retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
                                                       + budget_default("confidence")),
+    retain_precision: Optional[str] = typer.Option(None, help=RETAIN_PRECISION_HELP),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
 ) -> None:
     """Write a run's adapted model as a plain transformers Whisper folder, optionally inside a forgetting budget."""
     budget = retention_budget(retain_budget, retain_absolute, retain, utterances=retain_utterances,
-                              confidence=retain_confidence)
+                              confidence=retain_confidence, precision=retain_precision)
     info = export_run(run, out, retain=retain, retain_budget=budget, retain_split=retain_split, cache_dir=cache_dir)
     if "retention_budget" in info:
         chosen = info["retention_budget"]
@@ -284,6 +289,7 @@ def frontier(
     retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
     retain_utterances: int = typer.Option(RetentionBudget.utterances, help="retention utterances measured"),
     retain_confidence: float = typer.Option(RetentionBudget.confidence, help="confidence of the upper bound"),
+    retain_precision: str = typer.Option(RetentionBudget.precision, help=RETAIN_PRECISION_HELP),
     scales: str = typer.Option(comma_list(default_scales()), help="comma-separated λ in [0, 1] of the curve"),
     budgets: str = typer.Option(comma_list(FRONTIER_BUDGETS), help="comma-separated relative budgets to pick a λ for"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
@@ -300,11 +306,11 @@ def frontier(
     if any(b < 0 for b in chosen):
         raise typer.BadParameter("a relative budget is >= 0 (0.03: at most 3% worse)", param_hint="--budgets")
     try:
-        RetentionBudget(0.0, utterances=retain_utterances, confidence=retain_confidence)
+        RetentionBudget(0.0, utterances=retain_utterances, confidence=retain_confidence, precision=retain_precision)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     report = run_frontier(run, retain, out, lambdas, chosen, retain_utterances, retain_confidence, retain_split,
-                          cache_dir)
+                          cache_dir, retain_precision)
     for pick in report["budgets"]:
         where = "no λ, not even 0" if pick["scale"] is None else f"λ {pick['scale']:.4g}: {pick['line']}"
         typer.echo(f"budget {100 * pick['budget']:g}%: {where}")

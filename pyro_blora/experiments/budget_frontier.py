@@ -52,11 +52,12 @@ class ScaledRun:
     retention: RetentionSet
     base: RetentionLosses
     name: str
+    precision: str = "fp32"  # of every measurement, the base model's included
 
     def losses(self, scale: float) -> RetentionLosses:
         """Per-utterance retention losses of W0 + ``scale`` dW."""
         with self.update.scaled(scale) as model:
-            return retention_losses(model, self.retention.batches)
+            return retention_losses(model, self.retention.batches, self.precision)
 
     def bound(self, scale: float, budget: RetentionBudget) -> RetentionBound:
         """The budget's verdict on W0 + ``scale`` dW (:func:`retention_bound`, as in training)."""
@@ -64,10 +65,11 @@ class ScaledRun:
 
 
 def scaled_run(run_dir: str | Path, whisper, processor, retain: str | Path, utterances: int, split: str = "dev",
-               cache_dir: str | Path | None = None) -> ScaledRun:
+               cache_dir: str | Path | None = None, precision: str = "fp32") -> ScaledRun:
     """``whisper`` (a finished run's model, scaled in place later) as W0 + lambda dW, with the first
-    ``utterances`` of ``split`` of ``retain`` and the base model's losses on them, read from the run
-    folder's ``retention-base-losses.json`` when it holds the same utterances and labels."""
+    ``utterances`` of ``split`` of ``retain`` and the base model's losses on them in ``precision``, read
+    from the run folder's ``retention-base-losses.json`` when it holds the same utterances, labels and
+    precision."""
     run_dir = Path(run_dir)
     model_source = str(read_run_config(run_dir)["run"]["model_source"])
     base = base_of_run(run_dir, whisper)
@@ -83,15 +85,17 @@ def scaled_run(run_dir: str | Path, whisper, processor, retain: str | Path, utte
     update = parameter_update(whisper, params, origin)
     key = {**retention.describe(), "model": model_source, "ids": retention.ids,
            "encoder_window_seconds": window_of(whisper)}
+    if precision != "fp32":  # fp32 caches written before the option existed stay valid
+        key["precision"] = precision
     cached = run_dir / BASE_LOSSES_FILE
     saved = json.loads(cached.read_text()) if cached.is_file() else {}
     if saved.get("key") == key:
         base_losses = RetentionLosses(**saved["losses"])
     else:
         with update.scaled(0.0) as model:
-            base_losses = retention_losses(model, retention.batches)
+            base_losses = retention_losses(model, retention.batches, precision)
         atomic_write_json(cached, {"key": key, "losses": base_losses.to_dict()})
-    return ScaledRun(update, retention, base_losses, retention_name(retain))
+    return ScaledRun(update, retention, base_losses, retention_name(retain), precision)
 
 
 def budget_scaled_model(run_dir: str | Path, whisper, processor, retain: str | Path, budget: RetentionBudget,
@@ -99,7 +103,7 @@ def budget_scaled_model(run_dir: str | Path, whisper, processor, retain: str | P
     """A finished run's model (``whisper``, changed in place) with its update scaled, W0 + lambda dW,
     by the largest lambda in [0, 1] whose upper bound of the retention loss on ``retain`` is inside
     ``budget``, with no retraining; and what was measured (the bound's fields and its line)."""
-    run = scaled_run(run_dir, whisper, processor, retain, budget.utterances, split, cache_dir)
+    run = scaled_run(run_dir, whisper, processor, retain, budget.utterances, split, cache_dir, budget.precision)
     limit = budget.limit(run.base.ce)
     scale, bounds = choose_bounded_scale(lambda s: run.bound(s, budget), limit, budget)
     if scale is None:
@@ -124,7 +128,7 @@ def default_scales(grid: int = RetentionBudget.scale_grid) -> tuple[float, ...]:
 def frontier(run_dir: str | Path, retain: str | Path, out: str | Path, scales: Sequence[float] | None = None,
              budgets: Sequence[float] = FRONTIER_BUDGETS, utterances: int = RetentionBudget.utterances,
              confidence: float = RetentionBudget.confidence, split: str = "dev",
-             cache_dir: str | Path | None = None) -> dict[str, Any]:
+             cache_dir: str | Path | None = None, precision: str = RetentionBudget.precision) -> dict[str, Any]:
     """The retention CE's change and its upper bound at every lambda of ``scales`` for a finished run,
     and the lambda each relative budget of ``budgets`` picks (the search of ``export --retain-budget``);
     ``out``/frontier.json, frontier.md and frontier.png."""
@@ -138,7 +142,7 @@ def frontier(run_dir: str | Path, retain: str | Path, out: str | Path, scales: S
     if any(not 0 <= s <= 1 for s in scales):
         raise ValueError(f"every scale must lie in [0, 1] (0: the base model, 1: the run as trained), got {scales}")
     whisper, processor, description = load_run_model(run_dir)
-    run = scaled_run(run_dir, whisper, processor, retain, utterances, split, cache_dir)
+    run = scaled_run(run_dir, whisper, processor, retain, utterances, split, cache_dir, precision)
     losses = {s: run.losses(s) for s in scales}
 
     def measured(scale: float) -> RetentionLosses:
@@ -148,22 +152,24 @@ def frontier(run_dir: str | Path, retain: str | Path, out: str | Path, scales: S
 
     picks = []
     for value in budgets:
-        budget = RetentionBudget(value, utterances=utterances, confidence=confidence)
+        budget = RetentionBudget(value, utterances=utterances, confidence=confidence, precision=precision)
         scale, bounds = choose_bounded_scale(lambda s: retention_bound(budget, measured(s), run.base, run.name),
                                              budget.limit(run.base.ce), budget)
         picks.append({"budget": value, "scale": scale,
                       "line": None if scale is None else bounds[scale].line(),
                       "export": f"pyro-blora export {run_dir} --out <folder> --retain {retain} --retain-split {split} "
                                 f"--retain-utterances {utterances} --retain-confidence {confidence:g} "
-                                f"--retain-budget {value:g}"})
-    curve = RetentionBudget(0.0, utterances=utterances, confidence=confidence)
+                                + (f"--retain-precision {precision} " if precision != "fp32" else "")
+                                + f"--retain-budget {value:g}"})
+    curve = RetentionBudget(0.0, utterances=utterances, confidence=confidence, precision=precision)
     points = []
     for s in sorted(losses):
         b = retention_bound(curve, losses[s], run.base, run.name)
         points.append({"scale": s, "ce": b.ce, "ce_upper": b.ce_upper, "change": b.change,
                        "change_upper": b.change_upper})
     report = {"run": str(run_dir), "model": description, "retention": run.retention.describe(),
-              "confidence": confidence, "utterances": len(run.retention), "base_retain_ce": run.base.ce,
+              "confidence": confidence, "precision": precision, "utterances": len(run.retention),
+              "base_retain_ce": run.base.ce,
               "points": points, "budgets": picks}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "frontier.json", report)

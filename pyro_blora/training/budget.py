@@ -248,7 +248,7 @@ class BudgetTracker:
 
         def run() -> RetentionLosses:
             with self.update.scaled(scale) as whisper:
-                return retention_losses(whisper, self.retention.batches)
+                return retention_losses(whisper, self.retention.batches, self.budget.precision)
 
         value = distributed.current().on_main(run)
         self.seconds += time.perf_counter() - start

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
+
 from pyro_blora.config import RetentionBudget
 from pyro_blora.metrics.retention_bound import ratio_upper_bound
 from pyro_blora.model.objective import token_nll_per_utterance
@@ -38,9 +40,12 @@ class RetentionLosses:
         return asdict(self)
 
 
-def retention_losses(whisper, batches: Sequence[Mapping]) -> RetentionLosses:
-    """One CE-only forward pass over the retention batches, per utterance (the prompt left out)."""
-    out = token_nll_per_utterance(whisper, batches)
+def retention_losses(whisper, batches: Sequence[Mapping], precision: str = "fp32") -> RetentionLosses:
+    """One CE-only forward pass over the retention batches, per utterance (the prompt left out), in
+    ``precision`` ("fp32", or "bf16" autocast; :attr:`RetentionBudget.precision`)."""
+    device = next(whisper.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = token_nll_per_utterance(whisper, batches)
     if sum(out.ce_tokens) == 0:
         raise ValueError("the retention batch has no transcript tokens (every label is prompt or padding); "
                          "give retention utterances with transcripts, or none so that the base model labels them")
