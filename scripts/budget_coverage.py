@@ -80,9 +80,11 @@ def collect(root: Path, base_ce: float, domain: str) -> list[dict]:
         budget = float(name["budget"])
         if abs(held["budget"]["budget"] - budget) > 1e-9:
             raise SystemExit(f"{folder}: its name says budget {budget} but it held {held['budget']['budget']}")
-        change = evaluated["results"][domain]["ce"] / base_ce - 1
+        tested = evaluated["results"][domain]
+        change = tested["ce"] / base_ce - 1
         models.append({"arm": name["arm"], "budget": budget, "seed": int(name["seed"]), "folder": folder.name,
                        "evaluation": evaluated, "test_change": change, "covered": change <= budget,
+                       "language_id": tested.get("language_id"),
                        "held_change": held.get("retain_change"), "held_upper": held.get("retain_change_upper"),
                        "utterances": held.get("utterances"), "met": held.get("met", True),
                        "kept": held.get("kept", "post-hoc"), "scale": held.get("scale"),
@@ -106,7 +108,9 @@ def coverage_rows(models: list[dict]) -> list[dict]:
     rows = [{"arm": arm, "budget": budget, **_share(sum(m["covered"] for m in group), len(group)),
              "test_changes": [round(m["test_change"], 4) for m in sorted(group, key=lambda m: m["seed"])],
              "held_uppers": [None if m["held_upper"] is None else round(m["held_upper"], 4)
-                             for m in sorted(group, key=lambda m: m["seed"])]}
+                             for m in sorted(group, key=lambda m: m["seed"])],
+             "kept": [_kept(m) for m in sorted(group, key=lambda m: m["seed"])],
+             "language_ids": [m["language_id"] for m in sorted(group, key=lambda m: m["seed"])]}
             for (arm, budget), group in sorted(groups.items())]
     rows.append({"arm": "pooled", "budget": None, **_share(sum(m["covered"] for m in models), len(models))})
     return rows
@@ -128,6 +132,16 @@ def in_domain_rows(models: list[dict], in_domain: str, kept: str, reference: str
             row[label] = {"difference": found.estimate, "low": found.low, "high": found.high}
         rows.append(row)
     return rows
+
+
+def _kept(model: dict) -> str:
+    """What a model kept, in a few characters: its update's scale, and the final beta of a budgeted-beta run."""
+    parts = [] if model["scale"] in (None, 1.0) else [f"×{model['scale']:.3g}"]
+    if model["final_beta"] is not None:
+        parts.append(f"β {model['final_beta']:.2g}")
+    if model["kept"] == "checkpoint":
+        parts.append("checkpoint")
+    return " ".join(parts) or "×1"
 
 
 def overhead_rows(models: list[dict]) -> list[dict]:
@@ -152,7 +166,11 @@ def render(report: dict) -> str:
          "covered": f"{r['covered']} of {r['runs']}",
          "share [95%]": f"{_pct(r['share'], False)} [{_pct(r['low'], False)}, {_pct(r['high'], False)}]",
          "test change per seed": ", ".join(_pct(c) for c in r.get("test_changes", [])) or "-",
-         "bound held per seed": ", ".join(_pct(c) for c in r.get("held_uppers", [])) or "-"}
+         "bound held per seed": ", ".join(_pct(c) for c in r.get("held_uppers", [])) or "-",
+         "kept per seed": ", ".join(r.get("kept", [])) or "-",
+         **({"language ID per seed": ", ".join("-" if v is None else f"{100 * v:.1f}%" for v in r.get("language_ids", []))
+                or "-"}
+            if any(v is not None for c in report["coverage"] for v in c.get("language_ids", [])) else {})}
         for r in report["coverage"]]))
     if report.get("in_domain"):
         lines += ["", "Against the reference arm at the same budget, paired over utterances, seeds pooled "

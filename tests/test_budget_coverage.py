@@ -35,9 +35,10 @@ def _write(folder: Path, en_ce: float, zh_errors: int, held: dict, trained: bool
     (folder / "eval.json").write_text(json.dumps(evaluation))
 
 
-def _held(budget: float, upper: float, overhead: float | None = None) -> dict:
+def _held(budget: float, upper: float, overhead: float | None = None, scale: float | None = None,
+          beta: float | None = None) -> dict:
     return {"budget": {"budget": budget}, "retain_change": upper - 0.01, "retain_change_upper": upper,
-            "utterances": 64, "overhead": overhead, "kept": "final", "met": True}
+            "utterances": 64, "overhead": overhead, "kept": "final", "met": True, "scale": scale, "final_beta": beta}
 
 
 def test_coverage_counts_intervals_and_paired_differences(tmp_path):
@@ -46,10 +47,10 @@ def test_coverage_counts_intervals_and_paired_differences(tmp_path):
     root = tmp_path / "coverage"
     for seed in range(3):
         # post-hoc LoRA: +4% on test at a 5% budget (covers), 3 zh-en errors of 10 tokens per utterance
-        _write(root / f"lora-posthoc-b0.05-s{seed}", 0.208, 3, _held(0.05, 0.04), trained=False)
+        _write(root / f"lora-posthoc-b0.05-s{seed}", 0.208, 3, _held(0.05, 0.04, scale=0.4375), trained=False)
         # the budgeted arm breaks its budget on test at seed 2 only (+7%), with 1 error fewer per utterance
-        _write(root / f"blora-b0.05-s{seed}", 0.214 if seed == 2 else 0.2, 2, _held(0.05, 0.045, 0.1 * (seed + 1)),
-               trained=True)
+        _write(root / f"blora-b0.05-s{seed}", 0.214 if seed == 2 else 0.2, 2,
+               _held(0.05, 0.045, 0.1 * (seed + 1), scale=1.0, beta=0.3), trained=True)
     (root / "notes").mkdir()  # folders of other names are left alone
     done = subprocess.run([sys.executable, str(SCRIPT), str(root), "--base", str(base), "--in-domain", "zh-en"],
                           capture_output=True, text=True)
@@ -61,6 +62,8 @@ def test_coverage_counts_intervals_and_paired_differences(tmp_path):
     assert (pooled["covered"], pooled["runs"]) == (5, 6)
     assert (pooled["low"], pooled["high"]) == pytest.approx(coverage_interval(5, 6))
     assert rows[("blora", 0.05)]["test_changes"] == pytest.approx([0.0, 0.0, 0.07])
+    assert rows[("blora", 0.05)]["kept"] == ["β 0.3"] * 3 and rows[("lora-posthoc", 0.05)]["kept"] == ["×0.438"] * 3
+    assert "language ID per seed" not in done.stdout  # the test evaluations carry no language ID
     (paired,) = report["in_domain"]
     assert paired["arm"] == "blora" and paired["seeds"] == [0, 1, 2]
     assert paired["in_domain_error"]["difference"] == pytest.approx(-0.1)  # 2 against 3 errors in 10 tokens
