@@ -91,23 +91,14 @@ def weightings(run: Path, batches: int) -> str:
     many entries each lets the data pin (data precision above the prior's)."""
     import torch
 
-    from pyro_blora.data.training_data import load_training_data
     from pyro_blora.model.curvature import diagonal_fisher, optimal_scales
-    from pyro_blora.model.encoder_window import encoder_input_frames
     from pyro_blora.model.objective import elbo_scaling
     from pyro_blora.metrics.scales import scale_quantiles
-    from pyro_blora.runs import load_for_transcription, read_run_config, weights_folder
-    from pyro_blora.training.convergence import curvature_batches, pinned_by_data, site_prior_scales
-    from pyro_blora.training.loop import count_label_tokens
-    from dataclasses import replace
+    from pyro_blora.training.convergence import pinned_by_data, run_curvature, site_prior_scales
 
-    config = read_run_config(run)
-    model, guide, processor = load_for_transcription(weights_folder(run), keep_window=True)
-    data = load_training_data(config["run"]["train_data"], processor, split=config["run"].get("train_split", "train"))
-    collate = replace(data.collate, n_frames=encoder_input_frames(model.whisper))
-    tokens = count_label_tokens(data.dataset, collate)
-    batches = curvature_batches(data.dataset, collate, config["train"]["batch_size"], 0, batches, torch.device("cpu"))
-    fisher = diagonal_fisher(model, guide.means(), batches, generator=torch.Generator().manual_seed(0))
+    measured = run_curvature(run, batches)
+    model, data, tokens = measured.model, measured.data, measured.tokens
+    fisher = diagonal_fisher(model, measured.guide.means(), measured.batches, generator=torch.Generator().manual_seed(0))
     priors = site_prior_scales(model)
     lines = [f"{run.name}: {tokens} training tokens, curvature on {fisher.batches} batches ({fisher.tokens} tokens)"]
     for normalization in (model.config.kl_normalization, "token", "dataset"):

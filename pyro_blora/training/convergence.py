@@ -10,7 +10,7 @@ stated rule (:data:`RULE`), written into the run's ``result.json``.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,7 +34,9 @@ __all__ = [
     "pinned_by_data",
     "posterior_convergence",
     "site_prior_scales",
+    "RunCurvature",
     "run_convergence",
+    "run_curvature",
     "weighted_kl",
     "weighted_kl_of_means",
 ]
@@ -161,9 +163,21 @@ def posterior_convergence(stddevs: Mapping[str, torch.Tensor], sigma_star: Mappi
 
 
 
-def run_convergence(run_dir: str | Path, batches: int = 8, data=None, seed: int = 0) -> dict[str, Any]:
-    """:func:`posterior_convergence` of a finished blora run, from its saved posterior and log: the
-    curvature measured on ``batches`` mini-batches of its training data (``data``, a
+@dataclass
+class RunCurvature:
+    """What the curvature of a finished blora run is measured from: its posterior, its training data
+    (at the run's window) and the mini-batches it is measured on."""
+
+    config: dict[str, Any]
+    model: BLoRAWhisper
+    guide: Any
+    data: Any  # TrainingData
+    tokens: int  # label tokens of the whole training set
+    batches: list
+
+
+def run_curvature(run_dir: str | Path, batches: int = 8, data=None, seed: int = 0) -> RunCurvature:
+    """A finished blora run's posterior with ``batches`` mini-batches of its training data (``data``, a
     :class:`~pyro_blora.data.training_data.TrainingData`, or else re-read from where its config says)."""
     config = read_run_config(run_dir)
     model, guide, processor = load_for_transcription(weights_folder(run_dir), keep_window=True)
@@ -173,13 +187,17 @@ def run_convergence(run_dir: str | Path, batches: int = 8, data=None, seed: int 
     if data is None:
         run = config["run"]
         data = load_training_data(run["train_data"], processor, split=run.get("train_split", "train"))
-    frames = encoder_input_frames(model.whisper)
-    collate = replace(data.collate, n_frames=frames)
-    num_tokens = count_label_tokens(data.dataset, collate)
-    train = config.get("train", {})
+    collate = replace(data.collate, n_frames=encoder_input_frames(model.whisper))
     device = next(model.whisper.parameters()).device
-    sigma_star = curvature_scales(
-        model, guide.means(),
-        curvature_batches(data.dataset, collate, train.get("batch_size", 4), seed, batches, device), num_tokens, seed)
-    return posterior_convergence(guide.stddevs(), sigma_star, read_log(run_dir), train.get("steps", 0),
-                                 site_prior_scales(model))
+    chosen = curvature_batches(data.dataset, collate, config.get("train", {}).get("batch_size", 4), seed, batches,
+                               device)
+    return RunCurvature(config, model, guide, data, count_label_tokens(data.dataset, collate), chosen)
+
+
+def run_convergence(run_dir: str | Path, batches: int = 8, data=None, seed: int = 0) -> dict[str, Any]:
+    """:func:`posterior_convergence` of a finished blora run, from its saved posterior and log: the
+    curvature measured on ``batches`` mini-batches of its training data (:func:`run_curvature`)."""
+    run = run_curvature(run_dir, batches, data, seed)
+    sigma_star = curvature_scales(run.model, run.guide.means(), run.batches, run.tokens, seed)
+    return posterior_convergence(run.guide.stddevs(), sigma_star, read_log(run_dir),
+                                 run.config.get("train", {}).get("steps", 0), site_prior_scales(run.model))
