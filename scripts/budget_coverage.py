@@ -88,8 +88,17 @@ def collect(root: Path, base_ce: float, domain: str) -> list[dict]:
                        "held_change": held.get("retain_change"), "held_upper": held.get("retain_change_upper"),
                        "utterances": held.get("utterances"), "met": held.get("met", True),
                        "kept": held.get("kept", "post-hoc"), "scale": held.get("scale"),
-                       "overhead": held.get("overhead"), "final_beta": held.get("final_beta")})
+                       "overhead": _overhead(held), "final_beta": held.get("final_beta")})
     return models
+
+
+def _overhead(held: dict) -> float | None:
+    """The run's estimate overhead, or None where it is not the run's: a run resumed after its last step
+    (before overheads spanned resumes) recorded only its final search over a training loop of no steps."""
+    if held.get("measurements") and held.get("search_seconds") is not None \
+            and held["estimate_seconds"] - held["search_seconds"] <= 0:
+        return None
+    return held.get("overhead")
 
 
 def _public(model: dict) -> dict:

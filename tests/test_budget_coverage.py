@@ -81,3 +81,18 @@ def test_a_folder_whose_name_disagrees_with_its_budget_is_refused(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "c"), "--base", str(base)],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "its name says budget 0.02 but it held 0.05" in done.stderr
+
+
+def test_an_overhead_recorded_by_a_resume_after_the_last_step_is_left_out(tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"results": {"en": {"ce": 0.2}}}))
+    root = tmp_path / "coverage"
+    whole = {**_held(0.05, 0.04, 0.3), "measurements": 7, "estimate_seconds": 30.0, "search_seconds": 0.0}
+    # resumed at step 150: the process measured only its search, over a loop of no training steps
+    resumed = {**_held(0.05, 0.04, 5e4), "measurements": 15, "estimate_seconds": 20.0, "search_seconds": 20.0}
+    _write(root / "blora-b0.05-s0", 0.2, 2, whole, trained=True)
+    _write(root / "lora-es-b0.05-s0", 0.2, 2, resumed, trained=True)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(root), "--base", str(base)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((root / "coverage" / "coverage.json").read_text())
+    assert [(r["arm"], r["median"]) for r in report["overhead"]] == [("blora", 0.3)]

@@ -238,7 +238,11 @@ class BudgetTracker:
         self.measurements = 0
         self.last: dict[str, Any] | None = None  # {"step", "bound"} of the latest measurement
         self.inside: dict[str, Any] | None = None  # {"step", "bound", "beta", "state"} of the last one inside
-        self.seconds = 0.0
+        self.seconds = 0.0  # measuring during training, over every process of a resumed run
+        # Training-loop seconds of the processes before this one (a resumed run) and when this one began:
+        # the overhead is that of the whole run, not of its last process.
+        self.earlier_loop_seconds = 0.0
+        self._began: float | None = None
 
     # ------------------------------------------------------------------ measuring
     def measure(self, scale: float = 1.0) -> RetentionLosses:
@@ -267,6 +271,7 @@ class BudgetTracker:
             self.seconds = 0.0  # the overhead counted is that of the measurements during training
         if self.model is not None and self.log_beta is None:
             self._set_log_beta(math.log(self.model.beta))
+        self._began = time.perf_counter()
 
     def _set_log_beta(self, value: float) -> None:
         low, high = math.log(self.budget.beta_min), math.log(self.budget.beta_max)
@@ -314,7 +319,9 @@ class BudgetTracker:
     def state_dict(self) -> dict[str, Any]:
         return {"base": None if self.base is None else self.base.to_dict(), "base_ce": self.base_ce,
                 "limit": self.limit, "average": self.average, "log_beta": self.log_beta,
-                "measurements": self.measurements, "last": self.last, "inside": self.inside}
+                "measurements": self.measurements, "last": self.last, "inside": self.inside,
+                "seconds": self.seconds, "loop_seconds": self.earlier_loop_seconds
+                + (0.0 if self._began is None else time.perf_counter() - self._began)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "base" not in state:
@@ -323,6 +330,8 @@ class BudgetTracker:
         for name in ("base_ce", "limit", "average", "measurements", "last", "inside"):
             setattr(self, name, state[name])
         self.base = None if state["base"] is None else RetentionLosses(**state["base"])
+        # (checkpoints written before the overhead spanned resumes lack both: counted from here on)
+        self.seconds, self.earlier_loop_seconds = state.get("seconds", 0.0), state.get("loop_seconds", 0.0)
         self.log_beta = None
         if self.model is not None and state["log_beta"] is not None:
             self._set_log_beta(state["log_beta"])
@@ -332,13 +341,14 @@ class BudgetTracker:
         """Decide what the run keeps (see the module's docstring), leave those weights in place and
         return the summary for ``result.json``. ``in_domain(whisper)`` is the in-domain loss (lower is
         better) that chooses between two models inside the budget. The overhead counts every measurement,
-        the search for lambda at the end too, against the training time without them."""
+        the search for lambda at the end too, against the training time without them; ``loop_seconds``
+        is this process's training loop, which a resumed run adds to its earlier processes'."""
         during = self.seconds
         summary = self._decide(in_domain)
         if loop_seconds:
             summary["estimate_seconds"] = self.seconds
             summary["search_seconds"] = self.seconds - during
-            summary["overhead"] = self.seconds / max(1e-9, loop_seconds - during)
+            summary["overhead"] = self.seconds / max(1e-9, self.earlier_loop_seconds + loop_seconds - during)
         return summary
 
     def _decide(self, in_domain: Callable[[Any], float]) -> dict[str, Any]:
