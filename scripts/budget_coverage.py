@@ -112,14 +112,12 @@ def _share(covered: int, runs: int) -> dict:
 
 def coverage_rows(models: list[dict]) -> list[dict]:
     groups: dict[tuple[str, float], list[dict]] = {}
-    for m in models:
+    for m in sorted(models, key=lambda m: m["seed"]):  # each group's lists run seed by seed
         groups.setdefault((m["arm"], m["budget"]), []).append(m)
     rows = [{"arm": arm, "budget": budget, **_share(sum(m["covered"] for m in group), len(group)),
-             "test_changes": [round(m["test_change"], 4) for m in sorted(group, key=lambda m: m["seed"])],
-             "held_uppers": [None if m["held_upper"] is None else round(m["held_upper"], 4)
-                             for m in sorted(group, key=lambda m: m["seed"])],
-             "kept": [_kept(m) for m in sorted(group, key=lambda m: m["seed"])],
-             "language_ids": [m["language_id"] for m in sorted(group, key=lambda m: m["seed"])]}
+             "test_changes": [round(m["test_change"], 4) for m in group],
+             "held_uppers": [None if m["held_upper"] is None else round(m["held_upper"], 4) for m in group],
+             "kept": [_kept(m) for m in group], "language_ids": [m["language_id"] for m in group]}
             for (arm, budget), group in sorted(groups.items())]
     rows.append({"arm": "pooled", "budget": None, **_share(sum(m["covered"] for m in models), len(models))})
     return rows
