@@ -45,6 +45,9 @@ KL_NORMALIZATIONS = ("dataset", "token", "parameter", "matrix")
 # The scale learning rate (a multiple of lr) at which the paper preset's posterior scales converge.
 CONVERGED_SCALE_LR_MULTIPLIER = 30.0
 KLNormalization = Literal["dataset", "token", "parameter", "matrix"]
+# Numeric precisions of training steps (TrainConfig) and retention measurements (RetentionBudget).
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 WEIGHT_NOISES = ("shared", "flipout", "lrt")
 BUDGET_KINDS = ("relative", "absolute")
 
@@ -239,7 +242,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     # "bf16" runs the forward pass under bfloat16 autocast (about 2x faster on CPUs with AMX and on
     # GPUs); the guide's parameters and the ELBO stay in float32.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     # Evaluate every this many steps (0: never) and checkpoint every this many steps (0: only at the end).
     eval_every: int = 0
     checkpoint_every: int = 50
@@ -276,7 +279,7 @@ class TrainConfig:
             (self.estimator in ("trace", "analytic"), f"estimator must be 'trace' or 'analytic', got {self.estimator!r}"),
             (self.weight_noise in WEIGHT_NOISES, f"weight_noise must be one of {WEIGHT_NOISES}, got {self.weight_noise!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (0 < self.encoder_window_seconds <= 30,
@@ -363,9 +366,9 @@ class RetentionBudget:
     scale_refine: int = 4
     # Precision of a measurement: "fp32", or "bf16" autocast, about half the cost on CPUs with bf16
     # matrix units (BENCHMARKS "Forgetting budget"). The base model's losses it is paired with are
-    # measured the same way. bf16 moves the bound by about half a point of the change (BENCHMARKS), so
-    # the budget's coverage (RESULTS "Forgetting budget") is measured in fp32, the default.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # measured the same way. bf16 moved the bound by 0.2-1.1 points of the change (BENCHMARKS), so the
+    # budget's coverage (RESULTS "Forgetting budget") is measured in fp32, the default.
+    precision: Precision = "fp32"
 
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
@@ -395,7 +398,7 @@ class RetentionBudget:
              f"scale_grid must be an integer >= 1, got {self.scale_grid!r}"),
             (isinstance(self.scale_refine, int) and self.scale_refine >= 0,
              f"scale_refine must be an integer >= 0, got {self.scale_refine!r}"),
-            (self.precision in ("fp32", "bf16"), f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

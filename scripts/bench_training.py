@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_report import machine, spread, table, timed, write_section  # noqa: E402
 from pyro_blora import BLoRAConfig, TrainConfig, build_guide, load_whisper, wrap_whisper  # noqa: E402
-from pyro_blora.config import TARGET_PRESETS  # noqa: E402
+from pyro_blora.config import PRECISIONS, TARGET_PRESETS  # noqa: E402
 from pyro_blora.training.distributed import default_device  # noqa: E402
 from pyro_blora.model.injection import find_target_modules  # noqa: E402
 from pyro_blora.training.methods import teacher_forced_loss  # noqa: E402
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--model", default="base")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--targets", default="qk", choices=tuple(TARGET_PRESETS), help="the adapted layers")
     parser.add_argument("--memory-of", choices=tuple(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--out", help="also write every figure as JSON here")

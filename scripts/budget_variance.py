@@ -9,8 +9,9 @@ of ``--sizes``: the relative change of the transcript-token CE, its one-sided up
 ``--confidence`` (the estimator the budget uses, ``pyro_blora.training.budget_bound``), the bound's width
 (upper - estimate), the spread of the estimate over disjoint sets of N utterances (an empirical check of
 the bound's standard error) and the seconds one measurement of N utterances takes (the median of
-``--repeats``), in ``--precision`` (the base model's losses too). The smallest N whose width is at most ``--tight`` of the budget is the size the budget
-can rely on. Writes ``variance.json`` and ``variance.md`` into ``--out``.
+``--repeats``), in ``--precision`` (the base model's losses too). The smallest N whose width is at most
+``--tight`` of the budget is the size the budget can rely on. Writes ``variance.json`` and ``variance.md``
+into ``--out``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from pyro_blora.checkpoint import atomic_write_json
-from pyro_blora.config import RetentionBudget
+from pyro_blora.config import PRECISIONS, RetentionBudget
 from pyro_blora.experiments.budget_frontier import scaled_run
 from pyro_blora.markdown import markdown_table
 from pyro_blora.metrics.retention_bound import ratio_upper_bound
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--tight", type=float, default=0.5, help="a width of at most this share of the budget is tight")
     parser.add_argument("--scale", type=float, default=1.0, help="λ: the run's update scaled by it (1: the run as trained)")
     parser.add_argument("--repeats", type=int, default=3, help="timed measurements per size (0: none)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default=RetentionBudget.precision,
+    parser.add_argument("--precision", choices=PRECISIONS, default=RetentionBudget.precision,
                         help="precision of every measurement (RetentionBudget.precision)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--out", required=True)

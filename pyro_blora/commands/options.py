@@ -36,7 +36,7 @@ BUDGET_HELP = ("how much worse the retention loss (CE per transcript token) may 
 RETAIN_SPLIT_HELP = "split of --retain (test when it has no such split)"
 RETAIN_ABSOLUTE_HELP = "--retain-budget is the highest retention loss allowed"
 RETAIN_PRECISION_HELP = ("precision of a retention measurement: fp32, or bf16 (about half the cost on CPUs with bf16 "
-                         "units; the bound moves by about half a point) [fp32]")
+                         "units; the bound moves by up to about a point) [fp32]")
 
 _NOT_GIVEN = object()
 

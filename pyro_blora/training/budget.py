@@ -239,8 +239,8 @@ class BudgetTracker:
         self.last: dict[str, Any] | None = None  # {"step", "bound"} of the latest measurement
         self.inside: dict[str, Any] | None = None  # {"step", "bound", "beta", "state"} of the last one inside
         self.seconds = 0.0  # measuring during training, over every process of a resumed run
-        # Training-loop seconds of the processes before this one (a resumed run) and when this one began:
-        # the overhead is that of the whole run, not of its last process.
+        # Training-loop seconds of the processes before this one (a resumed run) and when this one's loop
+        # began (:meth:`start`): the overhead is that of the whole run, not of its last process.
         self.earlier_loop_seconds = 0.0
         self._began: float | None = None
 
@@ -272,6 +272,10 @@ class BudgetTracker:
         if self.model is not None and self.log_beta is None:
             self._set_log_beta(math.log(self.model.beta))
         self._began = time.perf_counter()
+
+    def loop_seconds(self) -> float:
+        """Seconds of the training loop so far (measurements included), over every process of the run."""
+        return self.earlier_loop_seconds + (0.0 if self._began is None else time.perf_counter() - self._began)
 
     def _set_log_beta(self, value: float) -> None:
         low, high = math.log(self.budget.beta_min), math.log(self.budget.beta_max)
@@ -320,8 +324,7 @@ class BudgetTracker:
         return {"base": None if self.base is None else self.base.to_dict(), "base_ce": self.base_ce,
                 "limit": self.limit, "average": self.average, "log_beta": self.log_beta,
                 "measurements": self.measurements, "last": self.last, "inside": self.inside,
-                "seconds": self.seconds, "loop_seconds": self.earlier_loop_seconds
-                + (0.0 if self._began is None else time.perf_counter() - self._began)}
+                "seconds": self.seconds, "loop_seconds": self.loop_seconds()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if "base" not in state:
@@ -337,18 +340,18 @@ class BudgetTracker:
             self._set_log_beta(state["log_beta"])
 
     # ------------------------------------------------------------------ the end
-    def finish(self, in_domain: Callable[[Any], float], loop_seconds: float | None = None) -> dict[str, Any]:
+    def finish(self, in_domain: Callable[[Any], float]) -> dict[str, Any]:
         """Decide what the run keeps (see the module's docstring), leave those weights in place and
         return the summary for ``result.json``. ``in_domain(whisper)`` is the in-domain loss (lower is
         better) that chooses between two models inside the budget. The overhead counts every measurement,
-        the search for lambda at the end too, against the training time without them; ``loop_seconds``
-        is this process's training loop, which a resumed run adds to its earlier processes'."""
-        during = self.seconds
+        the search for lambda at the end too, against the training loop's time without them (from
+        :meth:`start`, over every process of a resumed run)."""
+        during, loop = self.seconds, self.loop_seconds()
         summary = self._decide(in_domain)
-        if loop_seconds:
+        if loop:
             summary["estimate_seconds"] = self.seconds
             summary["search_seconds"] = self.seconds - during
-            summary["overhead"] = self.seconds / max(1e-9, self.earlier_loop_seconds + loop_seconds - during)
+            summary["overhead"] = self.seconds / max(1e-9, loop - during)
         return summary
 
     def _decide(self, in_domain: Callable[[Any], float]) -> dict[str, Any]:

@@ -297,11 +297,11 @@ def make_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=config.lr)
 
 
-def finish_budget(tracker: BudgetTracker, in_domain: Callable[[Any], float], loop_seconds: float,
+def finish_budget(tracker: BudgetTracker, in_domain: Callable[[Any], float],
                   evaluate: Callable[[], Mapping[str, float]] | None = None) -> dict[str, Any]:
     """A budgeted run's end: keep the weights the budget allows (:meth:`BudgetTracker.finish`) and
     score them on the dev curves' sets when the run has them (``dev``: e.g. the in-domain dev error)."""
-    summary = tracker.finish(in_domain, loop_seconds)
+    summary = tracker.finish(in_domain)
     if evaluate is not None:
         context = distributed.current()
         summary["dev"] = dict(context.on_main(evaluate))

@@ -16,7 +16,6 @@ A run can start where another ended (sequential adaptation): :mod:`pyro_blora.tr
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -285,13 +284,11 @@ def _train_plain(method, whisper, processor, data: TrainingData, out: Path, blor
     whisper.eval()  # dropout off, as in SVI
     if tracker is not None:
         tracker.start()
-    began = time.perf_counter()
     with gradient_checkpointing(whisper) if train_config.gradient_checkpointing else nullcontext():
         run_steps(optimization, data.dataset, data.collate, device, result.history, start, run,
                   extra_state={"base_nll": result.base_nll})
     if tracker is not None:
-        result.budget = finish_budget(tracker, lambda model: token_nll(model, eval_batches),
-                                      time.perf_counter() - began, curve)
+        result.budget = finish_budget(tracker, lambda model: token_nll(model, eval_batches), curve)
     result.final_nll = token_nll(whisper, eval_batches)
     if not context.is_main:
         return result

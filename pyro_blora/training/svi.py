@@ -8,7 +8,6 @@ and ``means()``: the mean-field guide (BLoRA) or the point guide (MAP).
 
 from __future__ import annotations
 
-import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
@@ -205,7 +204,6 @@ def train(
     model.train(False)  # dropout off: the randomness of SVI is the adapter noise alone
     if tracker is not None:
         tracker.start()
-    began = time.perf_counter()
     recompute = gradient_checkpointing(model.whisper, model.adapters().values()) if config.gradient_checkpointing \
         else nullcontext()
     with recompute:
@@ -215,8 +213,7 @@ def train(
             callbacks=[lambda record, cb=cb: cb(record, model, guide) for cb in callbacks],
         )
     if tracker is not None:
-        result.budget = finish_budget(tracker, lambda whisper: token_nll(whisper, eval_batches),
-                                      time.perf_counter() - began, evaluate)
+        result.budget = finish_budget(tracker, lambda whisper: token_nll(whisper, eval_batches), evaluate)
     result.final_nll = _posterior_nll(model, guide, eval_batches)
     if mean_field and config.curvature_batches:
         result.posterior = context.on_main(lambda: posterior_convergence(
