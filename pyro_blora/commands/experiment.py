@@ -15,10 +15,7 @@ from pyro_blora.commands.options import (
     EVAL_DOMAINS,
     PRESET_HELP,
     PRESETS,
-    RETAIN_ABSOLUTE_HELP,
-    RETAIN_HELP,
     RETAIN_PRECISION_HELP,
-    RETAIN_SPLIT_HELP,
     TARGETS_HELP,
     AlphaOption,
     AudioColumnOption,
@@ -27,6 +24,12 @@ from pyro_blora.commands.options import (
     LanguageColumnOption,
     PriorScaleOption,
     RankOption,
+    RetainAbsoluteOption,
+    RetainConfidenceOption,
+    RetainOption,
+    RetainPrecisionOption,
+    RetainSplitOption,
+    RetainUtterancesOption,
     TextColumnOption,
     adapter_default,
     budget_default,
@@ -105,16 +108,14 @@ def train(
                                                 help="recompute activations in backward: less memory, more compute"),
     encoder_window: float = typer.Option(TRAIN.encoder_window_seconds, help="seconds the encoder reads; < 30 is a "
                                          "speed option that changes the model and refuses longer clips (see README)"),
-    retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
-    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
+    retain: RetainOption = None,
+    retain_split: RetainSplitOption = "dev",
     retain_budget: Optional[float] = typer.Option(None, help=BUDGET_HELP),
-    retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
+    retain_absolute: RetainAbsoluteOption = False,
     retain_every: Optional[int] = typer.Option(None, help="measure the retention loss every N steps " + budget_default("every")),
-    retain_utterances: Optional[int] = typer.Option(None, help="utterances of the fixed retention batch "
-                                                    + budget_default("utterances")),
-    retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
-                                                      + budget_default("confidence")),
-    retain_precision: Optional[str] = typer.Option(None, help=RETAIN_PRECISION_HELP),
+    retain_utterances: RetainUtterancesOption = None,
+    retain_confidence: RetainConfidenceOption = None,
+    retain_precision: RetainPrecisionOption = None,
     retain_lr: Optional[float] = typer.Option(None, help="dual-ascent step of log beta " + budget_default("lr")),
     retain_decay: Optional[float] = typer.Option(None, help="moving average of the retention loss " + budget_default("decay")),
     beta_min: Optional[float] = typer.Option(None, help="lower bound of the adapted beta " + budget_default("beta_min")),
@@ -201,17 +202,15 @@ def evaluate(
                                               "W0 + λ (W_run - W0), into <run>/eval-scale<λ>.json (1: eval.json)"),
     encoder_window: Optional[float] = typer.Option(None, help="seconds the encoder of a model reads (a base model "
                                                    "scored beside windowed runs); a run uses its own window"),
-    retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
-    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
+    retain: RetainOption = None,
+    retain_split: RetainSplitOption = "dev",
     retain_budget: Optional[float] = typer.Option(None, help="evaluate the run with its update scaled by the largest "
                                                   "lambda inside this budget on --retain, into "
                                                   "<run>/eval-budget<budget>.json; " + BUDGET_HELP),
-    retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
-    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured "
-                                                    + budget_default("utterances")),
-    retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
-                                                      + budget_default("confidence")),
-    retain_precision: Optional[str] = typer.Option(None, help=RETAIN_PRECISION_HELP),
+    retain_absolute: RetainAbsoluteOption = False,
+    retain_utterances: RetainUtterancesOption = None,
+    retain_confidence: RetainConfidenceOption = None,
+    retain_precision: RetainPrecisionOption = None,
 ) -> None:
     """Error rate, teacher-forced CE and language ID on every domain; writes eval.json and prints a table."""
     options = EvalOptions(batch_size=batch_size, decode_limit=decode_limit, progress=progress)
@@ -260,16 +259,14 @@ def eval_sets(source: str, testbed: Path | None, domains: list[str], data: str |
 def export(
     run: Path = typer.Argument(..., help="a finished run folder"),
     out: Path = typer.Option(..., help="output folder: a transformers Whisper (weights and processor)"),
-    retain: Optional[Path] = typer.Option(None, help=RETAIN_HELP),
-    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
+    retain: RetainOption = None,
+    retain_split: RetainSplitOption = "dev",
     retain_budget: Optional[float] = typer.Option(None, help="scale the run's update by the largest lambda inside this "
                                                   "budget on --retain; " + BUDGET_HELP),
-    retain_absolute: bool = typer.Option(False, help=RETAIN_ABSOLUTE_HELP),
-    retain_utterances: Optional[int] = typer.Option(None, help="retention utterances measured "
-                                                    + budget_default("utterances")),
-    retain_confidence: Optional[float] = typer.Option(None, help="confidence of the upper bound the budget holds "
-                                                      + budget_default("confidence")),
-    retain_precision: Optional[str] = typer.Option(None, help=RETAIN_PRECISION_HELP),
+    retain_absolute: RetainAbsoluteOption = False,
+    retain_utterances: RetainUtterancesOption = None,
+    retain_confidence: RetainConfidenceOption = None,
+    retain_precision: RetainPrecisionOption = None,
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
 ) -> None:
     """Write a run's adapted model as a plain transformers Whisper folder, optionally inside a forgetting budget."""
@@ -286,7 +283,7 @@ def frontier(
     run: Path = typer.Argument(..., help="a finished run folder"),
     retain: Path = typer.Option(..., help="retention data (the domain to keep, e.g. testbed/en)"),
     out: Path = typer.Option(..., help="output folder: frontier.json, frontier.md, frontier.png"),
-    retain_split: str = typer.Option("dev", help=RETAIN_SPLIT_HELP),
+    retain_split: RetainSplitOption = "dev",
     retain_utterances: int = typer.Option(RetentionBudget.utterances, help="retention utterances measured"),
     retain_confidence: float = typer.Option(RetentionBudget.confidence, help="confidence of the upper bound"),
     retain_precision: str = typer.Option(RetentionBudget.precision, help=RETAIN_PRECISION_HELP),

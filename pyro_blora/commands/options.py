@@ -114,6 +114,16 @@ KLNormalizationOption = Annotated[Optional[str], typer.Option(
     help=f"{', '.join(KL_NORMALIZATIONS)} {adapter_default('kl_normalization')}")]
 
 
+# The forgetting budget's options that train, evaluate and export share (None: RetentionBudget's default).
+RetainOption = Annotated[Optional[Path], typer.Option(help=RETAIN_HELP)]
+RetainSplitOption = Annotated[str, typer.Option(help=RETAIN_SPLIT_HELP)]
+RetainAbsoluteOption = Annotated[bool, typer.Option(help=RETAIN_ABSOLUTE_HELP)]
+RetainUtterancesOption = Annotated[Optional[int], typer.Option(
+    help="retention utterances measured (a fixed set) " + budget_default("utterances"))]
+RetainConfidenceOption = Annotated[Optional[float], typer.Option(
+    help="confidence of the upper bound the budget holds " + budget_default("confidence"))]
+RetainPrecisionOption = Annotated[Optional[str], typer.Option(help=RETAIN_PRECISION_HELP)]
+
 # Your data's own column names (load_speech_dataset's columns=); None: the canonical name.
 AudioColumnOption = Annotated[Optional[str], typer.Option(
     COLUMN_FLAGS["audio"], help="your data's column of audio file paths, e.g. file_name or path " + default_note("audio"))]
