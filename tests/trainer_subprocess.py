@@ -59,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = first_step(args.out_dir, args.per_device_batch)
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
-        return 0
+    if torch.distributed.is_initialized():
+        # every rank leaves the group before it exits: a rank that exits with gloo's threads still
+        # running aborts ("terminate called without an active exception") and fails the launch
+        rank = torch.distributed.get_rank()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     torch.save(result, args.out_dir / "first_step.pt")
     return 0
 
