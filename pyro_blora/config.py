@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 __all__ = [
     "ALL_LINEAR_TARGETS",
@@ -41,13 +41,13 @@ TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "all-linear": ALL_LINEAR_TARGETS,
 }
 
-KL_NORMALIZATIONS = ("dataset", "token", "parameter", "matrix")
 # The scale learning rate (a multiple of lr) at which the paper preset's posterior scales converge.
 CONVERGED_SCALE_LR_MULTIPLIER = 30.0
 KLNormalization = Literal["dataset", "token", "parameter", "matrix"]
+KL_NORMALIZATIONS: tuple[str, ...] = get_args(KLNormalization)
 # Numeric precisions of training steps (TrainConfig) and retention measurements (RetentionBudget).
 Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 WEIGHT_NOISES = ("shared", "flipout", "lrt")
 BUDGET_KINDS = ("relative", "absolute")
 
@@ -279,7 +279,7 @@ class TrainConfig:
             (self.estimator in ("trace", "analytic"), f"estimator must be 'trace' or 'analytic', got {self.estimator!r}"),
             (self.weight_noise in WEIGHT_NOISES, f"weight_noise must be one of {WEIGHT_NOISES}, got {self.weight_noise!r}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (self.precision in PRECISIONS, f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every and checkpoint_every must be >= 0"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (0 < self.encoder_window_seconds <= 30,
@@ -398,7 +398,7 @@ class RetentionBudget:
              f"scale_grid must be an integer >= 1, got {self.scale_grid!r}"),
             (isinstance(self.scale_refine, int) and self.scale_refine >= 0,
              f"scale_refine must be an integer >= 0, got {self.scale_refine!r}"),
-            (self.precision in PRECISIONS, f"precision must be 'fp32' or 'bf16', got {self.precision!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -82,7 +82,7 @@ def bound_of(state, losses, budget):
     (dict(budget=-0.1), "relative budget must be >= 0"), (dict(budget=0.0, kind="absolute"), "absolute budget"),
     (dict(budget=0.1, kind="percent"), "kind must be one of"), (dict(budget=0.1, every=0), "every"),
     (dict(budget=0.1, decay=1.0), "decay"), (dict(budget=0.1, beta_min=2.0, beta_max=1.0), "beta_min <= beta_max"),
-    (dict(budget=0.1, lr=0.0), "dual-ascent"), (dict(budget=0.1, precision="fp16"), "precision must be 'fp32' or 'bf16'"),
+    (dict(budget=0.1, lr=0.0), "dual-ascent"), (dict(budget=0.1, precision="fp16"), "precision must be one of"),
 ])
 def test_budget_options_are_checked_and_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -15,7 +15,6 @@ from pyro_blora.commands.options import (
     EVAL_DOMAINS,
     PRESET_HELP,
     PRESETS,
-    RETAIN_PRECISION_HELP,
     TARGETS_HELP,
     AlphaOption,
     AudioColumnOption,
@@ -284,9 +283,9 @@ def frontier(
     retain: Path = typer.Option(..., help="retention data (the domain to keep, e.g. testbed/en)"),
     out: Path = typer.Option(..., help="output folder: frontier.json, frontier.md, frontier.png"),
     retain_split: RetainSplitOption = "dev",
-    retain_utterances: int = typer.Option(RetentionBudget.utterances, help="retention utterances measured"),
-    retain_confidence: float = typer.Option(RetentionBudget.confidence, help="confidence of the upper bound"),
-    retain_precision: str = typer.Option(RetentionBudget.precision, help=RETAIN_PRECISION_HELP),
+    retain_utterances: RetainUtterancesOption = None,
+    retain_confidence: RetainConfidenceOption = None,
+    retain_precision: RetainPrecisionOption = None,
     scales: str = typer.Option(comma_list(default_scales()), help="comma-separated λ in [0, 1] of the curve"),
     budgets: str = typer.Option(comma_list(FRONTIER_BUDGETS), help="comma-separated relative budgets to pick a λ for"),
     cache_dir: Optional[Path] = typer.Option(None, help="where prepared features are cached"),
@@ -302,12 +301,11 @@ def frontier(
     chosen = comma_values(budgets, float, "--budgets")
     if any(b < 0 for b in chosen):
         raise typer.BadParameter("a relative budget is >= 0 (0.03: at most 3% worse)", param_hint="--budgets")
-    try:
-        RetentionBudget(0.0, utterances=retain_utterances, confidence=retain_confidence, precision=retain_precision)
-    except ValueError as error:
-        raise typer.BadParameter(str(error)) from error
-    report = run_frontier(run, retain, out, lambdas, chosen, retain_utterances, retain_confidence, retain_split,
-                          cache_dir, retain_precision)
+    # the measurement's options, checked and with RetentionBudget's defaults filled in (the budgets are --budgets)
+    measured = retention_budget(0.0, False, retain, utterances=retain_utterances, confidence=retain_confidence,
+                                precision=retain_precision)
+    report = run_frontier(run, retain, out, lambdas, chosen, measured.utterances, measured.confidence, retain_split,
+                          cache_dir, measured.precision)
     for pick in report["budgets"]:
         where = "no λ, not even 0" if pick["scale"] is None else f"λ {pick['scale']:.4g}: {pick['line']}"
         typer.echo(f"budget {100 * pick['budget']:g}%: {where}")
