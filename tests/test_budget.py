@@ -126,6 +126,31 @@ def test_transcript_ce_leaves_the_prompt_out(base_state):
     assert transcript_ce(whisper, [batch]) == pytest.approx(float(losses[mask].mean()), rel=1e-5)
 
 
+def test_language_id_comes_from_the_ce_pass_as_detect_language_finds_it_and_joins_the_line(base_state):
+    whisper = base_whisper(base_state)
+    # KnownTask's transcripts begin with 20 or 24: as language tokens, each row's label is its language.
+    whisper.generation_config.lang_to_id = {"<|aa|>": 20, "<|bb|>": 24, "<|cc|>": 14}
+    batches = retention().batches
+    losses = retention_losses(whisper, batches)
+    with torch.no_grad():
+        found = torch.cat([whisper.detect_language(b["input_features"]) for b in batches])
+    labels = torch.cat([b["labels"][:, 0] for b in batches])
+    assert losses.language_kept == (found.flatten() == labels).tolist()
+    # A model that ranks another language token first loses the language ID.
+    with torch.no_grad():
+        whisper.proj_out.weight[14] += 50 * whisper.model.decoder.layer_norm.weight.sign()
+    shifted = retention_losses(whisper, batches)
+    assert shifted.languages_kept < losses.languages_kept
+    verdict = retention_bound(RetentionBudget(0.05), shifted, losses)
+    assert verdict.language_kept == shifted.languages_kept and verdict.base_language_kept == losses.languages_kept
+    assert verdict.line().endswith(f"; language ID right on {shifted.languages_kept} of 8 "
+                                   f"(base model {losses.languages_kept})")
+    # An English-only model (no language tokens) reports none, and the line says nothing of it.
+    english = retention_losses(base_whisper(base_state), batches)
+    assert english.language_kept is None and "language ID" not in retention_bound(RetentionBudget(0.05), english,
+                                                                                 english).line()
+
+
 # ---------------------------------------------------------------- during training
 def test_budgeted_run_keeps_the_bound_inside_where_an_unbudgeted_one_breaks_it(base_state):
     budget = RetentionBudget(0.2, every=2, far_every=1)
@@ -312,6 +337,10 @@ def test_lora_run_with_unlabelled_retention_set_evaluate_export_and_frontier(tmp
     again = load_retention_set(testbed / "unlabelled", processor, base, 3, labels_file=out / "retention-labels.json",
                                model_name=str(model))
     assert transcript_ce(whisper, again.batches) == pytest.approx(saved["retain_ce"], rel=1e-4)
+    # A source with one split (here dev) is read whatever split is asked for.
+    only = load_retention_set(testbed / "unlabelled", processor, base, 3, split="train",
+                              labels_file=out / "retention-labels.json", model_name=str(model))
+    assert only.split == "dev" and only.ids == again.ids
     # After training, with no retraining: the update scaled into a tighter budget.
     tight = RetentionBudget(0.005, utterances=3)
     sets = load_eval_sets(testbed, ["en"], processor, cache_dir=tmp_path / "cache")

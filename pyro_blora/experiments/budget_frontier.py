@@ -166,10 +166,10 @@ def frontier(run_dir: str | Path, retain: str | Path, out: str | Path, scales: S
     for s in sorted(losses):
         b = retention_bound(curve, losses[s], run.base, run.name)
         points.append({"scale": s, "ce": b.ce, "ce_upper": b.ce_upper, "change": b.change,
-                       "change_upper": b.change_upper})
+                       "change_upper": b.change_upper, "language_kept": b.language_kept})
     report = {"run": str(run_dir), "model": description, "retention": run.retention.describe(),
               "confidence": confidence, "precision": precision, "utterances": len(run.retention),
-              "base_retain_ce": run.base.ce,
+              "base_retain_ce": run.base.ce, "base_language_kept": run.base.languages_kept,
               "points": points, "budgets": picks}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "frontier.json", report)
@@ -183,13 +183,19 @@ def frontier_markdown(report: dict[str, Any], name: str) -> str:
     conf = f"{100 * report['confidence']:g}%"
     rows = [{"λ": p["scale"], f"{name} CE": p["ce"], "change": f"{100 * p['change']:+.2f}%",
              f"{conf} upper bound": f"{100 * p['change_upper']:+.2f}%"} for p in report["points"]]
+    if all(p.get("language_kept") is not None for p in report["points"]):  # a multilingual model
+        for row, point in zip(rows, report["points"]):
+            row["language ID right"] = f"{point['language_kept']} of {report['utterances']}"
     picks = [{"budget": f"{100 * b['budget']:g}%", "λ": "none" if b["scale"] is None else b["scale"],
               "verdict": b["line"] or "even λ = 0 is outside"} for b in report["budgets"]]
     return "\n".join([
         f"# Forgetting frontier of {report['run']}", "",
         f"{name} CE per transcript token of W0 + λ ΔW on {report['utterances']} utterances of "
         f"{report['retention']['source']} ({report['retention']['split']}), against the base model's "
-        f"{report['base_retain_ce']:.4f}; the bound is one-sided at {conf}, paired per utterance.", "",
+        f"{report['base_retain_ce']:.4f}; the bound is one-sided at {conf}, paired per utterance."
+        + ("" if report.get("base_language_kept") is None else
+           f" Language ID is reported, not constrained (the base model's: {report['base_language_kept']} of "
+           f"{report['utterances']})."), "",
         markdown_table(rows), "", "## The λ each budget picks", "", markdown_table(picks), "",
         "Export one without retraining:", "", "```", *[b["export"] for b in report["budgets"]], "```", "",
         "![the frontier](frontier.png)", ""])

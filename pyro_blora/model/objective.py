@@ -31,7 +31,7 @@ pruning all score tokens through it, so they agree on which tokens count and how
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Mapping, Protocol
 
 import pyro.distributions as dist
@@ -54,6 +54,9 @@ __all__ = [
     "analytic_kl",
     "elbo_scaling",
     "elbo_terms",
+    "language_detected",
+    "language_token_ids",
+    "logits_cross_entropy",
     "prompt_token_mask",
     "teacher_forced_logits",
     "token_cross_entropy",
@@ -232,9 +235,34 @@ def token_cross_entropy(whisper, batch: Mapping, reduction: Literal["none", "mea
 
     ``"none"``: one value per label position (0 at padding); ``"mean"``: the mean over every label
     token of the batch, the loss of the methods without a prior. Differentiable."""
-    logits = teacher_forced_logits(whisper, batch)
-    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), batch["labels"],
-                                             ignore_index=IGNORE_INDEX, reduction=reduction)
+    return logits_cross_entropy(teacher_forced_logits(whisper, batch), batch["labels"], reduction)
+
+
+def logits_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                         reduction: Literal["none", "mean"] = "none") -> torch.Tensor:
+    """:func:`token_cross_entropy` of logits already computed."""
+    return torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX,
+                                             reduction=reduction)
+
+
+def language_token_ids(whisper) -> torch.Tensor | None:
+    """The language tokens of a multilingual model (None for an English-only one)."""
+    lang_to_id = getattr(getattr(whisper, "generation_config", None), "lang_to_id", None)
+    return torch.tensor(sorted(lang_to_id.values())) if lang_to_id else None
+
+
+def language_detected(logits: torch.Tensor, labels: torch.Tensor, languages: torch.Tensor | None) -> list[bool]:
+    """Per row, whether the language the model detects, the language token it ranks first after
+    <|startoftranscript|> (what ``detect_language`` reads, here from teacher-forced logits), is the
+    row's own (its first label). Empty when the model or the labels have no language tokens."""
+    if languages is None or labels.shape[1] == 0:
+        return []
+    languages = languages.to(labels.device)
+    first = labels[:, 0]
+    if not torch.isin(first, languages).all():
+        return []
+    detected = languages[logits[:, 0, languages].argmax(-1)]
+    return (detected == first).tolist()
 
 
 def prompt_token_mask(labels: torch.Tensor, eos_token_id: int) -> torch.Tensor:
@@ -260,6 +288,9 @@ class UtteranceNLL:
     ce_tokens: list[int]
     prompt_ce_sum: list[float]
     prompt_tokens: list[int]
+    # Whether each utterance's language is the one detected (:func:`language_detected`); empty where the
+    # model or the labels have no language tokens.
+    language_kept: list[bool] = field(default_factory=list)
 
     def totals(self, tokens: TokenScope = "all") -> tuple[float, int]:
         """(summed cross-entropy, number of tokens) of one kind of token over every utterance."""
@@ -283,14 +314,18 @@ class UtteranceNLL:
 @torch.no_grad()
 def token_nll_per_utterance(whisper, batches: Iterable[Mapping]) -> UtteranceNLL:
     """Summed cross-entropy (nats, summed in float64) and token counts of every label row,
-    transcript and prompt apart (:func:`prompt_token_mask`); batches are moved to the model's device.
-    Rows are named by the batch's ``ids`` (their positions when it has none)."""
+    transcript and prompt apart (:func:`prompt_token_mask`), and whether each utterance's language is
+    detected, from the same logits; batches are moved to the model's device. Rows are named by the
+    batch's ``ids`` (their positions when it has none)."""
     device = next(whisper.parameters()).device
+    languages = language_token_ids(whisper)
     out = UtteranceNLL([], [], [], [], [])
     for batch in batches:
         labels = batch["labels"].to(device)
-        loss = token_cross_entropy(whisper, {"input_features": batch["input_features"].to(device),
-                                             "labels": labels}).double()
+        logits = teacher_forced_logits(whisper, {"input_features": batch["input_features"].to(device),
+                                                 "labels": labels})
+        loss = logits_cross_entropy(logits, labels).double()
+        out.language_kept.extend(language_detected(logits, labels, languages))
         prompt = prompt_token_mask(labels, whisper.config.eos_token_id)
         transcript = (labels != IGNORE_INDEX) & ~prompt
         out.ids.extend(batch.get("ids") or [str(len(out.ids) + row) for row in range(labels.shape[0])])
@@ -298,6 +333,8 @@ def token_nll_per_utterance(whisper, batches: Iterable[Mapping]) -> UtteranceNLL
         out.ce_tokens.extend(transcript.sum(1).tolist())
         out.prompt_ce_sum.extend((loss * prompt).sum(1).tolist())
         out.prompt_tokens.extend(prompt.sum(1).tolist())
+    if len(out.language_kept) != len(out.ids):  # some rows without a language token: none is reported
+        out.language_kept.clear()
     return out
 
 

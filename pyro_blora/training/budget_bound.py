@@ -31,10 +31,18 @@ class RetentionLosses:
     ids: list[str]
     ce_sum: list[float]
     tokens: list[int]
+    # Whether each utterance's own language is the one detected; None for an English-only model (and in
+    # losses cached before it was measured).
+    language_kept: list[bool] | None = None
 
     @property
     def ce(self) -> float:
         return sum(self.ce_sum) / sum(self.tokens)
+
+    @property
+    def languages_kept(self) -> int | None:
+        """How many utterances keep their language ID (None where it was not measured)."""
+        return None if self.language_kept is None else sum(self.language_kept)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -42,14 +50,16 @@ class RetentionLosses:
 
 def retention_losses(whisper, batches: Sequence[Mapping], precision: str = "fp32") -> RetentionLosses:
     """One CE-only forward pass over the retention batches, per utterance (the prompt left out), in
-    ``precision`` ("fp32", or "bf16" autocast; :attr:`RetentionBudget.precision`)."""
+    ``precision`` ("fp32", or "bf16" autocast; :attr:`RetentionBudget.precision`); the language ID of
+    each utterance comes from the same logits, for the line (a CE budget does not constrain it)."""
     device = next(whisper.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = token_nll_per_utterance(whisper, batches)
     if sum(out.ce_tokens) == 0:
         raise ValueError("the retention batch has no transcript tokens (every label is prompt or padding); "
                          "give retention utterances with transcripts, or none so that the base model labels them")
-    return RetentionLosses(list(out.ids), list(out.ce_sum), [int(t) for t in out.ce_tokens])
+    return RetentionLosses(list(out.ids), list(out.ce_sum), [int(t) for t in out.ce_tokens],
+                           [bool(k) for k in out.language_kept] or None)
 
 
 @dataclass(frozen=True)
@@ -68,10 +78,14 @@ class RetentionBound:
     limit: float           # the highest CE (nats per token) allowed
     inside: bool
     name: str = "retention"
+    # Utterances whose language the model detects, and the base model's (None: not measured). Reported,
+    # not constrained: a budget on CE can keep the CE while language ID falls.
+    language_kept: int | None = None
+    base_language_kept: int | None = None
 
     def line(self) -> str:
         """The verdict in the user's words, e.g. "English CE +1.2% (95% upper bound +2.7%, 128
-        utterances): inside the 3% budget"."""
+        utterances): inside the 3% budget; language ID right on 120 of 128 (base model 126)"."""
         if self.kind == "relative":
             measured = f"{self.name} CE {100 * self.change:+.1f}% ({100 * self.confidence:g}% upper bound " \
                        f"{100 * self.change_upper:+.1f}%, {self.utterances} utterances)"
@@ -80,7 +94,11 @@ class RetentionBound:
             measured = f"{self.name} CE {self.ce:.4f} nats per token ({100 * self.confidence:g}% upper bound " \
                        f"{self.ce_upper:.4f}, {self.utterances} utterances, base {self.base_ce:.4f})"
             budget = f"the budget of {self.budget:g} nats per token"
-        return f"{measured}: {'inside' if self.inside else 'OUTSIDE'} {budget}"
+        verdict = f"{measured}: {'inside' if self.inside else 'OUTSIDE'} {budget}"
+        if self.language_kept is None:
+            return verdict
+        base = "" if self.base_language_kept is None else f" (base model {self.base_language_kept})"
+        return f"{verdict}; language ID right on {self.language_kept} of {self.utterances}{base}"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "line": self.line()}
@@ -101,7 +119,8 @@ def retention_bound(budget: RetentionBudget, losses: RetentionLosses, base: Rete
         ce_upper = ratio_upper_bound(losses.ce_sum, base.tokens, budget.confidence).upper
     limit = budget.limit(base.ce)
     return RetentionBound(budget.budget, budget.kind, budget.confidence, len(losses.ids), base.ce, losses.ce,
-                          ce_upper, change.estimate - 1, change.upper - 1, limit, ce_upper <= limit, name)
+                          ce_upper, change.estimate - 1, change.upper - 1, limit, ce_upper <= limit, name,
+                          losses.languages_kept, base.languages_kept)
 
 
 def far_from_limit(bound: RetentionBound, fraction: float) -> bool:

@@ -62,8 +62,8 @@ class RetentionSet:
 def load_retention_set(source: str | Path, processor, base_whisper, utterances: int, split: str = "dev",
                        cache_dir: str | Path | None = None, labels_file: str | Path | None = None,
                        n_frames: int | None = None, model_name: str | None = None) -> RetentionSet:
-    """The first ``utterances`` utterances of ``split`` of ``source`` (falling back to ``test`` for
-    test-only sets), prepared for ``processor``. Utterances without a transcript get the greedy
+    """The first ``utterances`` utterances of ``split`` of ``source`` (falling back to ``test``, or to
+    the source's only split, e.g. a folder of recordings), prepared for ``processor``. Utterances without a transcript get the greedy
     transcript of ``base_whisper`` (the base model, before any adapter), with its language forced;
     those are decoded once and kept in ``labels_file`` (a run folder's ``retention-labels.json``),
     which later calls with the same utterances and ``model_name`` read instead."""
@@ -74,9 +74,11 @@ def load_retention_set(source: str | Path, processor, base_whisper, utterances: 
 
     loaded = load_speech_dataset(source)
     if isinstance(loaded, datasets.DatasetDict):
-        chosen = split if split in loaded else "test" if "test" in loaded else None
+        only = next(iter(loaded)) if len(loaded) == 1 else None
+        chosen = split if split in loaded else "test" if "test" in loaded else only
         if chosen is None:
-            raise KeyError(f"the retention set {source} has no split {split!r} (nor 'test'); available: {list(loaded)}")
+            raise KeyError(f"the retention set {source} has no split {split!r}" + ("" if split == "test" else
+                           " (nor 'test')") + f"; choose one of {', '.join(loaded)} (--retain-split)")
         rows, split = loaded[chosen], chosen
     else:
         rows = loaded
